@@ -1,0 +1,482 @@
+use std::borrow::Cow;
+use std::fmt;
+use std::time::Duration;
+
+use super::DrainController;
+
+/// Builds a [`DrainController`]; invalid settings are rejected by [`build`](Self::build) with a
+/// [`ConfigError`] naming the setting.
+///
+/// | setting | default | environment variable ([`from_env`](Self::from_env)) |
+/// |---|---|---|
+/// | [`grace_period`](Self::grace_period) | 20 s | `SHUTDOWN_GRACE_PERIOD` (seconds) |
+/// | [`propagation_delay`](Self::propagation_delay) | 0 | `PROPAGATION_DELAY_MS` |
+/// | [`reconnect_delay`](Self::reconnect_delay) | 30 s | `RECONNECT_DELAY` (seconds) |
+/// | [`reconnect_jitter`](Self::reconnect_jitter) | 0.2 | |
+/// | [`drain_spread`](Self::drain_spread) | 0 | `DRAIN_SPREAD_MS` |
+///
+/// # Example
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_drain::DrainController;
+///
+/// let drain = DrainController::builder()
+///     .grace_period(Duration::from_secs(25))
+///     .propagation_delay(Duration::from_secs(5))
+///     .drain_spread(Duration::from_secs(10))
+///     .build()
+///     .unwrap();
+/// assert_eq!(drain.config().grace_period(), Duration::from_secs(25));
+///
+/// let err = DrainController::builder().grace_period(Duration::ZERO).build().unwrap_err();
+/// assert_eq!(err.setting(), "grace_period");
+/// ```
+#[derive(Clone, Debug)]
+#[must_use]
+pub struct DrainBuilder {
+    config: DrainConfig,
+    names: Names,
+}
+
+/// The validated settings of a [`DrainController`] (see [`DrainBuilder`]).
+///
+/// ```
+/// let drain = tower_drain::DrainController::new();
+/// assert_eq!(drain.config().reconnect_delay().as_secs(), 30);
+/// ```
+#[derive(Clone, Debug)]
+pub struct DrainConfig {
+    pub(crate) grace_period: Duration,
+    pub(crate) propagation_delay: Duration,
+    pub(crate) reconnect_delay: Duration,
+    pub(crate) reconnect_jitter: f64,
+    pub(crate) drain_spread: Duration,
+    pub(crate) progress_interval: Duration,
+    pub(crate) cleanup_timeout: Duration,
+    pub(crate) message: Cow<'static, str>,
+}
+
+impl DrainConfig {
+    /// Time from `drain()` until remaining streams are force-closed.
+    ///
+    /// ```
+    /// assert_eq!(tower_drain::DrainController::new().config().grace_period().as_secs(), 20);
+    /// ```
+    pub fn grace_period(&self) -> Duration {
+        self.grace_period
+    }
+    /// Time between readiness turning `503` and `Closing`.
+    ///
+    /// ```
+    /// assert!(tower_drain::DrainController::new().config().propagation_delay().is_zero());
+    /// ```
+    pub fn propagation_delay(&self) -> Duration {
+        self.propagation_delay
+    }
+    /// Reconnect delay suggested to clients (`retry-after`, the frames' `reconnect_delay`).
+    ///
+    /// ```
+    /// assert_eq!(tower_drain::DrainController::new().config().reconnect_delay().as_secs(), 30);
+    /// ```
+    pub fn reconnect_delay(&self) -> Duration {
+        self.reconnect_delay
+    }
+    /// Fraction by which each stream's `retry:` hint may deviate from the reconnect delay.
+    ///
+    /// ```
+    /// assert_eq!(tower_drain::DrainController::new().config().reconnect_jitter(), 0.2);
+    /// ```
+    pub fn reconnect_jitter(&self) -> f64 {
+        self.reconnect_jitter
+    }
+    /// Window over which shutdown frames are spread.
+    ///
+    /// ```
+    /// assert!(tower_drain::DrainController::new().config().drain_spread().is_zero());
+    /// ```
+    pub fn drain_spread(&self) -> Duration {
+        self.drain_spread
+    }
+    /// The human-readable message carried by shutdown frames.
+    ///
+    /// ```
+    /// assert!(!tower_drain::DrainController::new().config().message().is_empty());
+    /// ```
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+}
+
+impl Default for DrainConfig {
+    fn default() -> Self {
+        Self {
+            grace_period: Duration::from_secs(20),
+            propagation_delay: Duration::ZERO,
+            reconnect_delay: Duration::from_secs(30),
+            reconnect_jitter: 0.2,
+            drain_spread: Duration::ZERO,
+            progress_interval: Duration::from_secs(5),
+            cleanup_timeout: Duration::from_secs(5),
+            message: Cow::Borrowed("Server is shutting down, please reconnect"),
+        }
+    }
+}
+
+/// Names used in error messages: builder method names, or environment variables.
+#[derive(Clone, Copy, Debug)]
+struct Names {
+    grace: &'static str,
+    propagation: &'static str,
+    spread: &'static str,
+}
+
+const METHOD_NAMES: Names = Names {
+    grace: "grace_period",
+    propagation: "propagation_delay",
+    spread: "drain_spread",
+};
+
+const ENV_NAMES: Names = Names {
+    grace: "SHUTDOWN_GRACE_PERIOD",
+    propagation: "PROPAGATION_DELAY_MS",
+    spread: "DRAIN_SPREAD_MS",
+};
+
+impl Default for DrainBuilder {
+    fn default() -> Self {
+        Self {
+            config: DrainConfig::default(),
+            names: METHOD_NAMES,
+        }
+    }
+}
+
+impl DrainBuilder {
+    /// A builder with the defaults.
+    ///
+    /// ```
+    /// let drain = tower_drain::DrainBuilder::new().build().unwrap();
+    /// # drop(drain);
+    /// ```
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Reads the settings from the environment, on top of the defaults:
+    /// `SHUTDOWN_GRACE_PERIOD` (seconds), `PROPAGATION_DELAY_MS`, `RECONNECT_DELAY` (seconds)
+    /// and `DRAIN_SPREAD_MS`. Unset variables keep the default.
+    ///
+    /// # Errors
+    ///
+    /// A value that is not a non-negative whole number is an error naming the variable; so are
+    /// invalid combinations, reported by [`build`](Self::build) under the variable's name.
+    ///
+    /// ```
+    /// // With none of the variables set, this is the default configuration.
+    /// let drain = tower_drain::DrainBuilder::from_env().unwrap().build().unwrap();
+    /// # drop(drain);
+    /// ```
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_lookup(|k| std::env::var(k).ok())
+    }
+
+    /// Like [`from_env`](Self::from_env), with a custom lookup (handy in tests).
+    ///
+    /// ```
+    /// let b = tower_drain::DrainBuilder::from_lookup(|k| {
+    ///     (k == "SHUTDOWN_GRACE_PERIOD").then(|| "abc".to_string())
+    /// });
+    /// assert_eq!(b.unwrap_err().setting(), "SHUTDOWN_GRACE_PERIOD");
+    /// ```
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let mut b = Self {
+            config: DrainConfig::default(),
+            names: ENV_NAMES,
+        };
+        if let Some(v) = env_u64(&lookup, "SHUTDOWN_GRACE_PERIOD")? {
+            b.config.grace_period = Duration::from_secs(v);
+        }
+        if let Some(v) = env_u64(&lookup, "PROPAGATION_DELAY_MS")? {
+            b.config.propagation_delay = Duration::from_millis(v);
+        }
+        if let Some(v) = env_u64(&lookup, "RECONNECT_DELAY")? {
+            b.config.reconnect_delay = Duration::from_secs(v);
+        }
+        if let Some(v) = env_u64(&lookup, "DRAIN_SPREAD_MS")? {
+            b.config.drain_spread = Duration::from_millis(v);
+        }
+        Ok(b)
+    }
+
+    /// Time from `drain()` until remaining streams are force-closed (default 20 s; must not be 0).
+    pub fn grace_period(mut self, d: Duration) -> Self {
+        self.config.grace_period = d;
+        self
+    }
+
+    /// Time between readiness turning `503` and new requests being rejected / streams notified
+    /// (default 0), so load balancers can take the instance out of rotation first.
+    pub fn propagation_delay(mut self, d: Duration) -> Self {
+        self.config.propagation_delay = d;
+        self
+    }
+
+    /// Reconnect delay suggested to clients (default 30 s; 0 is allowed).
+    pub fn reconnect_delay(mut self, d: Duration) -> Self {
+        self.config.reconnect_delay = d;
+        self
+    }
+
+    /// Maximum fraction (0 ≤ j < 1, default 0.2) by which each stream's `retry:` hint deviates
+    /// from the reconnect delay, so clients do not reconnect in the same millisecond.
+    pub fn reconnect_jitter(mut self, fraction: f64) -> Self {
+        self.config.reconnect_jitter = fraction;
+        self
+    }
+
+    /// Spread the shutdown frames evenly over this window, starting when `Closing` begins
+    /// (default 0: all at once). Propagation delay plus spread must fit in the grace period.
+    pub fn drain_spread(mut self, d: Duration) -> Self {
+        self.config.drain_spread = d;
+        self
+    }
+
+    /// How often progress (streams left) is logged while waiting (default 5 s; must not be 0).
+    pub fn progress_interval(mut self, d: Duration) -> Self {
+        self.config.progress_interval = d;
+        self
+    }
+
+    /// Longest wait for the connection store's clean-up at the end of a drain (default 5 s).
+    pub fn cleanup_timeout(mut self, d: Duration) -> Self {
+        self.config.cleanup_timeout = d;
+        self
+    }
+
+    /// The human-readable message of shutdown frames.
+    pub fn message(mut self, message: impl Into<Cow<'static, str>>) -> Self {
+        self.config.message = message.into();
+        self
+    }
+
+    /// Validates the settings and builds the controller.
+    ///
+    /// # Errors
+    ///
+    /// A [`ConfigError`] naming the first invalid setting: a zero grace period or progress
+    /// interval, a jitter outside `0..1`, or a propagation delay plus spread that does not fit
+    /// inside the grace period.
+    pub fn build(self) -> Result<DrainController, ConfigError> {
+        self.validate()?;
+        Ok(DrainController::from_config(self.config))
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let c = &self.config;
+        let n = self.names;
+        if c.grace_period.is_zero() {
+            return Err(ConfigError::new(n.grace, "must be greater than zero"));
+        }
+        if !(0.0..1.0).contains(&c.reconnect_jitter) {
+            return Err(ConfigError::new(
+                "reconnect_jitter",
+                "must be at least 0 and less than 1",
+            ));
+        }
+        if c.progress_interval.is_zero() {
+            return Err(ConfigError::new(
+                "progress_interval",
+                "must be greater than zero",
+            ));
+        }
+        if c.propagation_delay >= c.grace_period {
+            return Err(ConfigError::new(
+                n.propagation,
+                "must be shorter than the grace period",
+            ));
+        }
+        if c.propagation_delay + c.drain_spread >= c.grace_period {
+            return Err(ConfigError::new(
+                n.spread,
+                "propagation delay plus drain spread must fit inside the grace period",
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn env_u64(
+    lookup: &impl Fn(&str) -> Option<String>,
+    name: &'static str,
+) -> Result<Option<u64>, ConfigError> {
+    match lookup(name) {
+        None => Ok(None),
+        Some(v) => v.trim().parse::<u64>().map(Some).map_err(|_| {
+            ConfigError::new(
+                name,
+                format!("must be a non-negative whole number, got {v:?}"),
+            )
+        }),
+    }
+}
+
+/// An invalid setting, named by [`setting`](Self::setting).
+///
+/// ```
+/// let err = tower_drain::DrainController::builder().reconnect_jitter(1.5).build().unwrap_err();
+/// assert_eq!(err.setting(), "reconnect_jitter");
+/// assert!(err.to_string().starts_with("invalid reconnect_jitter:"));
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigError {
+    setting: &'static str,
+    message: Cow<'static, str>,
+}
+
+impl ConfigError {
+    pub(crate) fn new(setting: &'static str, message: impl Into<Cow<'static, str>>) -> Self {
+        Self {
+            setting,
+            message: message.into(),
+        }
+    }
+
+    /// The setting (builder method or environment variable) that is invalid.
+    ///
+    /// ```
+    /// let err = tower_drain::DrainController::builder()
+    ///     .grace_period(std::time::Duration::ZERO).build().unwrap_err();
+    /// assert_eq!(err.setting(), "grace_period");
+    /// ```
+    pub fn setting(&self) -> &'static str {
+        self.setting
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid {}: {}", self.setting, self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &'static [(&'static str, &'static str)]) -> impl Fn(&str) -> Option<String> {
+        move |k| {
+            pairs
+                .iter()
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| v.to_string())
+        }
+    }
+
+    fn env_err(pairs: &'static [(&'static str, &'static str)]) -> &'static str {
+        match DrainBuilder::from_lookup(env(pairs)) {
+            Err(e) => e.setting(),
+            Ok(b) => b.build().unwrap_err().setting(),
+        }
+    }
+
+    #[test]
+    fn invalid_settings_name_the_setting() {
+        let b = || DrainBuilder::new();
+        assert_eq!(
+            b().grace_period(Duration::ZERO)
+                .build()
+                .unwrap_err()
+                .setting(),
+            "grace_period"
+        );
+        assert_eq!(
+            b().reconnect_jitter(-0.1).build().unwrap_err().setting(),
+            "reconnect_jitter"
+        );
+        assert_eq!(
+            b().reconnect_jitter(1.0).build().unwrap_err().setting(),
+            "reconnect_jitter"
+        );
+        assert_eq!(
+            b().propagation_delay(Duration::from_secs(20))
+                .build()
+                .unwrap_err()
+                .setting(),
+            "propagation_delay"
+        );
+        assert_eq!(
+            b().drain_spread(Duration::from_secs(25))
+                .build()
+                .unwrap_err()
+                .setting(),
+            "drain_spread"
+        );
+        assert_eq!(
+            b().propagation_delay(Duration::from_secs(10))
+                .drain_spread(Duration::from_secs(10))
+                .build()
+                .unwrap_err()
+                .setting(),
+            "drain_spread"
+        );
+        assert_eq!(
+            b().progress_interval(Duration::ZERO)
+                .build()
+                .unwrap_err()
+                .setting(),
+            "progress_interval"
+        );
+        assert!(b()
+            .propagation_delay(Duration::from_secs(5))
+            .drain_spread(Duration::from_secs(10))
+            .reconnect_delay(Duration::ZERO)
+            .build()
+            .is_ok());
+    }
+
+    #[test]
+    fn environment_errors_name_the_variable() {
+        assert_eq!(
+            env_err(&[("SHUTDOWN_GRACE_PERIOD", "abc")]),
+            "SHUTDOWN_GRACE_PERIOD"
+        );
+        assert_eq!(
+            env_err(&[("SHUTDOWN_GRACE_PERIOD", "-1")]),
+            "SHUTDOWN_GRACE_PERIOD"
+        );
+        assert_eq!(
+            env_err(&[("SHUTDOWN_GRACE_PERIOD", "0")]),
+            "SHUTDOWN_GRACE_PERIOD"
+        );
+        assert_eq!(env_err(&[("RECONNECT_DELAY", "1.5")]), "RECONNECT_DELAY");
+        assert_eq!(
+            env_err(&[("PROPAGATION_DELAY_MS", "x")]),
+            "PROPAGATION_DELAY_MS"
+        );
+        assert_eq!(
+            env_err(&[
+                ("SHUTDOWN_GRACE_PERIOD", "2"),
+                ("PROPAGATION_DELAY_MS", "1500"),
+                ("DRAIN_SPREAD_MS", "600")
+            ]),
+            "DRAIN_SPREAD_MS"
+        );
+        let ok = DrainBuilder::from_lookup(env(&[
+            ("SHUTDOWN_GRACE_PERIOD", "3"),
+            ("PROPAGATION_DELAY_MS", "100"),
+            ("RECONNECT_DELAY", "0"),
+            ("DRAIN_SPREAD_MS", "200"),
+        ]))
+        .unwrap()
+        .build()
+        .unwrap();
+        let c = ok.config();
+        assert_eq!(c.grace_period(), Duration::from_secs(3));
+        assert_eq!(c.propagation_delay(), Duration::from_millis(100));
+        assert_eq!(c.reconnect_delay(), Duration::ZERO);
+        assert_eq!(c.drain_spread(), Duration::from_millis(200));
+    }
+}

@@ -1,0 +1,243 @@
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use http::HeaderMap;
+use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
+use tokio::time::Sleep;
+use tokio_util::sync::WaitForCancellationFutureOwned;
+
+use super::boundary::Tracker;
+use super::encoder::{FinalFrame, FrameContext, FrameKind};
+use crate::controller::Shared;
+
+/// What a [`FrameBody`] needs from its layer: the controller's state and the encoder.
+pub(crate) struct FrameConfig {
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) encoder: Arc<dyn FinalFrame>,
+}
+
+impl FrameConfig {
+    /// Encodes a final frame of `kind` for one stream.
+    pub(crate) fn encode(&self, kind: FrameKind, jitter_seed: u64) -> super::Final {
+        let shared = &self.shared;
+        let reason = shared.reason().map(|r| r.as_str());
+        let ctx = FrameContext {
+            kind,
+            reason,
+            message: shared.config.message(),
+            reconnect_delay: shared.config.reconnect_delay,
+            retry: Duration::from_millis(shared.jittered_retry_ms(jitter_seed)),
+            timestamp: SystemTime::now(),
+        };
+        self.encoder.encode(&ctx)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Step {
+    /// Forwarding the inner body; watching for `Closing`.
+    Watching,
+    /// `Closing` began; this stream's share of the spread has not passed yet (or it opted out).
+    Scheduled,
+    /// The frame is due at the next event boundary.
+    Due,
+    /// The grace deadline passed: emit the forced frame at a boundary, or end now.
+    Forced,
+    /// The final data went out; trailers follow.
+    Trailers,
+    /// Ended.
+    Done,
+}
+
+struct Injector {
+    cfg: Arc<FrameConfig>,
+    tracker: Tracker,
+    step: Step,
+    run_to_completion: bool,
+    jitter: u64,
+    trailers: Option<HeaderMap>,
+}
+
+pin_project! {
+    /// The response body of [`Frame`](super::Frame): the inner body, plus one final frame
+    /// injected at an event boundary once the controller is `Closing` (after this stream's
+    /// share of the drain spread), after which the body ends.
+    ///
+    /// Responses the encoder does not apply to pass through untouched. While a frame may still
+    /// be added, `size_hint` keeps the inner lower bound but has no upper bound, and
+    /// `is_end_stream` is `false`.
+    pub struct FrameBody<B> {
+        #[pin]
+        inner: B,
+        #[pin]
+        signal: Option<WaitForCancellationFutureOwned>,
+        #[pin]
+        delay: Option<Sleep>,
+        inj: Option<Injector>,
+    }
+}
+
+impl<B> FrameBody<B> {
+    pub(crate) fn passthrough(inner: B) -> Self {
+        Self {
+            inner,
+            signal: None,
+            delay: None,
+            inj: None,
+        }
+    }
+
+    pub(crate) fn inject(inner: B, cfg: Arc<FrameConfig>, run_to_completion: bool) -> Self {
+        let signal = cfg.shared.closing_token().clone().cancelled_owned();
+        let tracker = Tracker::new(cfg.encoder.boundary());
+        Self {
+            inner,
+            signal: Some(signal),
+            delay: None,
+            inj: Some(Injector {
+                cfg,
+                tracker,
+                step: Step::Watching,
+                run_to_completion,
+                jitter: 0,
+                trailers: None,
+            }),
+        }
+    }
+}
+
+impl<B> Body for FrameBody<B>
+where
+    B: Body<Data = Bytes>,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let mut this = self.project();
+        let Some(inj) = this.inj.as_mut() else {
+            return this.inner.poll_frame(cx);
+        };
+        loop {
+            match inj.step {
+                Step::Done => return Poll::Ready(None),
+                Step::Trailers => {
+                    inj.step = Step::Done;
+                    if let Some(t) = inj.trailers.take() {
+                        return Poll::Ready(Some(Ok(Frame::trailers(t))));
+                    }
+                    continue;
+                }
+                Step::Watching | Step::Scheduled | Step::Due | Step::Forced => {}
+            }
+
+            // Drain signals: first `Closing`, then (same slot, re-armed) the grace deadline.
+            if inj.step != Step::Forced {
+                if let Some(signal) = this.signal.as_mut().as_pin_mut() {
+                    if signal.poll(cx).is_ready() {
+                        if inj.step == Step::Watching {
+                            let shared = &inj.cfg.shared;
+                            this.signal
+                                .set(Some(shared.forced_token().clone().cancelled_owned()));
+                            let (delay, jitter) = shared.take_slot();
+                            inj.jitter = jitter;
+                            inj.step = if inj.run_to_completion {
+                                Step::Scheduled
+                            } else if delay.is_zero() {
+                                Step::Due
+                            } else {
+                                this.delay.set(Some(tokio::time::sleep(delay)));
+                                Step::Scheduled
+                            };
+                            // Poll the re-armed signal so its waker is registered.
+                            continue;
+                        }
+                        inj.step = Step::Forced;
+                        this.signal.set(None);
+                        this.delay.set(None);
+                    }
+                }
+            }
+            if inj.step == Step::Scheduled {
+                if let Some(d) = this.delay.as_mut().as_pin_mut() {
+                    if d.poll(cx).is_ready() {
+                        this.delay.set(None);
+                        inj.step = Step::Due;
+                    }
+                }
+            }
+
+            if matches!(inj.step, Step::Due | Step::Forced) {
+                if inj.tracker.at_boundary() {
+                    let kind = if inj.step == Step::Forced {
+                        FrameKind::ForcedShutdown
+                    } else {
+                        FrameKind::Shutdown
+                    };
+                    let (data, trailers) = inj.cfg.encode(kind, inj.jitter).into_parts();
+                    inj.cfg.shared.count_notified();
+                    inj.trailers = trailers;
+                    inj.step = Step::Trailers;
+                    if let Some(d) = data {
+                        return Poll::Ready(Some(Ok(Frame::data(d))));
+                    }
+                    continue;
+                }
+                if inj.step == Step::Forced {
+                    // Mid-event at the deadline: end without a frame rather than corrupt the
+                    // event; clients discard an incomplete event.
+                    inj.step = Step::Done;
+                    return Poll::Ready(None);
+                }
+            }
+
+            let res = ready!(this.inner.as_mut().poll_frame(cx));
+            match &res {
+                Some(Ok(frame)) => {
+                    if let Some(d) = frame.data_ref() {
+                        inj.tracker.update(d);
+                    }
+                }
+                Some(Err(_)) => {}
+                None => inj.step = Step::Done,
+            }
+            return Poll::Ready(res);
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.inj {
+            None => self.inner.is_end_stream(),
+            Some(inj) => inj.step == Step::Done,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.inj {
+            None => self.inner.size_hint(),
+            Some(inj) if inj.step == Step::Done => SizeHint::with_exact(0),
+            Some(_) => {
+                let mut h = SizeHint::new();
+                h.set_lower(self.inner.size_hint().lower());
+                h
+            }
+        }
+    }
+}
+
+impl<B> std::fmt::Debug for FrameBody<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FrameBody")
+            .field("injecting", &self.inj.is_some())
+            .field("step", &self.inj.as_ref().map(|i| i.step))
+            .finish_non_exhaustive()
+    }
+}

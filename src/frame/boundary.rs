@@ -1,0 +1,170 @@
+use bytes::Bytes;
+
+/// Where a final frame may be inserted without breaking a message in two.
+///
+/// ```
+/// use tower_drain::frame::Boundary;
+/// assert_ne!(Boundary::Sse, Boundary::Lines);
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Boundary {
+    /// Server-Sent Events: after a blank line (`\n\n`, `\r\n\r\n`, `\r\r`, or mixed).
+    Sse,
+    /// Newline-delimited records (NDJSON): after `\n`.
+    Lines,
+    /// gRPC's length-prefixed messages (1-byte flag, 4-byte big-endian length, payload).
+    LengthPrefixed,
+    /// Every body frame is a whole message.
+    Frames,
+}
+
+/// O(1) per data frame: remembers only the last bytes (or the bytes left in the current
+/// length-prefixed message), never buffers the stream.
+#[derive(Clone, Debug)]
+pub(crate) struct Tracker {
+    kind: Boundary,
+    tail: [u8; 4],
+    tail_len: u8,
+    header: [u8; 5],
+    header_len: u8,
+    remaining: u64,
+}
+
+impl Tracker {
+    pub(crate) fn new(kind: Boundary) -> Self {
+        Self {
+            kind,
+            tail: [0; 4],
+            tail_len: 0,
+            header: [0; 5],
+            header_len: 0,
+            remaining: 0,
+        }
+    }
+
+    #[inline]
+    pub(crate) fn update(&mut self, data: &Bytes) {
+        if data.is_empty() {
+            return;
+        }
+        match self.kind {
+            Boundary::Sse | Boundary::Lines => {
+                let n = data.len().min(4);
+                let keep = (self.tail_len as usize).min(4 - n);
+                let mut t = [0u8; 4];
+                t[..keep].copy_from_slice(
+                    &self.tail[self.tail_len as usize - keep..self.tail_len as usize],
+                );
+                t[keep..keep + n].copy_from_slice(&data[data.len() - n..]);
+                self.tail = t;
+                self.tail_len = (keep + n) as u8;
+            }
+            Boundary::LengthPrefixed => {
+                let mut rest: &[u8] = data;
+                while !rest.is_empty() {
+                    if self.remaining > 0 {
+                        let skip = (self.remaining.min(rest.len() as u64)) as usize;
+                        self.remaining -= skip as u64;
+                        rest = &rest[skip..];
+                        continue;
+                    }
+                    let need = 5 - self.header_len as usize;
+                    let take = need.min(rest.len());
+                    self.header[self.header_len as usize..self.header_len as usize + take]
+                        .copy_from_slice(&rest[..take]);
+                    self.header_len += take as u8;
+                    rest = &rest[take..];
+                    if self.header_len == 5 {
+                        let len = u32::from_be_bytes([
+                            self.header[1],
+                            self.header[2],
+                            self.header[3],
+                            self.header[4],
+                        ]);
+                        self.remaining = u64::from(len);
+                        self.header_len = 0;
+                    }
+                }
+            }
+            Boundary::Frames => {}
+        }
+    }
+
+    #[inline]
+    pub(crate) fn at_boundary(&self) -> bool {
+        let t = &self.tail[..self.tail_len as usize];
+        match self.kind {
+            Boundary::Frames => true,
+            Boundary::LengthPrefixed => self.header_len == 0 && self.remaining == 0,
+            Boundary::Lines => t.is_empty() || t.ends_with(b"\n"),
+            Boundary::Sse => {
+                if t.is_empty() {
+                    return true;
+                }
+                // Strip one line terminator, then require another one before it.
+                let rest = if t.ends_with(b"\r\n") {
+                    &t[..t.len() - 2]
+                } else if t.ends_with(b"\n") || t.ends_with(b"\r") {
+                    &t[..t.len() - 1]
+                } else {
+                    return false;
+                };
+                rest.ends_with(b"\n") || rest.ends_with(b"\r")
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn feed(kind: Boundary, parts: &[&[u8]]) -> bool {
+        let mut t = Tracker::new(kind);
+        for p in parts {
+            t.update(&Bytes::copy_from_slice(p));
+        }
+        t.at_boundary()
+    }
+
+    #[test]
+    fn sse_boundaries() {
+        assert!(feed(Boundary::Sse, &[]));
+        assert!(feed(Boundary::Sse, &[b"data: a\n\n"]));
+        assert!(feed(Boundary::Sse, &[b"data: a\r\n\r\n"]));
+        assert!(feed(Boundary::Sse, &[b"data: a\r\r"]));
+        assert!(feed(Boundary::Sse, &[b"data: a\n", b"\n"]));
+        assert!(feed(Boundary::Sse, &[b"data: a\r\n", b"\r", b"\n"]));
+        assert!(feed(Boundary::Sse, &[b"data: a\r\n\n"]));
+        assert!(!feed(Boundary::Sse, &[b"data: a\n"]));
+        assert!(!feed(Boundary::Sse, &[b"data: a\r\n"]));
+        assert!(!feed(Boundary::Sse, &[b"data: a\n\n", b"event: x\n"]));
+        assert!(!feed(Boundary::Sse, &[b"data: a\n\n", b"ev"]));
+        assert!(!feed(Boundary::Sse, &[b"x\r", b"\n"]));
+        assert!(feed(Boundary::Sse, &[b"x", b"\n", b"\n"]));
+    }
+
+    #[test]
+    fn line_boundaries() {
+        assert!(feed(Boundary::Lines, &[]));
+        assert!(feed(Boundary::Lines, &[b"{}\n"]));
+        assert!(!feed(Boundary::Lines, &[b"{}\n{"]));
+    }
+
+    #[test]
+    fn length_prefixed_boundaries() {
+        let msg = [0u8, 0, 0, 0, 3, b'a', b'b', b'c'];
+        assert!(feed(Boundary::LengthPrefixed, &[&msg]));
+        assert!(!feed(Boundary::LengthPrefixed, &[&msg[..2]]));
+        assert!(!feed(Boundary::LengthPrefixed, &[&msg[..6]]));
+        assert!(feed(
+            Boundary::LengthPrefixed,
+            &[&msg[..2], &msg[2..7], &msg[7..]]
+        ));
+        let two: Vec<u8> = msg.iter().chain(msg.iter()).copied().collect();
+        assert!(feed(Boundary::LengthPrefixed, &[&two]));
+        assert!(!feed(Boundary::LengthPrefixed, &[&two[..9]]));
+        assert!(feed(Boundary::LengthPrefixed, &[&[0, 0, 0, 0, 0]]));
+    }
+}

@@ -1,0 +1,540 @@
+use std::borrow::Cow;
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use http::{header, HeaderMap, HeaderValue};
+use serde::Serialize;
+
+use super::Boundary;
+
+/// Why a stream is being ended with a final frame.
+///
+/// ```
+/// assert_eq!(tower_drain::frame::FrameKind::Timeout.code(), "TIMEOUT");
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum FrameKind {
+    /// The server is draining; reconnect (elsewhere) after the delay.
+    Shutdown,
+    /// The grace period ran out; the stream is being force-closed.
+    ForcedShutdown,
+    /// The stream reached its maximum lifetime or idle limit.
+    Timeout,
+    /// The stream failed.
+    Error,
+    /// The stream's credentials are no longer valid.
+    Unauthorized,
+}
+
+impl FrameKind {
+    /// A stable machine-readable code: `SHUTDOWN`, `TIMEOUT`, `STREAM_ERROR`, `UNAUTHORIZED`.
+    ///
+    /// ```
+    /// assert_eq!(tower_drain::frame::FrameKind::ForcedShutdown.code(), "SHUTDOWN");
+    /// ```
+    pub const fn code(self) -> &'static str {
+        match self {
+            FrameKind::Shutdown | FrameKind::ForcedShutdown => "SHUTDOWN",
+            FrameKind::Timeout => "TIMEOUT",
+            FrameKind::Error => "STREAM_ERROR",
+            FrameKind::Unauthorized => "UNAUTHORIZED",
+        }
+    }
+
+    /// Whether this is a (graceful or forced) shutdown.
+    ///
+    /// ```
+    /// assert!(tower_drain::frame::FrameKind::ForcedShutdown.is_shutdown());
+    /// ```
+    pub const fn is_shutdown(self) -> bool {
+        matches!(self, FrameKind::Shutdown | FrameKind::ForcedShutdown)
+    }
+}
+
+/// Everything an encoder may put in a final frame.
+///
+/// ```
+/// use tower_drain::frame::{FrameContext, FrameKind};
+/// let ctx = FrameContext::new(FrameKind::Shutdown);
+/// assert_eq!(ctx.reconnect_delay.as_secs(), 30);
+/// ```
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct FrameContext<'a> {
+    /// Why the stream ends.
+    pub kind: FrameKind,
+    /// The drain reason (`signal`, `manual`, …), if a drain is under way.
+    pub reason: Option<&'a str>,
+    /// The human-readable message.
+    pub message: &'a str,
+    /// The configured reconnect delay.
+    pub reconnect_delay: Duration,
+    /// This stream's reconnect hint: the delay with jitter applied.
+    pub retry: Duration,
+    /// When the frame is produced.
+    pub timestamp: SystemTime,
+}
+
+impl FrameContext<'static> {
+    /// A context with the defaults of [`DrainController::new`](crate::DrainController::new),
+    /// for tests and examples.
+    pub fn new(kind: FrameKind) -> Self {
+        Self {
+            kind,
+            reason: None,
+            message: "Server is shutting down, please reconnect",
+            reconnect_delay: Duration::from_secs(30),
+            retry: Duration::from_secs(30),
+            timestamp: SystemTime::now(),
+        }
+    }
+}
+
+/// What an encoder produces: data to send, trailers to end with, or both.
+///
+/// ```
+/// let f = tower_drain::frame::Final::data("bye\n");
+/// assert!(f.trailers_ref().is_none());
+/// ```
+#[derive(Clone, Debug, Default)]
+pub struct Final {
+    data: Option<Bytes>,
+    trailers: Option<HeaderMap>,
+}
+
+impl Final {
+    /// A final data frame.
+    pub fn data(data: impl Into<Bytes>) -> Self {
+        Self {
+            data: Some(data.into()),
+            trailers: None,
+        }
+    }
+
+    /// Final trailers.
+    pub fn trailers(trailers: HeaderMap) -> Self {
+        Self {
+            data: None,
+            trailers: Some(trailers),
+        }
+    }
+
+    /// Adds trailers after the data.
+    ///
+    /// ```
+    /// let f = tower_drain::frame::Final::data("x").with_trailers(http::HeaderMap::new());
+    /// assert!(f.trailers_ref().is_some());
+    /// ```
+    pub fn with_trailers(mut self, trailers: HeaderMap) -> Self {
+        self.trailers = Some(trailers);
+        self
+    }
+
+    /// The data part.
+    ///
+    /// ```
+    /// assert_eq!(tower_drain::frame::Final::data("x").data_ref().unwrap(), "x");
+    /// ```
+    pub fn data_ref(&self) -> Option<&Bytes> {
+        self.data.as_ref()
+    }
+
+    /// The trailers part.
+    pub fn trailers_ref(&self) -> Option<&HeaderMap> {
+        self.trailers.as_ref()
+    }
+
+    pub(crate) fn into_parts(self) -> (Option<Bytes>, Option<HeaderMap>) {
+        (self.data, self.trailers)
+    }
+}
+
+/// Turns a [`FrameContext`] into the protocol's final frame.
+///
+/// Implemented by [`Sse`] (the default), [`NdJson`], [`Grpc`] and [`FnFrame`] (any closure).
+///
+/// ```
+/// use tower_drain::frame::{FinalFrame, FrameContext, FrameKind, Sse};
+/// let out = Sse::new().encode(&FrameContext::new(FrameKind::Shutdown));
+/// assert!(out.data_ref().unwrap().starts_with(b"event: shutdown\n"));
+/// ```
+pub trait FinalFrame: Send + Sync + 'static {
+    /// Whether a response with these headers carries this protocol (by content type).
+    fn applies(&self, headers: &HeaderMap) -> bool;
+
+    /// Where frames may be inserted.
+    fn boundary(&self) -> Boundary;
+
+    /// The final frame.
+    fn encode(&self, ctx: &FrameContext<'_>) -> Final;
+}
+
+fn content_type_starts_with(headers: &HeaderMap, prefixes: &[&str]) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|ct| {
+            let ct = ct.trim_start();
+            prefixes.iter().any(|p| {
+                ct.len() >= p.len() && ct.as_bytes()[..p.len()].eq_ignore_ascii_case(p.as_bytes())
+            })
+        })
+        .unwrap_or(false)
+}
+
+#[derive(Serialize)]
+struct ShutdownData<'a> {
+    #[serde(rename = "type")]
+    ty: &'static str,
+    message: &'a str,
+    timestamp: String,
+    reconnect_delay: u64,
+    reason: Option<&'a str>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    forced: bool,
+}
+
+#[derive(Serialize)]
+struct ErrorData {
+    error: &'static str,
+    code: &'static str,
+}
+
+/// The JSON object of a final frame; `serde_json` escapes every control character, so the
+/// result never contains a raw CR or LF.
+fn json(ctx: &FrameContext<'_>, extra_retry_ms: bool) -> Vec<u8> {
+    let mut v = match ctx.kind {
+        FrameKind::Shutdown | FrameKind::ForcedShutdown => serde_json::to_vec(&ShutdownData {
+            ty: "shutdown",
+            message: ctx.message,
+            timestamp: humantime::format_rfc3339_millis(ctx.timestamp).to_string(),
+            reconnect_delay: ctx.reconnect_delay.as_secs(),
+            reason: ctx.reason,
+            forced: ctx.kind == FrameKind::ForcedShutdown,
+        }),
+        kind => serde_json::to_vec(&ErrorData {
+            error: match kind {
+                FrameKind::Timeout => "Connection timeout",
+                FrameKind::Unauthorized => "Unauthorized",
+                _ => "Stream error",
+            },
+            code: kind.code(),
+        }),
+    }
+    .unwrap_or_default();
+    if extra_retry_ms {
+        // Splice `"retry_ms":N` into the object (NDJSON has no retry field of its own).
+        v.pop();
+        v.extend_from_slice(format!(",\"retry_ms\":{}}}", ctx.retry.as_millis()).as_bytes());
+    }
+    v
+}
+
+/// Server-Sent Events (the default): for a shutdown,
+///
+/// ```text
+/// event: shutdown
+/// data: {"type":"shutdown","message":"…","timestamp":"<RFC 3339>","reconnect_delay":30,"reason":"signal"}
+/// retry: 27431
+///
+/// ```
+///
+/// `retry:` (the jittered reconnect delay in ms) makes a browser's `EventSource` reconnect by
+/// itself after that delay. A forced shutdown adds `"forced":true`; timeouts, errors and
+/// revoked credentials send `event: error` with `{"error":…,"code":…}`. The data is one line
+/// of JSON, so no message can contain a line break that forges a second event.
+///
+/// Applies to `text/event-stream` responses; frames go in after a blank line.
+///
+/// ```
+/// use tower_drain::frame::{FinalFrame, FrameContext, FrameKind, Sse};
+/// let mut ctx = FrameContext::new(FrameKind::Timeout);
+/// ctx.retry = std::time::Duration::from_millis(1500);
+/// let out = Sse::new().encode(&ctx);
+/// assert_eq!(
+///     out.data_ref().unwrap(),
+///     "event: error\ndata: {\"error\":\"Connection timeout\",\"code\":\"TIMEOUT\"}\nretry: 1500\n\n"
+/// );
+/// ```
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Sse {
+    _p: (),
+}
+
+impl Sse {
+    /// The SSE encoder.
+    pub const fn new() -> Self {
+        Self { _p: () }
+    }
+}
+
+impl FinalFrame for Sse {
+    fn applies(&self, headers: &HeaderMap) -> bool {
+        content_type_starts_with(headers, &["text/event-stream"])
+    }
+
+    fn boundary(&self) -> Boundary {
+        Boundary::Sse
+    }
+
+    fn encode(&self, ctx: &FrameContext<'_>) -> Final {
+        let event = if ctx.kind.is_shutdown() {
+            "shutdown"
+        } else {
+            "error"
+        };
+        let data = json(ctx, false);
+        let mut out = Vec::with_capacity(data.len() + 48);
+        out.extend_from_slice(b"event: ");
+        out.extend_from_slice(event.as_bytes());
+        out.extend_from_slice(b"\ndata: ");
+        out.extend_from_slice(&data);
+        out.extend_from_slice(format!("\nretry: {}\n\n", ctx.retry.as_millis()).as_bytes());
+        Final::data(out)
+    }
+}
+
+/// Newline-delimited JSON: one line, `{"type":"shutdown",…,"retry_ms":N}\n` (or
+/// `{"error":…,"code":…,"retry_ms":N}\n`).
+///
+/// Applies to `application/x-ndjson`, `application/ndjson` and `application/jsonl`
+/// responses; frames go in after a newline.
+///
+/// ```
+/// use tower_drain::frame::{FinalFrame, FrameContext, FrameKind, NdJson};
+/// let out = NdJson::new().encode(&FrameContext::new(FrameKind::Shutdown));
+/// let line = out.data_ref().unwrap();
+/// assert!(line.ends_with(b"}\n"));
+/// let v: serde_json::Value = serde_json::from_slice(line).unwrap();
+/// assert_eq!(v["type"], "shutdown");
+/// assert_eq!(v["retry_ms"], 30000);
+/// ```
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NdJson {
+    _p: (),
+}
+
+impl NdJson {
+    /// The NDJSON encoder.
+    pub const fn new() -> Self {
+        Self { _p: () }
+    }
+}
+
+impl FinalFrame for NdJson {
+    fn applies(&self, headers: &HeaderMap) -> bool {
+        content_type_starts_with(
+            headers,
+            &[
+                "application/x-ndjson",
+                "application/ndjson",
+                "application/jsonl",
+            ],
+        )
+    }
+
+    fn boundary(&self) -> Boundary {
+        Boundary::Lines
+    }
+
+    fn encode(&self, ctx: &FrameContext<'_>) -> Final {
+        let mut line = json(ctx, true);
+        line.push(b'\n');
+        Final::data(line)
+    }
+}
+
+/// gRPC: ends the stream with trailers, `grpc-status: 14` (UNAVAILABLE, so clients retry) for
+/// a shutdown, `4` (DEADLINE_EXCEEDED) for a timeout, `16` (UNAUTHENTICATED) for revoked
+/// credentials and `13` (INTERNAL) for an error, with a percent-encoded `grpc-message`.
+///
+/// Applies to `application/grpc` responses; trailers go in between whole messages.
+///
+/// ```
+/// use tower_drain::frame::{FinalFrame, FrameContext, FrameKind, Grpc};
+/// let out = Grpc::new().encode(&FrameContext::new(FrameKind::Shutdown));
+/// let t = out.trailers_ref().unwrap();
+/// assert_eq!(t["grpc-status"], "14");
+/// assert!(t["grpc-message"].to_str().unwrap().contains("shutting%20down"));
+/// ```
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Grpc {
+    _p: (),
+}
+
+impl Grpc {
+    /// The gRPC encoder.
+    pub const fn new() -> Self {
+        Self { _p: () }
+    }
+
+    /// The gRPC status code for a frame kind.
+    ///
+    /// ```
+    /// use tower_drain::frame::{FrameKind, Grpc};
+    /// assert_eq!(Grpc::status(FrameKind::Shutdown), 14);
+    /// ```
+    pub const fn status(kind: FrameKind) -> u16 {
+        match kind {
+            FrameKind::Shutdown | FrameKind::ForcedShutdown => 14,
+            FrameKind::Timeout => 4,
+            FrameKind::Unauthorized => 16,
+            FrameKind::Error => 13,
+        }
+    }
+}
+
+/// Percent-encodes a `grpc-message` as the gRPC HTTP/2 spec asks (bytes outside 0x20..=0x7E
+/// and `%`).
+pub(crate) fn grpc_percent_encode(msg: &str) -> String {
+    let mut out = String::with_capacity(msg.len());
+    for b in msg.bytes() {
+        if (0x20..=0x7e).contains(&b) && b != b'%' && b != b' ' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+impl FinalFrame for Grpc {
+    fn applies(&self, headers: &HeaderMap) -> bool {
+        content_type_starts_with(headers, &["application/grpc"])
+            && !content_type_starts_with(headers, &["application/grpc-web"])
+    }
+
+    fn boundary(&self) -> Boundary {
+        Boundary::LengthPrefixed
+    }
+
+    fn encode(&self, ctx: &FrameContext<'_>) -> Final {
+        let mut t = HeaderMap::with_capacity(2);
+        t.insert("grpc-status", HeaderValue::from(Self::status(ctx.kind)));
+        let msg: Cow<'_, str> = match ctx.kind {
+            FrameKind::Shutdown | FrameKind::ForcedShutdown => Cow::Borrowed(ctx.message),
+            FrameKind::Timeout => Cow::Borrowed("stream timeout"),
+            FrameKind::Unauthorized => Cow::Borrowed("credentials no longer valid"),
+            FrameKind::Error => Cow::Borrowed("stream error"),
+        };
+        if let Ok(v) = HeaderValue::try_from(grpc_percent_encode(&msg)) {
+            t.insert("grpc-message", v);
+        }
+        Final::trailers(t)
+    }
+}
+
+/// A final frame from a closure, for any other protocol.
+///
+/// Applies to every response unless narrowed with [`content_type`](Self::content_type).
+///
+/// ```
+/// use tower_drain::frame::{Boundary, FinalFrame, FnFrame, Final, FrameContext, FrameKind};
+/// let enc = FnFrame::new(Boundary::Lines, |ctx: &FrameContext<'_>| {
+///     Final::data(format!("BYE {}\n", ctx.kind.code()))
+/// })
+/// .content_type("text/plain");
+/// assert_eq!(enc.encode(&FrameContext::new(FrameKind::Shutdown)).data_ref().unwrap(), "BYE SHUTDOWN\n");
+/// ```
+#[derive(Clone)]
+pub struct FnFrame<F> {
+    boundary: Boundary,
+    content_type: Option<Arc<str>>,
+    f: F,
+}
+
+impl<F> FnFrame<F>
+where
+    F: Fn(&FrameContext<'_>) -> Final + Send + Sync + 'static,
+{
+    /// An encoder from a closure.
+    pub fn new(boundary: Boundary, f: F) -> Self {
+        Self {
+            boundary,
+            content_type: None,
+            f,
+        }
+    }
+
+    /// Applies only to responses whose content type starts with `prefix`.
+    pub fn content_type(mut self, prefix: &str) -> Self {
+        self.content_type = Some(Arc::from(prefix));
+        self
+    }
+}
+
+impl<F> FinalFrame for FnFrame<F>
+where
+    F: Fn(&FrameContext<'_>) -> Final + Send + Sync + 'static,
+{
+    fn applies(&self, headers: &HeaderMap) -> bool {
+        match &self.content_type {
+            Some(p) => content_type_starts_with(headers, &[p]),
+            None => true,
+        }
+    }
+
+    fn boundary(&self) -> Boundary {
+        self.boundary
+    }
+
+    fn encode(&self, ctx: &FrameContext<'_>) -> Final {
+        (self.f)(ctx)
+    }
+}
+
+impl<F> fmt::Debug for FnFrame<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FnFrame")
+            .field("boundary", &self.boundary)
+            .field("content_type", &self.content_type)
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sse_shutdown_frame_is_exact() {
+        let mut ctx = FrameContext::new(FrameKind::Shutdown);
+        ctx.reason = Some("signal");
+        ctx.retry = Duration::from_millis(27_431);
+        ctx.timestamp = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let out = Sse::new().encode(&ctx);
+        assert_eq!(
+            out.data_ref().unwrap(),
+            "event: shutdown\ndata: {\"type\":\"shutdown\",\"message\":\"Server is shutting down, please reconnect\",\"timestamp\":\"2023-11-14T22:13:20.000Z\",\"reconnect_delay\":30,\"reason\":\"signal\"}\nretry: 27431\n\n"
+        );
+        ctx.kind = FrameKind::ForcedShutdown;
+        let forced = Sse::new().encode(&ctx);
+        assert!(std::str::from_utf8(forced.data_ref().unwrap())
+            .unwrap()
+            .contains(",\"forced\":true}\n"));
+    }
+
+    #[test]
+    fn content_types() {
+        let h = |ct: &'static str| {
+            let mut m = HeaderMap::new();
+            m.insert(header::CONTENT_TYPE, HeaderValue::from_static(ct));
+            m
+        };
+        assert!(Sse::new().applies(&h("text/event-stream")));
+        assert!(Sse::new().applies(&h("Text/Event-Stream; charset=utf-8")));
+        assert!(!Sse::new().applies(&h("text/plain")));
+        assert!(!Sse::new().applies(&HeaderMap::new()));
+        assert!(NdJson::new().applies(&h("application/x-ndjson")));
+        assert!(Grpc::new().applies(&h("application/grpc+proto")));
+        assert!(!Grpc::new().applies(&h("application/grpc-web")));
+    }
+
+    #[test]
+    fn grpc_message_is_percent_encoded() {
+        assert_eq!(grpc_percent_encode("a b%\n\u{e9}"), "a%20b%25%0A%C3%A9");
+    }
+}

@@ -1,0 +1,162 @@
+//! [`DrainStack`]: every tower-drain layer, configured and composed in the right order.
+//!
+//! ```text
+//! RejectLayer → TrackLayer → FrameLayer → your service
+//! (503 while    (count, limit  (final frame
+//!  closing)      per key)       at a boundary)
+//! ```
+//!
+//! # Example
+//!
+//! ```
+//! # use http::{Request, Response, StatusCode}; use bytes::Bytes; use http_body_util::Full;
+//! # use tower::{ServiceBuilder, ServiceExt};
+//! use tower_drain::{DrainController, DrainReason, DrainStack};
+//! # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
+//! let drain = DrainController::new();
+//! let svc = ServiceBuilder::new()
+//!     .layer(DrainStack::new(drain.watch()).max_per_key(10).key_header(http::HeaderName::from_static("x-client-id")))
+//!     .service_fn(|_req: Request<()>| async {
+//!         Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from("hi"))))
+//!     });
+//! let res = svc.clone().oneshot(Request::new(())).await.unwrap();
+//! assert_eq!(res.status(), StatusCode::OK);
+//!
+//! drain.drain(DrainReason::Manual);
+//! drain.closing().await;
+//! let res = svc.oneshot(Request::new(())).await.unwrap();
+//! assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+//! # }
+//! ```
+
+use std::time::Duration;
+
+use http::request::Parts;
+use tower_layer::Layer;
+
+use crate::frame::{FinalFrame, Frame, FrameLayer};
+use crate::reject::{Reject, RejectLayer};
+use crate::track::{ConnectionStore, MemoryStore, StoreFailure, Track, TrackLayer};
+use crate::DrainWatch;
+
+/// Configures and composes `Reject → Track → Frame`; see the [module docs](self).
+#[derive(Clone, Debug)]
+#[must_use]
+pub struct DrainStack<St = MemoryStore> {
+    watch: DrainWatch,
+    reject: RejectLayer,
+    track: TrackLayer<St>,
+    frame: FrameLayer,
+}
+
+impl DrainStack<MemoryStore> {
+    /// The stack with defaults: probe paths exempt from rejection, in-memory tracking without
+    /// a limit, SSE final frames.
+    ///
+    /// ```
+    /// let stack = tower_drain::DrainStack::new(tower_drain::DrainController::new().watch());
+    /// # drop(stack);
+    /// ```
+    pub fn new(watch: DrainWatch) -> Self {
+        Self {
+            reject: RejectLayer::new(watch.clone()),
+            track: TrackLayer::new(watch.clone()),
+            frame: FrameLayer::new(watch.clone()),
+            watch,
+        }
+    }
+}
+
+impl<St: ConnectionStore> DrainStack<St> {
+    /// Uses `store` for per-key limits (e.g. a `RedisStore`). Keeps the other settings.
+    ///
+    /// ```
+    /// use tower_drain::{DrainController, DrainStack, track::MemoryStore};
+    /// let stack = DrainStack::new(DrainController::new().watch()).store(MemoryStore::new());
+    /// # drop(stack);
+    /// ```
+    pub fn store<St2: ConnectionStore>(self, store: St2) -> DrainStack<St2> {
+        let old = self.track;
+        let mut track = TrackLayer::with_store(self.watch.clone(), store);
+        track.limit = old.limit;
+        track.key = old.key;
+        track.retry_after = old.retry_after;
+        track.on_store_error = old.on_store_error;
+        DrainStack {
+            watch: self.watch,
+            reject: self.reject,
+            track,
+            frame: self.frame,
+        }
+    }
+}
+
+impl<St> DrainStack<St> {
+    /// See [`TrackLayer::max_per_key`].
+    pub fn max_per_key(mut self, n: u32) -> Self {
+        self.track = self.track.max_per_key(n);
+        self
+    }
+
+    /// See [`TrackLayer::key_fn`].
+    pub fn key_fn<F>(mut self, f: F) -> Self
+    where
+        F: Fn(&Parts) -> Option<String> + Send + Sync + 'static,
+    {
+        self.track = self.track.key_fn(f);
+        self
+    }
+
+    /// See [`TrackLayer::key_header`].
+    pub fn key_header(mut self, name: http::HeaderName) -> Self {
+        self.track = self.track.key_header(name);
+        self
+    }
+
+    /// See [`TrackLayer::retry_after`].
+    pub fn limit_retry_after(mut self, d: Duration) -> Self {
+        self.track = self.track.retry_after(d);
+        self
+    }
+
+    /// See [`TrackLayer::on_store_error`].
+    pub fn on_store_error(mut self, f: StoreFailure) -> Self {
+        self.track = self.track.on_store_error(f);
+        self
+    }
+
+    /// See [`RejectLayer::exempt`].
+    pub fn exempt<F>(mut self, f: F) -> Self
+    where
+        F: Fn(&Parts) -> bool + Send + Sync + 'static,
+    {
+        self.reject = self.reject.exempt(f);
+        self
+    }
+
+    /// See [`RejectLayer::reject_while_draining`].
+    pub fn reject_while_draining(mut self, yes: bool) -> Self {
+        self.reject = self.reject.reject_while_draining(yes);
+        self
+    }
+
+    /// Final frames made by `encoder` instead of SSE; see [`FrameLayer::with_encoder`].
+    ///
+    /// ```
+    /// use tower_drain::{DrainController, DrainStack, frame::NdJson};
+    /// let stack = DrainStack::new(DrainController::new().watch()).encoder(NdJson::new());
+    /// # drop(stack);
+    /// ```
+    pub fn encoder(mut self, encoder: impl FinalFrame) -> Self {
+        self.frame = FrameLayer::with_encoder(self.watch.clone(), encoder);
+        self
+    }
+}
+
+impl<S, St: Clone> Layer<S> for DrainStack<St> {
+    type Service = Reject<Track<Frame<S>, St>>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        self.reject.layer(self.track.layer(self.frame.layer(inner)))
+    }
+}

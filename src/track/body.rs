@@ -1,0 +1,74 @@
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Buf;
+use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
+
+use super::guard::StreamGuard;
+
+pin_project! {
+    /// The response body of [`Track`](super::Track): the inner body, unchanged, plus the
+    /// stream's registration, released when the body ends or is dropped.
+    ///
+    /// `size_hint` and `is_end_stream` are the inner body's.
+    pub struct TrackedBody<B> {
+        #[pin]
+        inner: B,
+        guard: Option<StreamGuard>,
+    }
+}
+
+impl<B> TrackedBody<B> {
+    pub(crate) fn new(inner: B, guard: Option<StreamGuard>) -> Self {
+        Self { inner, guard }
+    }
+}
+
+impl<B: Body> Body for TrackedBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let this = self.project();
+        let mut inner = this.inner;
+        let res = std::task::ready!(inner.as_mut().poll_frame(cx));
+        if let Some(g) = this.guard.as_mut() {
+            match &res {
+                Some(Ok(f)) => {
+                    if let Some(d) = f.data_ref() {
+                        g.frames += 1;
+                        g.bytes += d.remaining() as u64;
+                    }
+                }
+                Some(Err(_)) => g.errors += 1,
+                None => {}
+            }
+        }
+        // Release as soon as the stream is over: some consumers stop polling once
+        // `is_end_stream` is true and keep the body around for a while.
+        if res.is_none() || matches!(res, Some(Err(_))) || inner.is_end_stream() {
+            this.guard.take();
+        }
+        Poll::Ready(res)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl<B> std::fmt::Debug for TrackedBody<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TrackedBody")
+            .field("tracked", &self.guard.is_some())
+            .finish_non_exhaustive()
+    }
+}

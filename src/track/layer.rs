@@ -1,0 +1,158 @@
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::request::Parts;
+use tower_layer::Layer;
+
+use super::store::{ConnectionStore, MemoryStore, StoreFailure};
+use super::Track;
+use crate::DrainWatch;
+
+pub(crate) type KeyFn = Arc<dyn Fn(&Parts) -> Option<String> + Send + Sync>;
+
+/// Tracks every request from `call` until its response body ends or is dropped, with an
+/// optional per-key limit. Builds [`Track`].
+///
+/// See the [module docs](super) for an example.
+#[must_use]
+pub struct TrackLayer<St = MemoryStore> {
+    pub(crate) watch: DrainWatch,
+    pub(crate) store: St,
+    pub(crate) limit: Option<u32>,
+    pub(crate) key: Option<KeyFn>,
+    pub(crate) retry_after: Duration,
+    pub(crate) on_store_error: StoreFailure,
+}
+
+impl TrackLayer<MemoryStore> {
+    /// Tracks requests in `watch`'s controller, with an in-memory store and no limit.
+    ///
+    /// ```
+    /// let drain = tower_drain::DrainController::new();
+    /// let layer = tower_drain::track::TrackLayer::new(drain.watch());
+    /// # drop(layer);
+    /// ```
+    pub fn new(watch: DrainWatch) -> Self {
+        Self::with_store(watch, MemoryStore::new())
+    }
+}
+
+impl<St: ConnectionStore> TrackLayer<St> {
+    /// Tracks requests with the given store for per-key limits. The store's
+    /// [`shutdown`](ConnectionStore::shutdown) clean-up runs at the end of the controller's drain.
+    ///
+    /// ```
+    /// use tower_drain::track::{MemoryStore, TrackLayer};
+    /// let drain = tower_drain::DrainController::new();
+    /// let layer = TrackLayer::with_store(drain.watch(), MemoryStore::new()).max_per_key(3);
+    /// # drop(layer);
+    /// ```
+    pub fn with_store(watch: DrainWatch, store: St) -> Self {
+        let s = store.clone();
+        watch
+            .shared
+            .register_cleanup(Box::new(move || s.shutdown()));
+        Self {
+            watch,
+            store,
+            limit: None,
+            key: None,
+            retry_after: Duration::from_secs(1),
+            on_store_error: StoreFailure::Open,
+        }
+    }
+}
+
+impl<St> TrackLayer<St> {
+    /// At most `n` concurrent streams per key (requests without a key are not limited). Over
+    /// the limit: `429` + `retry-after`, and the inner service is not called.
+    pub fn max_per_key(mut self, n: u32) -> Self {
+        self.limit = Some(n);
+        self
+    }
+
+    /// How to find a request's key (for example a user id); `None` means "not limited".
+    ///
+    /// ```
+    /// let drain = tower_drain::DrainController::new();
+    /// let layer = tower_drain::track::TrackLayer::new(drain.watch())
+    ///     .max_per_key(2)
+    ///     .key_fn(|parts: &http::request::Parts| {
+    ///         parts.headers.get("x-user").and_then(|v| v.to_str().ok()).map(String::from)
+    ///     });
+    /// # drop(layer);
+    /// ```
+    pub fn key_fn<F>(mut self, f: F) -> Self
+    where
+        F: Fn(&Parts) -> Option<String> + Send + Sync + 'static,
+    {
+        self.key = Some(Arc::new(f));
+        self
+    }
+
+    /// Shortcut for a key taken from a request header (non-UTF-8 or empty values count as no key).
+    ///
+    /// ```
+    /// let drain = tower_drain::DrainController::new();
+    /// let layer = tower_drain::track::TrackLayer::new(drain.watch())
+    ///     .max_per_key(2)
+    ///     .key_header(http::HeaderName::from_static("x-client-id"));
+    /// # drop(layer);
+    /// ```
+    pub fn key_header(self, name: http::HeaderName) -> Self {
+        self.key_fn(move |parts: &Parts| {
+            parts
+                .headers
+                .get(&name)
+                .and_then(|v| v.to_str().ok())
+                .filter(|s| !s.is_empty())
+                .map(String::from)
+        })
+    }
+
+    /// The `retry-after` of `429` answers (default 1 s; rounded up to whole seconds, at least 1).
+    pub fn retry_after(mut self, d: Duration) -> Self {
+        self.retry_after = d;
+        self
+    }
+
+    /// What to do when the store fails (default [`StoreFailure::Open`]).
+    pub fn on_store_error(mut self, f: StoreFailure) -> Self {
+        self.on_store_error = f;
+        self
+    }
+}
+
+impl<S, St: Clone> Layer<S> for TrackLayer<St> {
+    type Service = Track<S, St>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Track::from_layer(inner, self)
+    }
+}
+
+impl<St: Clone> Clone for TrackLayer<St> {
+    fn clone(&self) -> Self {
+        Self {
+            watch: self.watch.clone(),
+            store: self.store.clone(),
+            limit: self.limit,
+            key: self.key.clone(),
+            retry_after: self.retry_after,
+            on_store_error: self.on_store_error,
+        }
+    }
+}
+
+impl<St: fmt::Debug> fmt::Debug for TrackLayer<St> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TrackLayer")
+            .field("store", &self.store)
+            .field("limit", &self.limit)
+            .field("keyed", &self.key.is_some())
+            .field("retry_after", &self.retry_after)
+            .field("on_store_error", &self.on_store_error)
+            .finish()
+    }
+}

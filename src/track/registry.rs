@@ -1,0 +1,194 @@
+//! The set of live streams, shared by every `TrackLayer` of one controller.
+//!
+//! One atomic word holds the count and two flags (`CLOSING`, `FORCED`), so "how many were open
+//! when closing began", "which ended gracefully" and "which were still open at the deadline"
+//! are decided without locks and each stream lands in exactly one bucket (the idea of
+//! tokio-util's `TaskTracker`). Per-stream details live in a sharded map for logging.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+const CLOSING: u64 = 0b01;
+const FORCED: u64 = 0b10;
+const ONE: u64 = 0b100;
+const SHARDS: usize = 32;
+
+/// What the registry keeps of a live stream, for the force-close log.
+#[derive(Debug)]
+pub(crate) struct Entry {
+    pub(crate) route: http::Uri,
+    pub(crate) key: Option<Arc<str>>,
+    pub(crate) started: Instant,
+}
+
+#[derive(Debug)]
+pub(crate) struct Registry {
+    state: AtomicU64,
+    next_id: AtomicU64,
+    graceful: AtomicU64,
+    late: AtomicU64,
+    idle: Notify,
+    shards: Box<[Mutex<HashMap<u64, Entry>>]>,
+}
+
+/// How a stream's end counted in the drain accounting.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Ended {
+    /// Ended before `Closing` began.
+    BeforeDrain,
+    /// Ended after `Closing` began and before the deadline.
+    Gracefully,
+    /// Was still open at the deadline (already counted as force-closed).
+    Forced,
+}
+
+impl Registry {
+    pub(crate) fn new() -> Self {
+        Self {
+            state: AtomicU64::new(0),
+            next_id: AtomicU64::new(1),
+            graceful: AtomicU64::new(0),
+            late: AtomicU64::new(0),
+            idle: Notify::new(),
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+        }
+    }
+
+    fn shard(&self, id: u64) -> &Mutex<HashMap<u64, Entry>> {
+        &self.shards[(id as usize) % SHARDS]
+    }
+
+    /// Registers a stream and returns its id.
+    pub(crate) fn register(&self, entry: Entry) -> u64 {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        lock(self.shard(id)).insert(id, entry);
+        let prev = self.state.fetch_add(ONE, Ordering::AcqRel);
+        if prev & CLOSING != 0 {
+            self.late.fetch_add(1, Ordering::Relaxed);
+        }
+        id
+    }
+
+    /// Removes a stream. Must be called exactly once per `register`.
+    pub(crate) fn deregister(&self, id: u64) -> Ended {
+        lock(self.shard(id)).remove(&id);
+        let prev = self.state.fetch_sub(ONE, Ordering::AcqRel);
+        let ended = if prev & FORCED != 0 {
+            Ended::Forced
+        } else if prev & CLOSING != 0 {
+            self.graceful.fetch_add(1, Ordering::Relaxed);
+            Ended::Gracefully
+        } else {
+            Ended::BeforeDrain
+        };
+        if prev >> 2 == 1 {
+            self.idle.notify_one();
+        }
+        ended
+    }
+
+    pub(crate) fn active(&self) -> u64 {
+        self.state.load(Ordering::Acquire) >> 2
+    }
+
+    /// Marks the start of `Closing`; returns the streams open at that instant.
+    pub(crate) fn close(&self) -> u64 {
+        self.state.fetch_or(CLOSING, Ordering::AcqRel) >> 2
+    }
+
+    /// Marks the grace deadline; returns the streams still open (the force-closed ones).
+    pub(crate) fn force(&self) -> u64 {
+        self.state.fetch_or(FORCED, Ordering::AcqRel) >> 2
+    }
+
+    pub(crate) fn graceful(&self) -> u64 {
+        self.graceful.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn late(&self) -> u64 {
+        self.late.load(Ordering::Relaxed)
+    }
+
+    /// Resolves once the count is zero and closing has begun (checked, not assumed: a stream
+    /// registered after the count first reached zero keeps it waiting).
+    pub(crate) async fn wait_idle(&self) {
+        loop {
+            let notified = self.idle.notified();
+            let s = self.state.load(Ordering::Acquire);
+            if s >> 2 == 0 && s & CLOSING != 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// Calls `f` for every live stream (for logging; locks one shard at a time).
+    pub(crate) fn for_each(&self, mut f: impl FnMut(u64, &Entry)) {
+        for shard in self.shards.iter() {
+            for (id, e) in lock(shard).iter() {
+                f(*id, e);
+            }
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding a shard lock cannot leave the map inconsistent (single insert or
+    // remove), so a poisoned lock is still usable; never panic here, we may be in a Drop.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry() -> Entry {
+        Entry {
+            route: http::Uri::from_static("/events"),
+            key: None,
+            started: Instant::now(),
+        }
+    }
+
+    #[tokio::test]
+    async fn every_stream_lands_in_one_bucket() {
+        let r = Registry::new();
+        let a = r.register(entry());
+        let b = r.register(entry());
+        let c = r.register(entry());
+        assert_eq!(r.deregister(a), Ended::BeforeDrain);
+        assert_eq!(r.close(), 2);
+        let d = r.register(entry());
+        assert_eq!(r.late(), 1);
+        assert_eq!(r.deregister(b), Ended::Gracefully);
+        assert_eq!(r.force(), 2);
+        assert_eq!(r.deregister(c), Ended::Forced);
+        assert_eq!(r.deregister(d), Ended::Forced);
+        assert_eq!(r.graceful(), 1);
+        assert_eq!(r.active(), 0);
+    }
+
+    #[tokio::test]
+    async fn wait_idle_needs_closing_and_zero() {
+        let r = Arc::new(Registry::new());
+        let mut idle = tokio_test::task::spawn({
+            let r = r.clone();
+            async move { r.wait_idle().await }
+        });
+        tokio_test::assert_pending!(idle.poll());
+        let a = r.register(entry());
+        r.deregister(a);
+        // Zero but not closing: still waiting.
+        tokio_test::assert_pending!(idle.poll());
+        let b = r.register(entry());
+        r.close();
+        tokio_test::assert_pending!(idle.poll());
+        r.deregister(b);
+        assert!(idle.is_woken());
+        tokio_test::assert_ready!(idle.poll());
+    }
+}

@@ -1,0 +1,164 @@
+//! Where per-key stream counts live: [`MemoryStore`] (this process) or `RedisStore` (every
+//! process sharing one Redis, feature `redis`).
+
+mod memory;
+
+use std::any::Any;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+
+pub use self::memory::MemoryStore;
+
+use crate::controller::CleanupSummary;
+use crate::BoxError;
+
+/// A place that counts open streams per key and admits a new one only under a limit.
+///
+/// `acquire` is called once per limited request, from the response future (never from
+/// `poll_ready` or synchronously in `call`). A granted [`Lease`] holds one slot until it is
+/// dropped, which happens on every path a stream can end by. `Drop` cannot await, so a store
+/// whose release needs I/O hands it to a background task.
+///
+/// # Example
+///
+/// A store that admits everything (for illustration):
+///
+/// ```
+/// use std::future::{ready, Ready};
+/// use tower_drain::track::{ConnectionStore, Lease, StoreError};
+///
+/// #[derive(Clone, Debug)]
+/// struct Unlimited;
+///
+/// impl ConnectionStore for Unlimited {
+///     type Future = Ready<Result<Option<Lease>, StoreError>>;
+///     fn acquire(&self, _key: &str, _limit: u32) -> Self::Future {
+///         ready(Ok(Some(Lease::new(()))))
+///     }
+/// }
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// assert!(Unlimited.acquire("alice", 1).await.unwrap().is_some());
+/// # }
+/// ```
+pub trait ConnectionStore: Clone + Send + Sync + 'static {
+    /// The future returned by [`acquire`](Self::acquire).
+    type Future: Future<Output = Result<Option<Lease>, StoreError>> + Send + 'static;
+
+    /// Takes a slot for `key` if fewer than `limit` are held: `Ok(Some(lease))` when granted,
+    /// `Ok(None)` when the key is at its limit.
+    fn acquire(&self, key: &str, limit: u32) -> Self::Future;
+
+    /// Releases everything this process still holds, at the end of a drain. The controller
+    /// awaits it (bounded by its clean-up timeout) before reaching `Stopped`, and puts the
+    /// summary into the [`ShutdownReport`](crate::ShutdownReport). Stores that keep nothing
+    /// outside the process return `None` (the default).
+    fn shutdown(&self) -> Pin<Box<dyn Future<Output = Option<CleanupSummary>> + Send>> {
+        Box::pin(std::future::ready(None))
+    }
+}
+
+/// One slot held in a [`ConnectionStore`]; dropping it releases the slot.
+///
+/// ```
+/// let lease = tower_drain::track::Lease::new("anything that releases the slot on drop");
+/// drop(lease);
+/// ```
+pub struct Lease {
+    inner: LeaseInner,
+}
+
+#[allow(dead_code)]
+pub(crate) enum LeaseInner {
+    Memory(memory::MemoryLease),
+    Custom(Box<dyn Any + Send + Sync>),
+}
+
+impl Lease {
+    /// A lease for a custom store: `releaser` is dropped when the stream ends, so put the
+    /// release in its `Drop`.
+    pub fn new<T: Send + Sync + 'static>(releaser: T) -> Self {
+        Self {
+            inner: LeaseInner::Custom(Box::new(releaser)),
+        }
+    }
+
+    pub(crate) fn from_inner(inner: LeaseInner) -> Self {
+        Self { inner }
+    }
+}
+
+impl fmt::Debug for Lease {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kind = match &self.inner {
+            LeaseInner::Memory(_) => "memory",
+            LeaseInner::Custom(_) => "custom",
+        };
+        f.debug_struct("Lease").field("store", &kind).finish()
+    }
+}
+
+/// A connection store could not answer.
+///
+/// ```
+/// let e = tower_drain::track::StoreError::new("redis unreachable");
+/// assert_eq!(e.to_string(), "connection store error: redis unreachable");
+/// ```
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct StoreError {
+    message: String,
+    source: Option<BoxError>,
+}
+
+impl StoreError {
+    /// An error with a message.
+    pub fn new(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            source: None,
+        }
+    }
+
+    /// An error with a message and the underlying cause.
+    ///
+    /// ```
+    /// use std::error::Error;
+    /// let io = std::io::Error::other("refused");
+    /// let e = tower_drain::track::StoreError::with_source("acquire failed", io);
+    /// assert!(e.source().is_some());
+    /// ```
+    pub fn with_source(message: impl Into<String>, source: impl Into<BoxError>) -> Self {
+        Self {
+            message: message.into(),
+            source: Some(source.into()),
+        }
+    }
+}
+
+impl fmt::Display for StoreError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "connection store error: {}", self.message)
+    }
+}
+
+impl std::error::Error for StoreError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source.as_deref().map(|e| e as _)
+    }
+}
+
+/// What to do with a request when the store fails.
+///
+/// ```
+/// assert_eq!(tower_drain::track::StoreFailure::default(), tower_drain::track::StoreFailure::Open);
+/// ```
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum StoreFailure {
+    /// Serve it without a limit (and count `tower_drain_store_errors_total`).
+    #[default]
+    Open,
+    /// Answer `503` with `retry-after`.
+    Closed,
+}
