@@ -14,6 +14,9 @@ use super::DrainController;
 /// | [`reconnect_delay`](Self::reconnect_delay) | 30 s | `RECONNECT_DELAY` (seconds) |
 /// | [`reconnect_jitter`](Self::reconnect_jitter) | 0.2 | |
 /// | [`drain_spread`](Self::drain_spread) | 0 | `DRAIN_SPREAD_MS` |
+/// | [`progress_interval`](Self::progress_interval) | 5 s | |
+/// | [`cleanup_timeout`](Self::cleanup_timeout) | 5 s | |
+/// | [`force_linger`](Self::force_linger) | 1 s | |
 ///
 /// # Example
 ///
@@ -54,6 +57,7 @@ pub struct DrainConfig {
     pub(crate) drain_spread: Duration,
     pub(crate) progress_interval: Duration,
     pub(crate) cleanup_timeout: Duration,
+    pub(crate) force_linger: Duration,
     pub(crate) message: Cow<'static, str>,
 }
 
@@ -118,6 +122,7 @@ impl Default for DrainConfig {
             drain_spread: Duration::ZERO,
             progress_interval: Duration::from_secs(5),
             cleanup_timeout: Duration::from_secs(5),
+            force_linger: Duration::from_secs(1),
             message: Cow::Borrowed("Server is shutting down, please reconnect"),
         }
     }
@@ -251,6 +256,15 @@ impl DrainBuilder {
     /// Longest wait for the connection store's clean-up at the end of a drain (default 5 s).
     pub fn cleanup_timeout(mut self, d: Duration) -> Self {
         self.config.cleanup_timeout = d;
+        self
+    }
+
+    /// After force-closing at the grace deadline, how long to wait at most for those streams
+    /// to hand over their forced frame and end before the store clean-up and `Stopped`
+    /// (default 1 s). Streams whose connection cannot take the frame (full send buffer) are
+    /// cut by the server when it stops.
+    pub fn force_linger(mut self, d: Duration) -> Self {
+        self.config.force_linger = d;
         self
     }
 

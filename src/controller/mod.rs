@@ -178,6 +178,10 @@ impl Shared {
                 }
             }
         };
+        if force_closed > 0 {
+            // Let the forced bodies hand over their last frame and end (bounded).
+            let _ = tokio::time::timeout(cfg.force_linger, self.registry.wait_idle()).await;
+        }
         let cleanup_at = Instant::now();
 
         let cleanups =
@@ -305,13 +309,14 @@ pub struct DrainController {
 /// A read-only view of a [`DrainController`]: what the layers hold.
 ///
 /// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
 /// let drain = tower_drain::DrainController::new();
 /// let watch = drain.watch();
 /// assert!(!watch.is_draining());
 /// drain.drain(tower_drain::DrainReason::Manual);
-/// # // drain() needs a runtime only to walk the later phases; Draining is set at once.
 /// assert!(watch.is_draining());
 /// assert_eq!(watch.reason().unwrap().as_str(), "manual");
+/// # }
 /// ```
 #[derive(Clone)]
 pub struct DrainWatch {

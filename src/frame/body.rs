@@ -111,6 +111,12 @@ impl<B> FrameBody<B> {
     }
 }
 
+impl<B: Default> Default for FrameBody<B> {
+    fn default() -> Self {
+        Self::passthrough(B::default())
+    }
+}
+
 impl<B> Body for FrameBody<B>
 where
     B: Body<Data = Bytes>,

@@ -97,7 +97,12 @@ impl Registry {
 
     /// Marks the start of `Closing`; returns the streams open at that instant.
     pub(crate) fn close(&self) -> u64 {
-        self.state.fetch_or(CLOSING, Ordering::AcqRel) >> 2
+        let n = self.state.fetch_or(CLOSING, Ordering::AcqRel) >> 2;
+        if n == 0 {
+            // Already empty: wake `wait_idle`, which was waiting for the closing flag.
+            self.idle.notify_one();
+        }
+        n
     }
 
     /// Marks the grace deadline; returns the streams still open (the force-closed ones).

@@ -1,0 +1,190 @@
+//! The reference server: an axum SSE service under the full tower-drain stack, with probes,
+//! a manual drain endpoint and Prometheus metrics. Its behaviour is a contract (see the
+//! README): other programs drive it over HTTP and signals.
+//!
+//! ```text
+//! cargo run --release --example sse_server
+//! ```
+
+use std::convert::Infallible;
+use std::future::IntoFuture;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use axum::response::sse::{Event, Sse};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+use futures_util::stream::Stream;
+use http::{HeaderName, HeaderValue, StatusCode};
+use tower_drain::probe::Probes;
+use tower_drain::{DrainBuilder, DrainController, DrainStack};
+
+/// Settings from the environment; every invalid value names its variable.
+struct Settings {
+    addr: SocketAddr,
+    drain: DrainBuilder,
+    drain_key: Option<String>,
+    tick: Duration,
+    max_lifetime: Duration,
+    max_per_client: u32,
+    redis_url: Option<String>,
+    redis_lease_ttl: Duration,
+}
+
+fn var(name: &str) -> Option<String> {
+    std::env::var(name).ok()
+}
+
+fn number(name: &'static str, default: u64, allow_zero: bool) -> Result<u64, String> {
+    let Some(v) = var(name) else {
+        return Ok(default);
+    };
+    let n: u64 = v
+        .trim()
+        .parse()
+        .map_err(|_| format!("invalid {name}: must be a non-negative whole number, got {v:?}"))?;
+    if n == 0 && !allow_zero {
+        return Err(format!("invalid {name}: must be greater than zero"));
+    }
+    Ok(n)
+}
+
+fn settings() -> Result<Settings, String> {
+    let addr = var("ADDR").unwrap_or_else(|| "127.0.0.1:3000".into());
+    let addr: SocketAddr = addr
+        .parse()
+        .map_err(|_| format!("invalid ADDR: expected host:port, got {addr:?}"))?;
+    let drain = DrainBuilder::from_env().map_err(|e| e.to_string())?;
+    // Validate the combination now, naming the variable.
+    drain.clone().build().map_err(|e| e.to_string())?;
+    Ok(Settings {
+        addr,
+        drain,
+        drain_key: var("DRAIN_AUTH_KEY").filter(|k| !k.is_empty()),
+        tick: Duration::from_millis(number("TICK_MS", 1000, false)?),
+        max_lifetime: Duration::from_secs(number("MAX_STREAM_LIFETIME", 1800, false)?),
+        max_per_client: u32::try_from(number("MAX_STREAMS_PER_CLIENT", 0, true)?)
+            .map_err(|_| "invalid MAX_STREAMS_PER_CLIENT: too large".to_string())?,
+        redis_url: var("REDIS_URL").filter(|u| !u.is_empty()),
+        redis_lease_ttl: Duration::from_secs(number("REDIS_LEASE_TTL", 30, false)?),
+    })
+}
+
+fn ticks(every: Duration) -> impl Stream<Item = Result<Event, Infallible>> {
+    futures_util::stream::unfold(
+        (tokio::time::interval(every), 0u64),
+        |(mut interval, n)| async move {
+            interval.tick().await;
+            let event = Event::default()
+                .event("tick")
+                .data(format!("{{\"n\":{n}}}"));
+            Some((Ok(event), (interval, n + 1)))
+        },
+    )
+}
+
+fn listen(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(1024)
+}
+
+#[tokio::main]
+async fn main() {
+    let settings = match settings() {
+        Ok(s) => s,
+        Err(msg) => {
+            eprintln!("error: {msg}");
+            std::process::exit(2);
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+
+    // The recorder must exist before the controller caches its metric handles.
+    let prometheus = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .install_recorder()
+        .expect("install the Prometheus recorder");
+    let drain: DrainController = settings.drain.build().expect("validated above");
+    drain.listen_for_signals();
+
+    let _ = (
+        settings.max_lifetime,
+        &settings.redis_url,
+        settings.redis_lease_ttl,
+    );
+    let mut stack = DrainStack::new(drain.watch());
+    if settings.max_per_client > 0 {
+        stack = stack
+            .max_per_key(settings.max_per_client)
+            .key_header(HeaderName::from_static("x-client-id"));
+    }
+
+    let tick = settings.tick;
+    let events = Router::new()
+        .route(
+            "/events",
+            get(move || async move {
+                let mut res = Sse::new(ticks(tick)).into_response();
+                res.headers_mut()
+                    .insert("x-accel-buffering", HeaderValue::from_static("no"));
+                res
+            }),
+        )
+        .fallback(|| async { (StatusCode::NOT_FOUND, "not found") })
+        .layer(stack);
+
+    let mut probes = Probes::new(drain.clone());
+    if let Some(key) = &settings.drain_key {
+        probes = probes.drain_key(key);
+    }
+    let app = Router::new()
+        .route_service("/healthz", probes.clone())
+        .route_service("/readyz", probes.clone())
+        .route_service("/status", probes.clone())
+        .route_service("/drain", probes)
+        .route("/metrics", get(move || async move { prometheus.render() }))
+        .merge(events);
+
+    let listener = match listen(settings.addr) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("error: cannot listen on {}: {e}", settings.addr);
+            std::process::exit(1);
+        }
+    };
+    let local = listener.local_addr().expect("local address");
+    {
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "listening on http://{local}").expect("write stdout");
+        out.flush().expect("flush stdout");
+    }
+
+    let server = tokio::spawn(
+        axum::serve(listener, app)
+            .with_graceful_shutdown(drain.stopped())
+            .into_future(),
+    );
+    let report = drain.report().await;
+    // Connections still open after Stopped are those whose last frame could not be written:
+    // give them a moment, then exit (which cuts them).
+    let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
+
+    let line = serde_json::json!({ "shutdown_report": report });
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{line}").expect("write stdout");
+    out.flush().expect("flush stdout");
+    std::process::exit(0);
+}
