@@ -25,6 +25,12 @@ impl<B> TrackedBody<B> {
     }
 }
 
+impl<B: Default> Default for TrackedBody<B> {
+    fn default() -> Self {
+        Self::new(B::default(), None)
+    }
+}
+
 impl<B: Body> Body for TrackedBody<B> {
     type Data = B::Data;
     type Error = B::Error;
