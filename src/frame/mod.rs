@@ -37,7 +37,7 @@
 //!         Ok::<_, std::convert::Infallible>(res)
 //!     });
 //! # use futures_util::StreamExt;
-//! let mut body = svc.oneshot(Request::new(())).await.unwrap().into_body();
+//! let mut body = Box::pin(svc.oneshot(Request::new(())).await.unwrap().into_body());
 //! let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
 //! assert_eq!(first, "data: hello\n\n");
 //!

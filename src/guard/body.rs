@@ -259,11 +259,7 @@ impl Stream {
                     }
                 }
             }
-            Step::Due(_) => {
-                if self.cut_at.is_some_and(|t| t <= now) {
-                    self.cut = true;
-                }
-            }
+            Step::Due(_) if self.cut_at.is_some_and(|t| t <= now) => self.cut = true,
             _ => {}
         }
     }

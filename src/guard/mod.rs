@@ -64,7 +64,7 @@
 //!         res.headers_mut().insert("content-type", "text/event-stream".parse().unwrap());
 //!         Ok::<_, std::convert::Infallible>(res)
 //!     });
-//! let mut body = svc.oneshot(Request::new(())).await.unwrap().into_body();
+//! let mut body = Box::pin(svc.oneshot(Request::new(())).await.unwrap().into_body());
 //! assert_eq!(body.frame().await.unwrap().unwrap().into_data().unwrap(), "data: hello\n\n");
 //!
 //! // 15 (paused) seconds of silence: a heartbeat keeps proxies from closing the connection.
