@@ -13,11 +13,13 @@
 //!    and ends cleanly, optionally spread over a window ([`frame`]);
 //! 4. streams are counted with RAII guards ([`track`]) so the server knows exactly when the
 //!    last one is gone; what remains at the grace deadline is force-closed and counted;
+//!    [`guard`] bounds them meanwhile (response timeout, maximum lifetime, idle limit or
+//!    heartbeat, revalidation, circuit breaker), ending each with a final frame too;
 //! 5. a [`ShutdownReport`] says what happened.
 //!
 //! [`DrainController`] is the single source of truth (no globals); layers hold a read-only
 //! [`DrainWatch`]. [`DrainStack`] composes the layers in the right order:
-//! `Reject → Track → Frame → service`.
+//! `Reject → Track → Guard → Frame → service`.
 //!
 //! # Example
 //!
@@ -54,6 +56,7 @@ mod macros;
 
 pub mod controller;
 pub mod frame;
+pub mod guard;
 pub mod metrics;
 pub mod probe;
 pub mod reject;

@@ -16,6 +16,7 @@
 //! | `tower_drain_timeouts_total` | counter | `kind` = `response` \| `lifetime` \| `idle` |
 //! | `tower_drain_breaker_open` | gauge | |
 //! | `tower_drain_breaker_trips_total` | counter | |
+//! | `tower_drain_stream_errors_total` | counter | |
 //! | `tower_drain_shutdown_duration_seconds` | histogram | |
 //! | `tower_drain_store_errors_total` | counter | |
 //! | `tower_drain_stale_leases_cleaned_total` | counter | |
@@ -47,6 +48,8 @@ pub const TIMEOUTS_TOTAL: &str = "tower_drain_timeouts_total";
 pub const BREAKER_OPEN: &str = "tower_drain_breaker_open";
 /// Counter: times the error circuit breaker opened.
 pub const BREAKER_TRIPS_TOTAL: &str = "tower_drain_breaker_trips_total";
+/// Counter: response bodies that ended in an error (seen by the guard layer).
+pub const STREAM_ERRORS_TOTAL: &str = "tower_drain_stream_errors_total";
 /// Histogram: time from the start of a drain to `Stopped`, in seconds.
 pub const SHUTDOWN_DURATION_SECONDS: &str = "tower_drain_shutdown_duration_seconds";
 /// Counter: connection-store operations that failed.
@@ -87,6 +90,10 @@ pub fn describe() {
         BREAKER_TRIPS_TOTAL,
         "Times the error circuit breaker opened"
     );
+    metrics::describe_counter!(
+        STREAM_ERRORS_TOTAL,
+        "Response bodies that ended in an error"
+    );
     metrics::describe_histogram!(
         SHUTDOWN_DURATION_SECONDS,
         Unit::Seconds,
@@ -118,6 +125,7 @@ pub(crate) struct Metrics {
     pub(crate) timeouts_idle: Counter,
     pub(crate) breaker_open: Gauge,
     pub(crate) breaker_trips: Counter,
+    pub(crate) stream_errors: Counter,
     pub(crate) shutdown_duration: Histogram,
     pub(crate) store_errors: Counter,
     pub(crate) stale_leases_cleaned: Counter,
@@ -140,6 +148,7 @@ impl Metrics {
             timeouts_idle: metrics::counter!(TIMEOUTS_TOTAL, "kind" => "idle"),
             breaker_open: metrics::gauge!(BREAKER_OPEN),
             breaker_trips: metrics::counter!(BREAKER_TRIPS_TOTAL),
+            stream_errors: metrics::counter!(STREAM_ERRORS_TOTAL),
             shutdown_duration: metrics::histogram!(SHUTDOWN_DURATION_SECONDS),
             store_errors: metrics::counter!(STORE_ERRORS_TOTAL),
             stale_leases_cleaned: metrics::counter!(STALE_LEASES_CLEANED_TOTAL),
@@ -156,6 +165,7 @@ impl Metrics {
             &m.timeouts_lifetime,
             &m.timeouts_idle,
             &m.breaker_trips,
+            &m.stream_errors,
             &m.store_errors,
             &m.stale_leases_cleaned,
         ] {

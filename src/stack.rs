@@ -1,9 +1,9 @@
 //! [`DrainStack`]: every tower-drain layer, configured and composed in the right order.
 //!
 //! ```text
-//! RejectLayer → TrackLayer → FrameLayer → your service
-//! (503 while    (count, limit  (final frame
-//!  closing)      per key)       at a boundary)
+//! RejectLayer → TrackLayer → GuardLayer → FrameLayer → your service
+//! (503 while    (count, limit  (timeouts,    (final frame
+//!  closing)      per key)       breaker)      at a boundary)
 //! ```
 //!
 //! # Example
@@ -28,6 +28,21 @@
 //! assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
 //! # }
 //! ```
+//!
+//! The guard's limits are set through the stack, for example a maximum stream lifetime:
+//!
+//! ```
+//! use std::time::Duration;
+//! use tower_drain::{DrainController, DrainStack};
+//! let drain = DrainController::new();
+//! let stack = DrainStack::new(drain.watch())
+//!     .max_lifetime(Duration::from_secs(1800))
+//!     .unwrap()
+//!     .heartbeat(Duration::from_secs(15))
+//!     .unwrap();
+//! assert!(DrainStack::new(drain.watch()).max_lifetime(Duration::ZERO).is_err());
+//! # drop(stack);
+//! ```
 
 use std::time::Duration;
 
@@ -35,23 +50,26 @@ use http::request::Parts;
 use tower_layer::Layer;
 
 use crate::frame::{FinalFrame, Frame, FrameLayer};
+use crate::guard::{Breaker, Guard, GuardLayer};
 use crate::reject::{Reject, RejectLayer};
 use crate::track::{ConnectionStore, MemoryStore, StoreFailure, Track, TrackLayer};
-use crate::DrainWatch;
+use crate::{ConfigError, DrainWatch};
 
-/// Configures and composes `Reject → Track → Frame`; see the [module docs](self).
+/// Configures and composes `Reject → Track → Guard → Frame`; see the [module docs](self).
 #[derive(Clone, Debug)]
 #[must_use]
 pub struct DrainStack<St = MemoryStore> {
     watch: DrainWatch,
     reject: RejectLayer,
     track: TrackLayer<St>,
+    guard: GuardLayer,
     frame: FrameLayer,
 }
 
 impl DrainStack<MemoryStore> {
     /// The stack with defaults: probe paths exempt from rejection, in-memory tracking without
-    /// a limit, SSE final frames.
+    /// a limit, the guard's defaults (circuit breaker on, no time limits; see
+    /// [`GuardLayer`]), SSE final frames.
     ///
     /// ```
     /// let stack = tower_drain::DrainStack::new(tower_drain::DrainController::new().watch());
@@ -61,6 +79,7 @@ impl DrainStack<MemoryStore> {
         Self {
             reject: RejectLayer::new(watch.clone()),
             track: TrackLayer::new(watch.clone()),
+            guard: GuardLayer::new(watch.clone()),
             frame: FrameLayer::new(watch.clone()),
             watch,
         }
@@ -86,6 +105,7 @@ impl<St: ConnectionStore> DrainStack<St> {
             watch: self.watch,
             reject: self.reject,
             track,
+            guard: self.guard,
             frame: self.frame,
         }
     }
@@ -149,14 +169,101 @@ impl<St> DrainStack<St> {
     /// ```
     pub fn encoder(mut self, encoder: impl FinalFrame) -> Self {
         self.frame = FrameLayer::with_encoder(self.watch.clone(), encoder);
+        self.guard = self.guard.frame_config(self.frame.cfg.clone());
         self
+    }
+
+    /// Replaces the guard with `guard` (configured on its own, e.g. with
+    /// [`GuardLayer::revalidate`]). It uses the stack's encoder.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_drain::{DrainController, DrainStack, guard::GuardLayer};
+    /// let drain = DrainController::new();
+    /// let guard = GuardLayer::new(drain.watch())
+    ///     .response_timeout(Duration::from_secs(5)).unwrap()
+    ///     .failure_threshold(10).unwrap();
+    /// let stack = DrainStack::new(drain.watch()).guard(guard);
+    /// assert_eq!(stack.breaker().unwrap().threshold(), 10);
+    /// ```
+    pub fn guard(mut self, guard: GuardLayer) -> Self {
+        self.guard = guard.frame_config(self.frame.cfg.clone());
+        self
+    }
+
+    /// See [`GuardLayer::max_lifetime`].
+    ///
+    /// # Errors
+    ///
+    /// `d` is zero.
+    pub fn max_lifetime(mut self, d: Duration) -> Result<Self, ConfigError> {
+        self.guard = self.guard.max_lifetime(d)?;
+        Ok(self)
+    }
+
+    /// See [`GuardLayer::lifetime_jitter`].
+    ///
+    /// # Errors
+    ///
+    /// `fraction` is outside `0..1`.
+    pub fn lifetime_jitter(mut self, fraction: f64) -> Result<Self, ConfigError> {
+        self.guard = self.guard.lifetime_jitter(fraction)?;
+        Ok(self)
+    }
+
+    /// See [`GuardLayer::idle_timeout`].
+    ///
+    /// # Errors
+    ///
+    /// `d` is zero.
+    pub fn idle_timeout(mut self, d: Duration) -> Result<Self, ConfigError> {
+        self.guard = self.guard.idle_timeout(d)?;
+        Ok(self)
+    }
+
+    /// See [`GuardLayer::heartbeat`].
+    ///
+    /// # Errors
+    ///
+    /// `d` is zero.
+    pub fn heartbeat(mut self, d: Duration) -> Result<Self, ConfigError> {
+        self.guard = self.guard.heartbeat(d)?;
+        Ok(self)
+    }
+
+    /// See [`GuardLayer::response_timeout`].
+    ///
+    /// # Errors
+    ///
+    /// `d` is zero.
+    pub fn response_timeout(mut self, d: Duration) -> Result<Self, ConfigError> {
+        self.guard = self.guard.response_timeout(d)?;
+        Ok(self)
+    }
+
+    /// See [`GuardLayer::circuit_breaker`].
+    pub fn circuit_breaker(mut self, on: bool) -> Self {
+        self.guard = self.guard.circuit_breaker(on);
+        self
+    }
+
+    /// The guard's circuit breaker (see [`GuardLayer::breaker`]).
+    ///
+    /// ```
+    /// use tower_drain::{DrainController, DrainStack, guard::BreakerState};
+    /// let stack = DrainStack::new(DrainController::new().watch());
+    /// assert_eq!(stack.breaker().unwrap().state(), BreakerState::Closed);
+    /// ```
+    pub fn breaker(&self) -> Option<Breaker> {
+        self.guard.breaker()
     }
 }
 
 impl<S, St: Clone> Layer<S> for DrainStack<St> {
-    type Service = Reject<Track<Frame<S>, St>>;
+    type Service = Reject<Track<Guard<Frame<S>>, St>>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        self.reject.layer(self.track.layer(self.frame.layer(inner)))
+        self.reject
+            .layer(self.track.layer(self.guard.layer(self.frame.layer(inner))))
     }
 }

@@ -1,5 +1,6 @@
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::{Duration, SystemTime};
@@ -38,6 +39,34 @@ impl FrameConfig {
     }
 }
 
+/// One stream's "final frame already sent" flag, shared by the [`FrameBody`] and any guard body
+/// wrapped around it (`GuardedBody`), so a stream that is both expiring and being drained gets
+/// exactly one final frame: whichever body claims the gate first sends its frame, the other
+/// sends none.
+///
+/// The frame layer creates it for each injecting response and puts a clone in the response's
+/// extensions, where an outer guard layer picks it up.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct FinalGate(Arc<AtomicBool>);
+
+impl FinalGate {
+    pub(crate) fn new() -> Self {
+        Self::default()
+    }
+
+    /// Claims the right to send the final frame; `true` for exactly one caller.
+    #[inline]
+    pub(crate) fn claim(&self) -> bool {
+        !self.0.swap(true, Ordering::AcqRel)
+    }
+
+    /// Whether a final frame has been claimed.
+    #[inline]
+    pub(crate) fn is_claimed(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Step {
     /// Forwarding the inner body; watching for `Closing`.
@@ -61,6 +90,7 @@ struct Injector {
     run_to_completion: bool,
     jitter: u64,
     trailers: Option<HeaderMap>,
+    gate: Option<FinalGate>,
 }
 
 pin_project! {
@@ -92,7 +122,12 @@ impl<B> FrameBody<B> {
         }
     }
 
-    pub(crate) fn inject(inner: B, cfg: Arc<FrameConfig>, run_to_completion: bool) -> Self {
+    pub(crate) fn inject(
+        inner: B,
+        cfg: Arc<FrameConfig>,
+        run_to_completion: bool,
+        gate: Option<FinalGate>,
+    ) -> Self {
         let signal = cfg.shared.closing_token().clone().cancelled_owned();
         let tracker = Tracker::new(cfg.encoder.boundary());
         Self {
@@ -106,6 +141,7 @@ impl<B> FrameBody<B> {
                 run_to_completion,
                 jitter: 0,
                 trailers: None,
+                gate,
             }),
         }
     }
@@ -183,6 +219,12 @@ where
 
             if matches!(inj.step, Step::Due | Step::Forced) {
                 if inj.tracker.at_boundary() {
+                    if inj.gate.as_ref().is_some_and(|g| !g.claim()) {
+                        // An outer guard already sent this stream's final frame (it then stops
+                        // polling us, so this is defensive): end without a second one.
+                        inj.step = Step::Done;
+                        return Poll::Ready(None);
+                    }
                     let kind = if inj.step == Step::Forced {
                         FrameKind::ForcedShutdown
                     } else {

@@ -37,7 +37,7 @@
 //!         Ok::<_, std::convert::Infallible>(res)
 //!     });
 //! # use futures_util::StreamExt;
-//! let mut body = svc.oneshot(Request::new(())).await.unwrap().into_body();
+//! let mut body = Box::pin(svc.oneshot(Request::new(())).await.unwrap().into_body());
 //! let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
 //! assert_eq!(first, "data: hello\n\n");
 //!
@@ -54,6 +54,9 @@ mod encoder;
 mod service;
 
 pub use self::body::FrameBody;
+pub(crate) use self::body::{FinalGate, FrameConfig};
 pub use self::boundary::Boundary;
+pub(crate) use self::boundary::Tracker;
 pub use self::encoder::{Final, FinalFrame, FnFrame, FrameContext, FrameKind, Grpc, NdJson, Sse};
+pub(crate) use self::service::should_inject;
 pub use self::service::{Frame, FrameLayer, Inject, ResponseFuture, RunToCompletion};

@@ -11,7 +11,7 @@ use pin_project_lite::pin_project;
 use tower_layer::Layer;
 use tower_service::Service;
 
-use super::body::{FrameBody, FrameConfig};
+use super::body::{FinalGate, FrameBody, FrameConfig};
 use super::encoder::{FinalFrame, Sse};
 use crate::DrainWatch;
 
@@ -43,7 +43,7 @@ pub struct RunToCompletion;
 #[derive(Clone)]
 #[must_use]
 pub struct FrameLayer {
-    cfg: Arc<FrameConfig>,
+    pub(crate) cfg: Arc<FrameConfig>,
 }
 
 impl FrameLayer {
@@ -165,7 +165,11 @@ where
         Poll::Ready(Ok(match cfg {
             Some(cfg) if should_inject(&res, &*cfg.encoder) => {
                 let rtc = res.extensions().get::<RunToCompletion>().is_some();
-                res.map(|b| FrameBody::inject(b, cfg, rtc))
+                // Shared with an outer `GuardedBody`: one final frame per stream.
+                let gate = FinalGate::new();
+                let mut res = res;
+                res.extensions_mut().insert(gate.clone());
+                res.map(|b| FrameBody::inject(b, cfg, rtc, Some(gate)))
             }
             _ => res.map(FrameBody::passthrough),
         }))
@@ -174,7 +178,7 @@ where
 
 /// Only streaming responses of the encoder's protocol (or opted in), never bodiless statuses
 /// or already-encoded bodies (put `FrameLayer` inside any compression layer).
-fn should_inject<B>(res: &Response<B>, encoder: &dyn FinalFrame) -> bool {
+pub(crate) fn should_inject<B>(res: &Response<B>, encoder: &dyn FinalFrame) -> bool {
     let status = res.status();
     if status.is_informational()
         || status == StatusCode::NO_CONTENT

@@ -1,0 +1,351 @@
+use std::fmt;
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::metrics::Metrics;
+
+const CLOSED: u8 = 0;
+const OPEN: u8 = 1;
+const HALF_OPEN: u8 = 2;
+
+/// Where a [`Breaker`] stands.
+///
+/// ```
+/// use tower_drain::guard::{BreakerState, GuardLayer};
+/// let layer = GuardLayer::new(tower_drain::DrainController::new().watch());
+/// assert_eq!(layer.breaker().unwrap().state(), BreakerState::Closed);
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum BreakerState {
+    /// Requests reach the service; consecutive failures are being counted.
+    Closed,
+    /// Requests are answered at once (`503` + `retry-after`) without calling the service. Once
+    /// the cool-down is over, the next request becomes the half-open probe.
+    Open,
+    /// One probe request is in flight; every other request is answered `503` until the probe's
+    /// outcome closes the circuit (success) or opens it again (failure).
+    HalfOpen,
+}
+
+/// A handle on a guard layer's error circuit breaker: observe its state (cheap to clone; every
+/// clone and every service built by the layer share one breaker).
+///
+/// Failures are: the inner service's `Err`, responses whose status counts as a failure
+/// (default: `5xx`), response timeouts, bodies that end in an error, and failed revalidation
+/// checks. `failure_threshold` consecutive failures open the circuit for the cool-down; any
+/// success resets the count.
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_drain::guard::{BreakerState, GuardLayer};
+/// let layer = GuardLayer::new(tower_drain::DrainController::new().watch())
+///     .failure_threshold(3).unwrap()
+///     .cooldown(Duration::from_secs(10)).unwrap();
+/// let breaker = layer.breaker().unwrap(); // take the handle after configuring
+/// assert_eq!(breaker.state(), BreakerState::Closed);
+/// assert_eq!(breaker.consecutive_failures(), 0);
+/// assert_eq!(breaker.threshold(), 3);
+/// assert_eq!(breaker.cooldown(), Duration::from_secs(10));
+/// ```
+#[derive(Clone)]
+pub struct Breaker {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    threshold: u32,
+    cooldown: Duration,
+    state: AtomicU8,
+    failures: AtomicU32,
+    /// End of the cool-down, in nanoseconds since `base`.
+    until: AtomicU64,
+    base: Instant,
+    metrics: Metrics,
+}
+
+/// What the breaker says about a new request.
+#[derive(Debug)]
+pub(crate) enum Admit {
+    /// Closed: call the service.
+    Pass,
+    /// The half-open probe: call the service and report its outcome through the token.
+    Probe(Probe),
+    /// Open (or a probe is in flight): answer at once; retry after this long.
+    Reject(Duration),
+}
+
+impl Breaker {
+    pub(crate) fn new(threshold: u32, cooldown: Duration, metrics: Metrics) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                threshold,
+                cooldown,
+                state: AtomicU8::new(CLOSED),
+                failures: AtomicU32::new(0),
+                until: AtomicU64::new(0),
+                base: Instant::now(),
+                metrics,
+            }),
+        }
+    }
+
+    /// The current state. `Open` stays `Open` after the cool-down until the next request
+    /// arrives and becomes the probe.
+    pub fn state(&self) -> BreakerState {
+        match self.inner.state.load(Ordering::Acquire) {
+            CLOSED => BreakerState::Closed,
+            OPEN => BreakerState::Open,
+            _ => BreakerState::HalfOpen,
+        }
+    }
+
+    /// Failures counted since the last success (while closed).
+    pub fn consecutive_failures(&self) -> u32 {
+        self.inner.failures.load(Ordering::Relaxed)
+    }
+
+    /// Consecutive failures that open the circuit.
+    pub fn threshold(&self) -> u32 {
+        self.inner.threshold
+    }
+
+    /// How long the circuit stays open before a probe is let through.
+    pub fn cooldown(&self) -> Duration {
+        self.inner.cooldown
+    }
+
+    fn nanos(&self, t: Instant) -> u64 {
+        t.saturating_duration_since(self.inner.base).as_nanos() as u64
+    }
+
+    /// Decides about a new request. Closed costs one atomic load.
+    pub(crate) fn admit(&self) -> Admit {
+        let i = &*self.inner;
+        match i.state.load(Ordering::Acquire) {
+            CLOSED => Admit::Pass,
+            OPEN => {
+                let now = self.nanos(Instant::now());
+                let until = i.until.load(Ordering::Acquire);
+                if now < until {
+                    Admit::Reject(Duration::from_nanos(until - now))
+                } else if i
+                    .state
+                    .compare_exchange(OPEN, HALF_OPEN, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
+                {
+                    tracing::info!(
+                        "tower-drain circuit breaker half-open: letting one probe through"
+                    );
+                    Admit::Probe(Probe {
+                        breaker: Some(self.clone()),
+                    })
+                } else {
+                    // Another request just became the probe.
+                    Admit::Reject(Duration::from_secs(1))
+                }
+            }
+            _ => Admit::Reject(Duration::from_secs(1)),
+        }
+    }
+
+    /// A success outside the probe: resets the consecutive count (only while closed).
+    #[inline]
+    pub(crate) fn success(&self) {
+        let f = &self.inner.failures;
+        // Load first: no cache-line write on the common path.
+        if f.load(Ordering::Relaxed) != 0 && self.inner.state.load(Ordering::Acquire) == CLOSED {
+            f.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// A failure outside the probe; opens the circuit at the threshold. Failures while open
+    /// (requests that started before it opened) are ignored.
+    pub(crate) fn failure(&self) {
+        let i = &*self.inner;
+        if i.state.load(Ordering::Acquire) != CLOSED {
+            return;
+        }
+        let n = i.failures.fetch_add(1, Ordering::AcqRel).saturating_add(1);
+        if n >= i.threshold {
+            self.open(n);
+        }
+    }
+
+    fn open(&self, failures: u32) {
+        let i = &*self.inner;
+        let until = self.nanos(Instant::now() + i.cooldown);
+        i.until.store(until, Ordering::Release);
+        if i.state
+            .compare_exchange(CLOSED, OPEN, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            i.metrics.breaker_trips.increment(1);
+            i.metrics.breaker_open.increment(1.0);
+            tracing::warn!(
+                failures,
+                cooldown_ms = i.cooldown.as_millis() as u64,
+                "tower-drain circuit breaker opened"
+            );
+        }
+    }
+
+    fn probe_succeeded(&self) {
+        let i = &*self.inner;
+        i.failures.store(0, Ordering::Relaxed);
+        if i.state
+            .compare_exchange(HALF_OPEN, CLOSED, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            i.metrics.breaker_open.decrement(1.0);
+            tracing::info!("tower-drain circuit breaker closed: probe succeeded");
+        }
+    }
+
+    fn probe_failed(&self) {
+        let i = &*self.inner;
+        let until = self.nanos(Instant::now() + i.cooldown);
+        i.until.store(until, Ordering::Release);
+        if i.state
+            .compare_exchange(HALF_OPEN, OPEN, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            i.metrics.breaker_trips.increment(1);
+            tracing::warn!(
+                cooldown_ms = i.cooldown.as_millis() as u64,
+                "tower-drain circuit breaker re-opened: probe failed"
+            );
+        }
+    }
+
+    fn probe_abandoned(&self) {
+        // Back to open with the (already past) cool-down: the next request probes.
+        let _ =
+            self.inner
+                .state
+                .compare_exchange(HALF_OPEN, OPEN, Ordering::AcqRel, Ordering::Acquire);
+    }
+}
+
+impl fmt::Debug for Breaker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Breaker")
+            .field("state", &self.state())
+            .field("consecutive_failures", &self.consecutive_failures())
+            .field("threshold", &self.inner.threshold)
+            .field("cooldown", &self.inner.cooldown)
+            .finish()
+    }
+}
+
+/// The half-open probe's ticket: its verdict closes or re-opens the circuit. Dropped without a
+/// verdict (the client went away before the response), it hands the probe to the next request.
+#[derive(Debug)]
+pub(crate) struct Probe {
+    breaker: Option<Breaker>,
+}
+
+impl Probe {
+    pub(crate) fn verdict(mut self, ok: bool) {
+        if let Some(b) = self.breaker.take() {
+            if ok {
+                b.probe_succeeded();
+            } else {
+                b.probe_failed();
+            }
+        }
+    }
+}
+
+impl Drop for Probe {
+    fn drop(&mut self) {
+        if let Some(b) = self.breaker.take() {
+            b.probe_abandoned();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn breaker(threshold: u32) -> Breaker {
+        Breaker::new(threshold, Duration::from_secs(30), Metrics::new())
+    }
+
+    fn is_pass(a: &Admit) -> bool {
+        matches!(a, Admit::Pass)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn opens_after_n_consecutive_failures_only() {
+        let b = breaker(3);
+        b.failure();
+        b.failure();
+        assert_eq!(b.state(), BreakerState::Closed);
+        b.success(); // not consecutive any more
+        b.failure();
+        b.failure();
+        assert_eq!(b.state(), BreakerState::Closed);
+        assert!(is_pass(&b.admit()));
+        b.failure();
+        assert_eq!(b.state(), BreakerState::Open);
+        match b.admit() {
+            Admit::Reject(d) => assert_eq!(d, Duration::from_secs(30)),
+            other => panic!("expected a rejection, got {other:?}"),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn half_open_lets_exactly_one_probe_through() {
+        let b = breaker(1);
+        b.failure();
+        tokio::time::advance(Duration::from_secs(29)).await;
+        assert!(matches!(b.admit(), Admit::Reject(_)));
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let Admit::Probe(probe) = b.admit() else {
+            panic!("expected the probe")
+        };
+        assert_eq!(b.state(), BreakerState::HalfOpen);
+        assert!(matches!(b.admit(), Admit::Reject(_)));
+        assert!(matches!(b.admit(), Admit::Reject(_)));
+        probe.verdict(false);
+        assert_eq!(b.state(), BreakerState::Open);
+        assert!(matches!(b.admit(), Admit::Reject(_)));
+
+        tokio::time::advance(Duration::from_secs(30)).await;
+        let Admit::Probe(probe) = b.admit() else {
+            panic!("expected the probe")
+        };
+        probe.verdict(true);
+        assert_eq!(b.state(), BreakerState::Closed);
+        assert_eq!(b.consecutive_failures(), 0);
+        assert!(is_pass(&b.admit()));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_abandoned_probe_hands_over_to_the_next_request() {
+        let b = breaker(1);
+        b.failure();
+        tokio::time::advance(Duration::from_secs(30)).await;
+        let Admit::Probe(probe) = b.admit() else {
+            panic!("expected the probe")
+        };
+        drop(probe);
+        assert_eq!(b.state(), BreakerState::Open);
+        assert!(matches!(b.admit(), Admit::Probe(_)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failures_while_open_do_not_extend_the_cooldown() {
+        let b = breaker(1);
+        b.failure();
+        tokio::time::advance(Duration::from_secs(20)).await;
+        b.failure(); // a request that started before the circuit opened
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert!(matches!(b.admit(), Admit::Probe(_)));
+    }
+}

@@ -1,0 +1,87 @@
+//! Helpers for the guard's unit tests: a channel-fed streaming body and a one-shot service.
+#![allow(dead_code)]
+
+use std::convert::Infallible;
+use std::fmt;
+use std::task::Poll;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body::{Body, Frame};
+use http_body_util::StreamBody;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_test::task::Spawn;
+use tower::ServiceExt;
+use tower_layer::Layer;
+
+use super::{GuardLayer, GuardedBody};
+
+#[derive(Debug)]
+pub(crate) struct TestError;
+
+impl fmt::Display for TestError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("upstream broke")
+    }
+}
+
+impl std::error::Error for TestError {}
+
+pub(crate) type TestBody = StreamBody<ReceiverStream<Result<Frame<Bytes>, TestError>>>;
+
+/// The sending side of a [`TestBody`].
+pub(crate) struct Feed(pub(crate) mpsc::Sender<Result<Frame<Bytes>, TestError>>);
+
+impl Feed {
+    pub(crate) fn data(&self, s: &'static str) {
+        self.0
+            .try_send(Ok(Frame::data(Bytes::from_static(s.as_bytes()))))
+            .unwrap();
+    }
+    pub(crate) fn error(&self) {
+        self.0.try_send(Err(TestError)).unwrap();
+    }
+}
+
+/// A response with `content_type` whose body is fed through the returned [`Feed`].
+pub(crate) fn streaming(content_type: &'static str) -> (Feed, Response<TestBody>) {
+    let (tx, rx) = mpsc::channel(16);
+    let mut res = Response::new(StreamBody::new(ReceiverStream::new(rx)));
+    res.headers_mut()
+        .insert("content-type", http::HeaderValue::from_static(content_type));
+    (Feed(tx), res)
+}
+
+pub(crate) fn sse() -> (Feed, Response<TestBody>) {
+    streaming("text/event-stream")
+}
+
+/// Runs `res` through a service wrapped in `layer`.
+pub(crate) async fn through<B: Send + 'static>(
+    layer: &GuardLayer,
+    req: Request<()>,
+    res: Response<B>,
+) -> Response<GuardedBody<B>> {
+    let mut slot = Some(res);
+    let svc = layer.layer(tower::service_fn(move |_req: Request<()>| {
+        let res = slot.take().expect("one call");
+        async move { Ok::<_, Infallible>(res) }
+    }));
+    svc.oneshot(req).await.unwrap()
+}
+
+/// Polls a spawned body once.
+pub(crate) fn poll<B: Body>(body: &mut Spawn<B>) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+    body.enter(|cx, b| b.poll_frame(cx))
+}
+
+/// The data of a ready data frame, as text.
+pub(crate) fn text<E: fmt::Debug>(p: Poll<Option<Result<Frame<Bytes>, E>>>) -> String {
+    match p {
+        Poll::Ready(Some(Ok(f))) => {
+            String::from_utf8(f.into_data().expect("a data frame").to_vec()).unwrap()
+        }
+        other => panic!("expected a data frame, got {other:?}"),
+    }
+}
