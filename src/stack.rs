@@ -267,3 +267,247 @@ impl<S, St: Clone> Layer<S> for DrainStack<St> {
             .layer(self.track.layer(self.guard.layer(self.frame.layer(inner))))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+    use std::time::Duration;
+
+    use bytes::Bytes;
+    use http::{Request, Response};
+    use http_body::{Body, Frame};
+    use http_body_util::BodyExt;
+    use tower::{Service, ServiceExt};
+
+    use super::*;
+    use crate::{DrainController, DrainReason};
+
+    /// An SSE body: one event per poll, a panic or an error at `fail_at`, else endless.
+    struct Events {
+        n: u32,
+        fail_at: Option<(u32, bool)>,
+    }
+
+    impl Body for Events {
+        type Data = Bytes;
+        type Error = std::io::Error;
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            self.n += 1;
+            match self.fail_at {
+                Some((at, true)) if self.n == at => panic!("body panicked"),
+                Some((at, false)) if self.n == at => {
+                    Poll::Ready(Some(Err(std::io::Error::other("upstream failed"))))
+                }
+                _ => Poll::Ready(Some(Ok(Frame::data(Bytes::from("data: x\n\n"))))),
+            }
+        }
+    }
+
+    impl Default for Events {
+        fn default() -> Self {
+            Self {
+                n: 0,
+                fail_at: None,
+            }
+        }
+    }
+
+    fn service(
+        drain: &DrainController,
+        fail_at: Option<(u32, bool)>,
+    ) -> impl Service<
+        Request<()>,
+        Response = Response<impl Body<Data = Bytes, Error = impl std::fmt::Debug> + Send + 'static>,
+        Error = Infallible,
+    > + Clone {
+        DrainStack::new(drain.watch()).layer(tower::service_fn(
+            move |_req: Request<()>| async move {
+                let mut res = Response::new(Events { n: 0, fail_at });
+                res.headers_mut().insert(
+                    "content-type",
+                    http::HeaderValue::from_static("text/event-stream"),
+                );
+                Ok::<_, Infallible>(res)
+            },
+        ))
+    }
+
+    #[tokio::test]
+    async fn a_panicking_body_releases_its_stream() {
+        let drain = DrainController::new();
+        let res = service(&drain, Some((2, true)))
+            .oneshot(Request::new(()))
+            .await
+            .unwrap();
+        assert_eq!(drain.active_streams(), 1);
+        let task = tokio::spawn(async move {
+            let mut body = std::pin::pin!(res.into_body());
+            while body.frame().await.is_some() {}
+        });
+        assert!(task.await.unwrap_err().is_panic());
+        assert_eq!(drain.active_streams(), 0);
+    }
+
+    #[tokio::test]
+    async fn an_erroring_body_ends_with_an_error_frame_and_releases_its_stream() {
+        let drain = DrainController::new();
+        let res = service(&drain, Some((2, false)))
+            .oneshot(Request::new(()))
+            .await
+            .unwrap();
+        let mut body = std::pin::pin!(res.into_body());
+        assert_eq!(
+            body.frame().await.unwrap().unwrap().into_data().unwrap(),
+            "data: x\n\n"
+        );
+        let last = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert!(last.starts_with(b"event: error\n"), "{last:?}");
+        assert!(body.frame().await.is_none());
+        assert_eq!(drain.active_streams(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_dropped_body_releases_its_stream() {
+        let drain = DrainController::new();
+        let svc = service(&drain, None);
+        let a = svc.clone().oneshot(Request::new(())).await.unwrap();
+        let b = svc.oneshot(Request::new(())).await.unwrap();
+        assert_eq!(drain.active_streams(), 2);
+        drop(a);
+        assert_eq!(drain.active_streams(), 1);
+        drop(b);
+        assert_eq!(drain.active_streams(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_spread_drain_spreads_the_frames_evenly() {
+        let drain = DrainController::builder()
+            .drain_spread(Duration::from_secs(1))
+            .build()
+            .unwrap();
+        // Endless but quiet streams: one event, then pending.
+        let svc =
+            DrainStack::new(drain.watch()).layer(tower::service_fn(|_req: Request<()>| async {
+                let s = futures_util::stream::iter([Ok::<_, Infallible>(Frame::data(
+                    Bytes::from("data: a\n\n"),
+                ))])
+                .chain(futures_util::stream::pending());
+                let mut res = Response::new(http_body_util::StreamBody::new(s));
+                res.headers_mut().insert(
+                    "content-type",
+                    http::HeaderValue::from_static("text/event-stream"),
+                );
+                Ok::<_, Infallible>(res)
+            }));
+        use futures_util::StreamExt;
+        let start = tokio::time::Instant::now();
+        let mut tasks = Vec::new();
+        for _ in 0..10 {
+            let res = svc.clone().oneshot(Request::new(())).await.unwrap();
+            tasks.push(tokio::spawn(async move {
+                let mut body = std::pin::pin!(res.into_body());
+                body.frame().await.unwrap().unwrap();
+                let last = body.frame().await.unwrap().unwrap().into_data().unwrap();
+                assert!(last.starts_with(b"event: shutdown\n"));
+                assert!(body.frame().await.is_none());
+                tokio::time::Instant::now() - start
+            }));
+        }
+        tokio::task::yield_now().await;
+        drain.drain(DrainReason::Manual);
+        let mut at: Vec<Duration> = Vec::new();
+        for t in tasks {
+            at.push(t.await.unwrap());
+        }
+        at.sort();
+        let expected: Vec<Duration> = (0..10).map(|i| Duration::from_millis(100 * i)).collect();
+        assert_eq!(at, expected);
+        let report = drain.report().await;
+        assert_eq!(report.notified, 10);
+        assert_eq!(report.closed_gracefully, 10);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn metrics_reach_the_installed_recorder() {
+        use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+        let recorder = DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        let drain = metrics::with_local_recorder(&recorder, DrainController::new);
+
+        let svc = service(&drain, None);
+        let a = svc.clone().oneshot(Request::new(())).await.unwrap();
+        let b = svc.clone().oneshot(Request::new(())).await.unwrap();
+        drain.drain(DrainReason::Manual);
+        drain.closing().await;
+        let rejected = svc.oneshot(Request::new(())).await.unwrap();
+        assert_eq!(rejected.status(), 503);
+        for res in [a, b] {
+            let mut body = std::pin::pin!(res.into_body());
+            while body.frame().await.is_some() {}
+        }
+        let report = drain.report().await;
+        assert_eq!((report.notified, report.rejected), (2, 1));
+
+        let snapshot = snapshotter.snapshot().into_hashmap();
+        let value = |name: &str, labels: &[(&str, &str)]| {
+            snapshot
+                .iter()
+                .find(|(k, _)| {
+                    let key = k.key();
+                    key.name() == name
+                        && labels
+                            .iter()
+                            .all(|(l, v)| key.labels().any(|x| x.key() == *l && x.value() == *v))
+                })
+                .map(|(_, (_, _, v))| v)
+                .unwrap_or_else(|| panic!("{name} not recorded"))
+        };
+        assert_eq!(
+            value(crate::metrics::STREAMS_TOTAL, &[]),
+            &DebugValue::Counter(2)
+        );
+        assert_eq!(
+            value(crate::metrics::NOTIFIED_TOTAL, &[]),
+            &DebugValue::Counter(2)
+        );
+        assert_eq!(
+            value(crate::metrics::REJECTED_TOTAL, &[("reason", "draining")]),
+            &DebugValue::Counter(1)
+        );
+        assert_eq!(
+            value(crate::metrics::REJECTED_TOTAL, &[("reason", "limit")]),
+            &DebugValue::Counter(0)
+        );
+        assert_eq!(
+            value(crate::metrics::FORCE_CLOSED_TOTAL, &[]),
+            &DebugValue::Counter(0)
+        );
+        assert_eq!(
+            value(crate::metrics::ACTIVE_STREAMS, &[]),
+            &DebugValue::Gauge(0.0.into())
+        );
+        match value(crate::metrics::STREAM_DURATION_SECONDS, &[]) {
+            DebugValue::Histogram(v) => assert_eq!(v.len(), 2),
+            other => panic!("{other:?}"),
+        }
+        match value(crate::metrics::SHUTDOWN_DURATION_SECONDS, &[]) {
+            DebugValue::Histogram(v) => assert_eq!(v.len(), 1),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_second_drain_keeps_the_first_reason() {
+        let drain = DrainController::new();
+        assert!(drain.drain(DrainReason::Programmatic("deploy")));
+        assert!(!drain.drain(DrainReason::Signal));
+        assert!(!drain.drain(DrainReason::Manual));
+        assert_eq!(drain.reason(), Some(DrainReason::Programmatic("deploy")));
+        assert_eq!(drain.report().await.reason.as_str(), "deploy");
+    }
+}

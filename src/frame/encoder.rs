@@ -533,6 +533,72 @@ mod tests {
         assert!(!Grpc::new().applies(&h("application/grpc-web")));
     }
 
+    /// A spec-following SSE parser (CR, LF and CRLF end lines; a blank line dispatches).
+    fn parse_sse(text: &str) -> Vec<(String, String, Option<String>)> {
+        let mut events = Vec::new();
+        let (mut event, mut data, mut retry) = (String::new(), Vec::<String>::new(), None);
+        let normalized = text.replace("\r\n", "\n").replace('\r', "\n");
+        for line in normalized.split('\n') {
+            if line.is_empty() {
+                if !data.is_empty() || !event.is_empty() {
+                    events.push((std::mem::take(&mut event), data.join("\n"), retry.take()));
+                    data.clear();
+                }
+                continue;
+            }
+            let (field, value) = line.split_once(':').unwrap_or((line, ""));
+            let value = value.strip_prefix(' ').unwrap_or(value);
+            match field {
+                "event" => event = value.to_string(),
+                "data" => data.push(value.to_string()),
+                "retry" => retry = Some(value.to_string()),
+                _ => {}
+            }
+        }
+        events
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn no_message_or_reason_can_forge_an_event(
+            message in ".*",
+            reason in "(\\PC|\r|\n|\u{0})*",
+            kind in 0usize..5,
+            retry_ms in 0u64..1_000_000,
+        ) {
+            let kinds = [
+                FrameKind::Shutdown,
+                FrameKind::ForcedShutdown,
+                FrameKind::Timeout,
+                FrameKind::Error,
+                FrameKind::Unauthorized,
+            ];
+            let mut ctx = FrameContext::new(kinds[kind]);
+            let message = format!("{message}\n\nevent: x\ndata: forged\r\n\r\n");
+            ctx.message = &message;
+            ctx.reason = Some(&reason);
+            ctx.retry = Duration::from_millis(retry_ms);
+            let out = Sse::new().encode(&ctx);
+            let text = std::str::from_utf8(out.data_ref().unwrap()).unwrap();
+            let events = parse_sse(text);
+            proptest::prop_assert_eq!(events.len(), 1, "{:?}", text);
+            let (event, data, retry) = &events[0];
+            let expected = if kinds[kind].is_shutdown() { "shutdown" } else { "error" };
+            proptest::prop_assert_eq!(event.as_str(), expected);
+            let retry_text = retry_ms.to_string();
+            proptest::prop_assert_eq!(retry.as_deref(), Some(retry_text.as_str()));
+            let v: serde_json::Value = serde_json::from_str(data).unwrap();
+            if kinds[kind].is_shutdown() {
+                proptest::prop_assert_eq!(v["message"].as_str(), Some(message.as_str()));
+                proptest::prop_assert_eq!(v["reason"].as_str(), Some(reason.as_str()));
+            }
+            // NDJSON: exactly one line whatever the message.
+            let line = NdJson::new().encode(&ctx).into_parts().0.unwrap();
+            proptest::prop_assert_eq!(line.iter().filter(|b| **b == b'\n').count(), 1);
+            proptest::prop_assert!(line.ends_with(b"\n"));
+        }
+    }
+
     #[test]
     fn grpc_message_is_percent_encoded() {
         assert_eq!(grpc_percent_encode("a b%\n\u{e9}"), "a%20b%25%0A%C3%A9");

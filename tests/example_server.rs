@@ -1,0 +1,254 @@
+//! Drives the compiled `examples/sse_server` binary the way operators and load tools do:
+//! environment, HTTP and signals.
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+
+use support::*;
+
+fn binary() -> std::path::PathBuf {
+    // target/<profile>/deps/<this test> -> target/<profile>/examples/sse_server
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().unwrap().parent().unwrap();
+    dir.join("examples").join("sse_server")
+}
+
+struct Proc {
+    child: Child,
+    stdout: Option<BufReader<std::process::ChildStdout>>,
+    addr: SocketAddr,
+}
+
+impl Proc {
+    /// Waits for the process to exit; returns its exit code and the rest of its stdout.
+    async fn finish(mut self) -> (Option<i32>, String) {
+        let mut stdout = self.stdout.take().unwrap();
+        let mut child = std::mem::replace(&mut self.child, Command::new("true").spawn().unwrap());
+        tokio::task::spawn_blocking(move || {
+            let mut rest = String::new();
+            std::io::Read::read_to_string(&mut stdout, &mut rest).unwrap();
+            (child.wait().unwrap().code(), rest)
+        })
+        .await
+        .unwrap()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start(env: &[(&str, &str)]) -> Proc {
+    let mut cmd = Command::new(binary());
+    cmd.env("ADDR", "127.0.0.1:0")
+        .env("RUST_LOG", "warn")
+        .env_remove("REDIS_URL")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd
+        .spawn()
+        .expect("run examples/sse_server (built by cargo test)");
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("listening on http://")
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .parse()
+        .unwrap();
+    Proc {
+        child,
+        stdout: Some(stdout),
+        addr,
+    }
+}
+
+fn signal(p: &Proc, sig: &str) {
+    let ok = Command::new("kill")
+        .args([sig, &p.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+}
+
+async fn body_text(res: http::Response<hyper::body::Incoming>) -> String {
+    use http_body_util::BodyExt;
+    String::from_utf8(res.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap()
+}
+
+#[test]
+fn invalid_settings_exit_2_naming_the_variable() {
+    for (var, value) in [
+        ("TICK_MS", "0"),
+        ("TICK_MS", "fast"),
+        ("SHUTDOWN_GRACE_PERIOD", "0"),
+        ("SHUTDOWN_GRACE_PERIOD", "-3"),
+        ("MAX_STREAM_LIFETIME", "0"),
+        ("REDIS_LEASE_TTL", "0"),
+        ("MAX_STREAMS_PER_CLIENT", "x"),
+        ("RECONNECT_DELAY", "1.5"),
+    ] {
+        let out = Command::new(binary())
+            .env("ADDR", "127.0.0.1:0")
+            .env(var, value)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{var}={value}");
+        assert!(out.stdout.is_empty(), "nothing on stdout before listening");
+        let err = String::from_utf8(out.stderr).unwrap();
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(err.contains(var), "{var}: {err}");
+    }
+    let out = Command::new(binary())
+        .env("ADDR", "127.0.0.1:0")
+        .env("SHUTDOWN_GRACE_PERIOD", "2")
+        .env("PROPAGATION_DELAY_MS", "1500")
+        .env("DRAIN_SPREAD_MS", "600")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8(out.stderr)
+        .unwrap()
+        .contains("DRAIN_SPREAD_MS"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_every_stream_and_exits_0_with_the_report() {
+    const N: usize = 200;
+    let p = start(&[("TICK_MS", "50"), ("RECONNECT_DELAY", "3")]);
+
+    // Every metric is listed from the start.
+    let metrics = body_text(fetch(p.addr, "/metrics").await).await;
+    for name in [
+        "tower_drain_active_streams",
+        "tower_drain_streams_total",
+        "tower_drain_rejected_total",
+        "tower_drain_notified_total",
+        "tower_drain_force_closed_total",
+        "tower_drain_timeouts_total",
+        "tower_drain_breaker_open",
+        "tower_drain_breaker_trips_total",
+        "tower_drain_store_errors_total",
+        "tower_drain_stale_leases_cleaned_total",
+    ] {
+        assert!(metrics.contains(name), "{name} missing from /metrics");
+    }
+
+    let mut clients = Vec::new();
+    for _ in 0..N {
+        let res = fetch(p.addr, "/events").await;
+        assert_eq!(res.status(), 200);
+        assert_eq!(res.headers()["content-type"], "text/event-stream");
+        assert_eq!(res.headers()["cache-control"], "no-cache");
+        assert_eq!(res.headers()["x-accel-buffering"], "no");
+        let mut c = SseClient::new(res);
+        let first = c.next_event().await.unwrap();
+        assert_eq!(first.event.as_deref(), Some("tick"));
+        assert_eq!(first.json(), serde_json::json!({"n": 0}));
+        clients.push(c);
+    }
+    let status: serde_json::Value =
+        serde_json::from_str(&body_text(fetch(p.addr, "/status").await).await).unwrap();
+    assert_eq!(status["active_streams"], N);
+    assert_eq!(status["phase"], "serving");
+
+    signal(&p, "-TERM");
+    let results = within(
+        "every client reads to the end",
+        futures_util::future::join_all(clients.iter_mut().map(|c| c.rest())),
+    )
+    .await;
+    for (events, end) in &results {
+        assert_eq!(end, &Ok(()));
+        let shutdowns: Vec<_> = events
+            .iter()
+            .filter(|e| e.event.as_deref() == Some("shutdown"))
+            .collect();
+        assert_eq!(shutdowns.len(), 1);
+        let last = events.last().unwrap();
+        assert_eq!(last.event.as_deref(), Some("shutdown"));
+        let data = last.json();
+        assert_eq!(data["reason"], "signal");
+        assert_eq!(data["reconnect_delay"], 3);
+        let retry = last.retry.unwrap();
+        assert!((2400..=3600).contains(&retry), "{retry}");
+    }
+
+    let addr = p.addr;
+    let (code, rest) = within("the process exits", p.finish()).await;
+    assert_eq!(code, Some(0));
+    let lines: Vec<&str> = rest.lines().collect();
+    assert_eq!(lines.len(), 1, "exactly one more stdout line: {rest:?}");
+    let report: serde_json::Value = serde_json::from_str(lines[0]).unwrap();
+    let r = &report["shutdown_report"];
+    assert_eq!(r["reason"], "signal");
+    assert_eq!(r["streams_at_drain"], N);
+    assert_eq!(r["notified"], N);
+    assert_eq!(r["closed_gracefully"], N);
+    assert_eq!(r["force_closed"], 0);
+    assert_eq!(r["rejected"], 0);
+    assert!(r["duration_ms"].is_u64());
+    assert!(r["store_cleanup"].is_null());
+    // The server has stopped: new connections are refused.
+    assert!(tokio::net::TcpStream::connect(addr).await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn manual_drain_needs_the_key_and_changes_nothing_on_401() {
+    let p = start(&[
+        ("DRAIN_AUTH_KEY", "s3cret"),
+        ("PROPAGATION_DELAY_MS", "200"),
+        ("RECONNECT_DELAY", "5"),
+    ]);
+    let post = |auth: Option<&'static str>| {
+        let mut b = http::Request::post("/drain").header("host", "x");
+        if let Some(a) = auth {
+            b = b.header("authorization", a);
+        }
+        request(p.addr, b.body(http_body_util::Empty::new()).unwrap())
+    };
+    assert_eq!(post(None).await.status(), 401);
+    assert_eq!(post(Some("Bearer wrong")).await.status(), 401);
+    assert_eq!(post(Some("Basic s3cret")).await.status(), 401);
+    assert_eq!(
+        fetch(p.addr, "/readyz").await.status(),
+        200,
+        "401 changed nothing"
+    );
+
+    // A stream open across the drain keeps the process up while we look.
+    let mut stream = SseClient::open(p.addr, "/events").await;
+    stream.next_event().await.unwrap();
+    assert_eq!(post(Some("bEaReR s3cret")).await.status(), 202);
+    assert_eq!(post(Some("Bearer s3cret")).await.status(), 202);
+    assert_eq!(fetch(p.addr, "/readyz").await.status(), 503);
+    assert_eq!(fetch(p.addr, "/healthz").await.status(), 200);
+    let (events, end) = within("stream ends", stream.rest()).await;
+    assert_eq!(end, Ok(()));
+    assert_eq!(events.last().unwrap().json()["reason"], "manual");
+    let (code, rest) = within("exit", p.finish()).await;
+    assert_eq!(code, Some(0));
+    assert!(rest.contains("\"reason\":\"manual\""));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_endpoint_is_forbidden_without_a_key() {
+    let p = start(&[]);
+    let req = http::Request::post("/drain")
+        .header("host", "x")
+        .header("authorization", "Bearer anything")
+        .body(http_body_util::Empty::new())
+        .unwrap();
+    assert_eq!(request(p.addr, req).await.status(), 403);
+    assert_eq!(fetch(p.addr, "/readyz").await.status(), 200);
+}
