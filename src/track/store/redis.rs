@@ -61,7 +61,7 @@ redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
 local n = redis.call('ZCARD', key)
 if n >= tonumber(ARGV[2]) then return {0, now, n} end
 redis.call('ZADD', key, now + ttl, ARGV[1])
-if redis.call('PTTL', key) < ttl then redis.call('PEXPIRE', key, ttl) end
+redis.call('PEXPIRE', key, ttl)
 return {1, now, n + 1}
 ";
 
@@ -229,6 +229,35 @@ impl RedisStore {
     /// ```
     pub fn held(&self) -> usize {
         self.handle.shared.table.live_count()
+    }
+
+    /// Released leases whose `ZREM` the release task has not yet had answered by Redis (an
+    /// acquire of the same key from this store removes them first anyway).
+    ///
+    /// ```no_run
+    /// # #[tokio::main] async fn main() {
+    /// let store = tower_drain::track::RedisStore::new("redis://127.0.0.1/").unwrap();
+    /// assert_eq!(store.pending_releases(), 0);
+    /// # }
+    /// ```
+    pub fn pending_releases(&self) -> usize {
+        self.handle.shared.table.releasing_count()
+    }
+
+    /// Runs one heartbeat now, as the background task does every interval: one pipeline
+    /// refreshing every live lease of this store, then re-adding any that Redis lost. Returns
+    /// how many were re-added. Useful after a known failover, and in tests and measurements.
+    ///
+    /// ```no_run
+    /// use tower_drain::track::{ConnectionStore, RedisStore};
+    /// # #[tokio::main] async fn main() {
+    /// let store = RedisStore::new("redis://127.0.0.1/").unwrap();
+    /// let _lease = store.acquire("alice", 1).await.unwrap();
+    /// assert_eq!(store.heartbeat_now().await, 0); // nothing was lost
+    /// # }
+    /// ```
+    pub async fn heartbeat_now(&self) -> u64 {
+        heartbeat(&self.handle.shared).await
     }
 
     /// Whether [`shutdown`](ConnectionStore::shutdown) has run: the background tasks are
@@ -521,7 +550,18 @@ impl Shared {
     }
 
     fn member(&self, id: u64) -> String {
-        format!("{}:{id}", self.instance)
+        let mut m = String::with_capacity(self.instance.len() + 21);
+        self.write_member(&mut m, id);
+        m
+    }
+
+    /// Writes the member of lease `id` into `buf` (cleared first), to reuse one buffer.
+    fn write_member<'b>(&self, buf: &'b mut String, id: u64) -> &'b str {
+        use std::fmt::Write as _;
+        buf.clear();
+        buf.push_str(&self.instance);
+        let _ = write!(buf, ":{id}");
+        buf
     }
 
     fn note_redis_now(&self, redis_ms: i64) {
@@ -550,6 +590,25 @@ impl Shared {
                 .is_ok()
         {
             tracing::warn!(error = %err, instance = %self.instance, "tower-drain redis store: {what} failed");
+        }
+    }
+
+    /// A lease score (expiry) for a heartbeat: `now + ttl` on the Redis clock, and above every
+    /// score written before, reserved atomically so two heartbeats never write the same one.
+    fn next_score(&self) -> i64 {
+        let want = self.redis_now() + self.ttl_ms;
+        let mut cur = self.max_score.load(Ordering::Relaxed);
+        loop {
+            let next = want.max(cur + 1);
+            match self.max_score.compare_exchange_weak(
+                cur,
+                next,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return next,
+                Err(actual) => cur = actual,
+            }
         }
     }
 
@@ -629,6 +688,13 @@ impl Table {
             .get(key)
             .map(|s| s.releasing.clone())
             .unwrap_or_default()
+    }
+
+    fn releasing_count(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| lock(s).values().map(|v| v.releasing.len()).sum::<usize>())
+            .sum()
     }
 
     fn live_count(&self) -> usize {
@@ -870,10 +936,11 @@ async fn flush_releases(shared: &Shared, batch: &mut Vec<Release>) {
         by_key.entry(r.key).or_default().push(r.id);
     }
     let mut pipe = ::redis::pipe();
+    let mut buf = String::new();
     for (key, ids) in &by_key {
         let cmd = pipe.cmd("ZREM").arg(&**key);
         for id in ids {
-            cmd.arg(shared.member(*id));
+            cmd.arg(shared.write_member(&mut buf, *id));
         }
         cmd.ignore();
     }
@@ -936,16 +1003,17 @@ async fn heartbeat(shared: &Shared) -> u64 {
     if leases.is_empty() {
         return 0;
     }
-    let score =
-        (shared.redis_now() + shared.ttl_ms).max(shared.max_score.load(Ordering::Relaxed) + 1);
+    let score = shared.next_score();
     let mut pipe = ::redis::pipe();
     pipe.cmd("TIME");
+    let mut buf = String::new();
     for (key, ids) in &leases {
         let cmd = pipe.cmd("ZADD").arg(&**key).arg("XX").arg("CH");
         for id in ids {
-            cmd.arg(score).arg(shared.member(*id));
+            cmd.arg(score).arg(shared.write_member(&mut buf, *id));
         }
-        pipe.cmd("PEXPIRE").arg(&**key).arg(shared.ttl_ms).ignore();
+        // Its reply is not ignored (`ignore` keeps a set of indices): it is skipped below.
+        pipe.cmd("PEXPIRE").arg(&**key).arg(shared.ttl_ms);
     }
     let mut conn = shared.conn();
     let values: Vec<Value> =
@@ -960,14 +1028,14 @@ async fn heartbeat(shared: &Shared) -> u64 {
                 return 0;
             }
         };
-    shared.max_score.fetch_max(score, Ordering::Relaxed);
     let mut it = values.into_iter();
     if let Some(Ok((secs, micros))) = it.next().map(::redis::from_redis_value::<(i64, i64)>) {
         shared.note_redis_now(secs * 1000 + micros / 1000);
     }
-    // Scores only grow, so CH counts every member that still exists: a shortfall is a loss.
+    // Every heartbeat writes a score never written before, so `CH` counts every member that
+    // still exists ("unchanged" cannot happen): a shortfall means leases were lost.
     let mut missing: Vec<&Arc<str>> = Vec::new();
-    for ((key, ids), v) in leases.iter().zip(it) {
+    for ((key, ids), v) in leases.iter().zip(it.step_by(2)) {
         let changed = ::redis::from_redis_value::<i64>(v).unwrap_or(0);
         if (changed as usize) < ids.len() {
             missing.push(key);
@@ -982,8 +1050,7 @@ async fn heartbeat(shared: &Shared) -> u64 {
 /// Re-adds this process's live leases of `keys` (without a limit check: they are already
 /// serving), after Redis lost them.
 async fn readd(shared: &Shared, keys: &[&Arc<str>]) -> u64 {
-    let score =
-        (shared.redis_now() + shared.ttl_ms).max(shared.max_score.load(Ordering::Relaxed) + 1);
+    let score = shared.next_score();
     let mut pipe = ::redis::pipe();
     let mut count = 0u64;
     for key in keys {
@@ -1006,7 +1073,6 @@ async fn readd(shared: &Shared, keys: &[&Arc<str>]) -> u64 {
     let mut conn = shared.conn();
     match timeout(shared.command_timeout, pipe.exec_async(&mut conn)).await {
         Ok(Ok(())) => {
-            shared.max_score.fetch_max(score, Ordering::Relaxed);
             tracing::warn!(
                 instance = %shared.instance,
                 leases = count,
