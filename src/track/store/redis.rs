@@ -1,28 +1,4 @@
 //! [`RedisStore`]: per-key stream limits shared by every process that uses one Redis.
-//!
-//! # Data model
-//!
-//! No counters. Each open stream holds a **lease**: a member `<instance-id>:<stream-id>` of the
-//! sorted set `<prefix>:{<escaped key>}`, scored by the lease's expiry in Unix milliseconds of
-//! the Redis clock. The instance id is random per store (so per process start): a restarted
-//! process never reuses its predecessor's members. Every command touches exactly one key, and the
-//! user key sits inside the hash tag, so Redis Cluster works.
-//!
-//! - **acquire**: one `EVALSHA` (the script is loaded on `NOSCRIPT`, e.g. after a Redis restart)
-//!   that reads `TIME`, drops the key's expired leases, counts, adds the lease only under the
-//!   limit and moves the key's expiry.
-//! - **release**: the lease's `Drop` hands `(key, member)` to one background task over a bounded
-//!   channel; the task sends one `ZREM` per key per batch. When the channel is full the release
-//!   is counted in `tower_drain_store_errors_total` and the lease expires by its TTL.
-//! - **heartbeat**: one background task sends, once per interval, one pipeline for all of this
-//!   store's live leases: `TIME`, then per key `ZADD key XX CH <score> <member>…` and
-//!   `PEXPIRE key <ttl>`. Scores only ever grow, so `ZADD XX CH` counts every member still
-//!   present; a shortfall means leases are gone (Redis restarted empty, failed over or was
-//!   flushed) and the missing keys are re-added at once, without a limit check.
-//! - **sweep**: every sweep interval the same task `SCAN`s `<prefix>:{*` and removes expired
-//!   leases (`ZREMRANGEBYSCORE`) in batches.
-//! - **shutdown**: [`ConnectionStore::shutdown`] stops the tasks and `ZREM`s every lease still
-//!   held, in batches grouped by key, until none remain or the iteration cap is reached.
 
 use std::collections::hash_map::RandomState;
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -71,8 +47,7 @@ static ACQUIRE_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(ACQUIRE_L
 ///
 /// Leases live in Redis sorted sets and expire by themselves unless this process's heartbeat
 /// refreshes them, so a process that dies without cleaning up stops holding slots after the
-/// lease TTL. See the [module docs](self) for the data model and [`RedisStoreBuilder`] for the
-/// settings and their defaults.
+/// lease TTL. See [`RedisStoreBuilder`] for the settings and their defaults.
 ///
 /// Building the store does not connect: it starts while Redis is unreachable and (re)connects
 /// by itself. While Redis is unreachable or slower than the acquire timeout, `acquire` returns a
@@ -83,6 +58,32 @@ static ACQUIRE_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(ACQUIRE_L
 /// Clones share one connection, one lease table and one pair of background tasks (release,
 /// heartbeat + sweep); the tasks stop when the last clone is dropped or after
 /// [`shutdown`](ConnectionStore::shutdown).
+///
+/// # Data model
+///
+/// No counters. Each open stream holds a **lease**: a member `<instance-id>:<stream-id>` of the
+/// sorted set `<prefix>:{<escaped key>}`, scored by the lease's expiry in Unix milliseconds of
+/// the Redis clock. The instance id is random per store (so per process start): a restarted
+/// process never reuses its predecessor's members. Every command touches exactly one key, and the
+/// user key sits inside the hash tag, so Redis Cluster works.
+///
+/// - **acquire**: one `EVALSHA` (the script is loaded on `NOSCRIPT`, e.g. after a Redis restart)
+///   that reads `TIME`, drops the key's expired leases, counts, adds the lease only under the
+///   limit and moves the key's expiry.
+/// - **release**: the lease's `Drop` hands `(key, member)` to one background task over a bounded
+///   channel; the task sends one `ZREM` per key per batch. Until it has, the next acquire of
+///   that key from this store removes the member in its script, so a release is effective at
+///   once. When the channel is full the release
+///   is counted in `tower_drain_store_errors_total` and the lease expires by its TTL.
+/// - **heartbeat**: one background task sends, once per interval, one pipeline for all of this
+///   store's live leases: `TIME`, then per key `ZADD key XX CH <score> <member>…` and
+///   `PEXPIRE key <ttl>`. Each heartbeat writes a score never written before, so `ZADD XX CH`
+///   counts every member still present ("unchanged" cannot happen); a shortfall means leases are gone (Redis restarted empty, failed over or was
+///   flushed) and the missing keys are re-added at once, without a limit check.
+/// - **sweep**: every sweep interval the same task `SCAN`s `<prefix>:{*` and removes expired
+///   leases (`ZREMRANGEBYSCORE`) in batches.
+/// - **shutdown**: [`ConnectionStore::shutdown`] stops the tasks and `ZREM`s every lease still
+///   held, in batches grouped by key, until none remain or the iteration cap is reached.
 ///
 /// # Example
 ///
@@ -580,6 +581,12 @@ impl Shared {
     /// Counts a background failure and logs it at most once per heartbeat interval.
     fn fail(&self, what: &'static str, err: &dyn fmt::Display) {
         self.store_errors.increment(1);
+        self.warn(what, err);
+    }
+
+    /// Logs a failure at most once per heartbeat interval (acquire failures are counted by
+    /// `TrackLayer`, so only logged here).
+    fn warn(&self, what: &'static str, err: &dyn fmt::Display) {
         let now = local_ms();
         let last = self.last_warn_ms.load(Ordering::Relaxed);
         let every = self.heartbeat.as_millis() as i64;
@@ -834,12 +841,17 @@ async fn acquire(
     .await;
     let (granted, now, _held) = match reply {
         Err(_) => {
-            return Err(StoreError::new(format!(
+            let e = StoreError::new(format!(
                 "redis acquire timed out after {} ms",
                 shared.acquire_timeout.as_millis()
-            )))
+            ));
+            shared.warn("acquire", &e);
+            return Err(e);
         }
-        Ok(Err(e)) => return Err(StoreError::with_source("redis acquire failed", e)),
+        Ok(Err(e)) => {
+            shared.warn("acquire", &e);
+            return Err(StoreError::with_source("redis acquire failed", e));
+        }
         Ok(Ok(r)) => r,
     };
     shared.note_redis_now(now);
