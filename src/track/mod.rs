@@ -51,4 +51,7 @@ mod store;
 pub use self::body::TrackedBody;
 pub use self::layer::TrackLayer;
 pub use self::service::{ResponseFuture, Track};
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub use self::store::{AcquireFuture, RedisStore, RedisStoreBuilder};
 pub use self::store::{ConnectionStore, Lease, MemoryStore, StoreError, StoreFailure};

@@ -2,6 +2,8 @@
 //! process sharing one Redis, feature `redis`).
 
 mod memory;
+#[cfg(feature = "redis")]
+mod redis;
 
 use std::any::Any;
 use std::fmt;
@@ -9,6 +11,8 @@ use std::future::Future;
 use std::pin::Pin;
 
 pub use self::memory::MemoryStore;
+#[cfg(feature = "redis")]
+pub use self::redis::{AcquireFuture, RedisStore, RedisStoreBuilder};
 
 use crate::controller::CleanupSummary;
 use crate::BoxError;
@@ -71,6 +75,8 @@ pub struct Lease {
 #[allow(dead_code)]
 pub(crate) enum LeaseInner {
     Memory(memory::MemoryLease),
+    #[cfg(feature = "redis")]
+    Redis(redis::RedisLease),
     Custom(Box<dyn Any + Send + Sync>),
 }
 
@@ -92,6 +98,8 @@ impl fmt::Debug for Lease {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let kind = match &self.inner {
             LeaseInner::Memory(_) => "memory",
+            #[cfg(feature = "redis")]
+            LeaseInner::Redis(_) => "redis",
             LeaseInner::Custom(_) => "custom",
         };
         f.debug_struct("Lease").field("store", &kind).finish()

@@ -1,0 +1,785 @@
+//! `RedisStore` against a real Redis: `REDIS_URL` when set, else a private `redis-server`
+//! (see `support_redis`). Fault tests start servers of their own.
+#![cfg(feature = "redis")]
+
+#[path = "support_redis/mod.rs"]
+mod support_redis;
+
+use std::convert::Infallible;
+use std::mem::ManuallyDrop;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use http::{Request, Response, StatusCode};
+use http_body_util::Full;
+use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
+use redis::AsyncCommands;
+use tower::{Service, ServiceBuilder, ServiceExt};
+use tower_drain::track::{
+    ConnectionStore, Lease, RedisStore, RedisStoreBuilder, StoreFailure, TrackLayer,
+};
+use tower_drain::{DrainController, DrainReason};
+
+use support_redis::{conn, eventually, redis_now, unique_prefix, Server};
+
+fn builder(url: &str, prefix: &str) -> RedisStoreBuilder {
+    // A generous acquire timeout: debug builds on a loaded 2-core machine.
+    RedisStore::builder(url)
+        .prefix(prefix)
+        .acquire_timeout(Duration::from_secs(5))
+}
+
+async fn zcard(c: &mut redis::aio::MultiplexedConnection, key: &str) -> u64 {
+    c.zcard(key).await.unwrap()
+}
+
+/// Members of every key under `prefix` that belong to `instance`.
+async fn members_of(
+    c: &mut redis::aio::MultiplexedConnection,
+    prefix: &str,
+    instance: &str,
+) -> u64 {
+    let mut keys: Vec<String> = Vec::new();
+    let mut cursor = 0u64;
+    loop {
+        let (next, page): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(format!("{prefix}:*"))
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(c)
+            .await
+            .unwrap();
+        keys.extend(page);
+        if next == 0 {
+            break;
+        }
+        cursor = next;
+    }
+    let mut n = 0;
+    for k in keys {
+        let members: Vec<String> = c.zrange(&k, 0, -1).await.unwrap();
+        n += members
+            .iter()
+            .filter(|m| m.starts_with(&format!("{instance}:")))
+            .count() as u64;
+    }
+    n
+}
+
+fn counter(snap: &Snapshotter, name: &str) -> u64 {
+    snap.snapshot()
+        .into_vec()
+        .into_iter()
+        .filter(|(k, _, _, _)| k.key().name() == name)
+        .map(|(_, _, _, v)| match v {
+            DebugValue::Counter(n) => n,
+            _ => 0,
+        })
+        .sum()
+}
+
+type TestSvc = tower::util::BoxCloneService<
+    Request<()>,
+    Response<tower_drain::track::TrackedBody<Full<Bytes>>>,
+    Infallible,
+>;
+
+fn limited_service(
+    drain: &DrainController,
+    store: RedisStore,
+    limit: u32,
+    on_error: StoreFailure,
+) -> TestSvc {
+    ServiceBuilder::new()
+        .layer(
+            TrackLayer::with_store(drain.watch(), store)
+                .max_per_key(limit)
+                .key_header(http::HeaderName::from_static("x-client-id"))
+                .on_store_error(on_error),
+        )
+        .service_fn(|_req: Request<()>| async {
+            Ok::<_, Infallible>(Response::new(Full::new(Bytes::from("data: hi\n\n"))))
+        })
+        .boxed_clone()
+}
+
+fn req(client: &str) -> Request<()> {
+    Request::builder()
+        .header("x-client-id", client)
+        .body(())
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limit_holds_under_200_concurrent_acquirers() {
+    let server = Server::shared();
+    let prefix = unique_prefix("contention");
+    let store = builder(server.url(), &prefix).build().unwrap();
+    let tasks: Vec<_> = (0..200)
+        .map(|_| {
+            let s = store.clone();
+            tokio::spawn(async move { s.acquire("hot", 7).await.unwrap() })
+        })
+        .collect();
+    let mut leases = Vec::new();
+    for t in tasks {
+        if let Some(l) = t.await.unwrap() {
+            leases.push(l);
+        }
+    }
+    assert_eq!(leases.len(), 7, "exactly the limit was granted");
+    let mut c = conn(server.url()).await;
+    assert_eq!(zcard(&mut c, &store.redis_key("hot")).await, 7);
+    assert_eq!(store.held(), 7);
+    drop(leases);
+    assert_eq!(store.held(), 0);
+    let key = store.redis_key("hot");
+    assert!(
+        eventually(Duration::from_secs(2), || {
+            let mut c = c.clone();
+            let key = key.clone();
+            async move { zcard(&mut c, &key).await == 0 }
+        })
+        .await
+    );
+}
+
+#[tokio::test]
+async fn release_frees_at_once() {
+    let server = Server::shared();
+    let prefix = unique_prefix("release");
+    let store = builder(server.url(), &prefix).build().unwrap();
+    for _ in 0..20 {
+        let lease = store.acquire("u", 1).await.unwrap().expect("granted");
+        assert!(
+            store.acquire("u", 1).await.unwrap().is_none(),
+            "at the limit"
+        );
+        drop(lease);
+        // No wait: the very next acquire (even before the release task ran) gets the slot.
+        let again = store.acquire("u", 1).await.unwrap();
+        assert!(again.is_some(), "a dropped lease frees its slot at once");
+    }
+    // And another process sees it freed as soon as the release task has sent its ZREM.
+    let mut c = conn(server.url()).await;
+    let key = store.redis_key("u");
+    assert!(
+        eventually(Duration::from_secs(2), || {
+            let mut c = c.clone();
+            let key = key.clone();
+            async move { zcard(&mut c, &key).await == 0 }
+        })
+        .await
+    );
+    assert_eq!(zcard(&mut c, &key).await, 0);
+}
+
+#[tokio::test]
+async fn two_stores_share_one_limit_and_keys_do_not_collide() {
+    let server = Server::shared();
+    let prefix = unique_prefix("pods");
+    let pod_a = builder(server.url(), &prefix).build().unwrap();
+    let pod_b = builder(server.url(), &prefix).build().unwrap();
+    assert_ne!(pod_a.instance_id(), pod_b.instance_id());
+    let a1 = pod_a.acquire("alice", 3).await.unwrap().unwrap();
+    let _a2 = pod_a.acquire("alice", 3).await.unwrap().unwrap();
+    let _b1 = pod_b.acquire("alice", 3).await.unwrap().unwrap();
+    assert!(pod_b.acquire("alice", 3).await.unwrap().is_none());
+    assert!(pod_a.acquire("alice", 3).await.unwrap().is_none());
+    // Another user is independent, whichever pod asks.
+    let _bob = pod_b.acquire("bob", 3).await.unwrap().unwrap();
+    drop(a1);
+    // Pod B's acquire may reach Redis before pod A's release task has sent its ZREM.
+    let b2 = acquire_within(&pod_b, "alice", 3, Duration::from_secs(2))
+        .await
+        .expect("the slot pod A released");
+    assert!(pod_a.acquire("alice", 3).await.unwrap().is_none());
+    drop(b2);
+
+    // Keys that look alike once escaped naively stay apart.
+    let store = builder(server.url(), &prefix).build().unwrap();
+    let tricky = [
+        "a}", "a%7D", "a", "{a}", "a b", "a%20b", "ü", "%C3%BC", "a:b", "a:{b}",
+    ];
+    let mut leases = Vec::new();
+    for k in tricky {
+        leases.push(
+            store
+                .acquire(k, 1)
+                .await
+                .unwrap()
+                .unwrap_or_else(|| panic!("{k} collided")),
+        );
+    }
+    let keys: std::collections::HashSet<String> =
+        tricky.iter().map(|k| store.redis_key(k)).collect();
+    assert_eq!(keys.len(), tricky.len());
+    let mut c = conn(server.url()).await;
+    for k in tricky {
+        assert_eq!(zcard(&mut c, &store.redis_key(k)).await, 1, "{k}");
+        assert!(
+            store.acquire(k, 1).await.unwrap().is_none(),
+            "{k} is at its own limit"
+        );
+    }
+}
+
+#[tokio::test]
+async fn odd_characters_stay_inside_the_hash_tag() {
+    let server = Server::shared();
+    let prefix = unique_prefix("odd");
+    let store = builder(server.url(), &prefix).build().unwrap();
+    let user = "}{ weird user } 名前 🚀 {";
+    let key = store.redis_key(user);
+    // The hash tag is the part between the first `{` and the next `}`: the whole escaped key.
+    let open = key.find('{').unwrap();
+    let close = key[open..].find('}').unwrap() + open;
+    assert_eq!(
+        close,
+        key.len() - 1,
+        "the user key cannot close the tag early: {key}"
+    );
+    assert!(key.is_ascii());
+    let l1 = store.acquire(user, 2).await.unwrap().unwrap();
+    let _l2 = store.acquire(user, 2).await.unwrap().unwrap();
+    assert!(store.acquire(user, 2).await.unwrap().is_none());
+    let mut c = conn(server.url()).await;
+    assert_eq!(zcard(&mut c, &key).await, 2);
+    // The slot Redis Cluster would use is the tag's, so the key hashes like its tag alone.
+    let tag = &key[open + 1..close];
+    let slot_key: i64 = redis::cmd("CLUSTER")
+        .arg("KEYSLOT")
+        .arg(&key)
+        .query_async(&mut c)
+        .await
+        .unwrap_or(-1);
+    let slot_tag: i64 = redis::cmd("CLUSTER")
+        .arg("KEYSLOT")
+        .arg(tag)
+        .query_async(&mut c)
+        .await
+        .unwrap_or(-2);
+    if slot_key >= 0 {
+        assert_eq!(slot_key, slot_tag);
+    }
+    drop(l1);
+    assert!(store.acquire(user, 2).await.unwrap().is_some());
+}
+
+#[tokio::test]
+async fn crashed_store_holds_slots_until_the_ttl_and_not_longer() {
+    let server = Server::shared();
+    let prefix = unique_prefix("crash");
+    let ttl = Duration::from_secs(1);
+    let crashed = builder(server.url(), &prefix)
+        .lease_ttl(ttl)
+        .build()
+        .unwrap();
+    let held = ManuallyDrop::new(vec![
+        crashed.acquire("carol", 2).await.unwrap().unwrap(),
+        crashed.acquire("carol", 2).await.unwrap().unwrap(),
+    ]);
+    let key = crashed.redis_key("carol");
+    drop(crashed); // the "process" is gone: no heartbeat, no release
+    let mut c = conn(server.url()).await;
+    let scores: Vec<(String, f64)> = c.zrange_withscores(&key, 0, -1).await.unwrap();
+    let expiry = scores.iter().map(|(_, s)| *s as i64).max().unwrap();
+
+    let survivor = builder(server.url(), &prefix)
+        .lease_ttl(ttl)
+        .build()
+        .unwrap();
+    let mut refused_before = 0;
+    let granted = loop {
+        let now_before = redis_now(&mut c).await;
+        match survivor.acquire("carol", 2).await.unwrap() {
+            Some(l) => {
+                let now_after = redis_now(&mut c).await;
+                assert!(
+                    now_after >= expiry,
+                    "granted before the crashed leases expired"
+                );
+                break l;
+            }
+            None => {
+                assert!(
+                    now_before <= expiry + 50,
+                    "still refused {} ms after the TTL",
+                    now_before - expiry
+                );
+                refused_before += 1;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    };
+    assert!(
+        refused_before > 0,
+        "the crashed slots were held until their TTL"
+    );
+    drop(granted);
+    drop(ManuallyDrop::into_inner(held)); // their store is gone: dropping them sends nothing
+}
+
+#[tokio::test]
+async fn heartbeat_keeps_leases_and_key_alive_past_several_ttls() {
+    let server = Server::shared();
+    let prefix = unique_prefix("heartbeat");
+    let ttl = Duration::from_millis(900);
+    let store = builder(server.url(), &prefix)
+        .lease_ttl(ttl)
+        .build()
+        .unwrap();
+    let other = builder(server.url(), &prefix)
+        .lease_ttl(ttl)
+        .build()
+        .unwrap();
+    let _a = store.acquire("dave", 2).await.unwrap().unwrap();
+    let _b = store.acquire("dave", 2).await.unwrap().unwrap();
+    let key = store.redis_key("dave");
+    let mut c = conn(server.url()).await;
+    let started = tokio::time::Instant::now();
+    let mut last_scores = 0i64;
+    while started.elapsed() < ttl * 4 {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let now = redis_now(&mut c).await;
+        let scores: Vec<(String, f64)> = c.zrange_withscores(&key, 0, -1).await.unwrap();
+        assert_eq!(
+            scores.len(),
+            2,
+            "both leases still there after {:?}",
+            started.elapsed()
+        );
+        for (_, s) in &scores {
+            assert!(*s as i64 > now, "lease score is in the future");
+        }
+        let pttl: i64 = c.pttl(&key).await.unwrap();
+        assert!(
+            pttl > 0,
+            "the key's expiry moves with the leases (pttl {pttl})"
+        );
+        last_scores = last_scores.max(scores[0].1 as i64);
+        assert!(other.acquire("dave", 2).await.unwrap().is_none());
+    }
+    assert!(last_scores > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_cleans_up_10000_leases_and_reports_the_iteration_cap() {
+    let server = Server::shared();
+    let prefix = unique_prefix("cleanup");
+    let rec = DebuggingRecorder::new();
+    let snap = rec.snapshotter();
+    let store =
+        metrics::with_local_recorder(&rec, || builder(server.url(), &prefix).build().unwrap());
+    let leases: Vec<Lease> = futures_util::stream::iter(0..10_000)
+        .map(|i| {
+            let s = store.clone();
+            async move {
+                s.acquire(&format!("user-{}", i % 500), 100)
+                    .await
+                    .unwrap()
+                    .unwrap()
+            }
+        })
+        .buffer_unordered(64)
+        .collect()
+        .await;
+    assert_eq!(store.held(), 10_000);
+    let mut c = conn(server.url()).await;
+    assert_eq!(
+        members_of(&mut c, &prefix, store.instance_id()).await,
+        10_000
+    );
+
+    let summary = store.shutdown().await.expect("a summary");
+    assert_eq!(summary.before, 10_000);
+    assert_eq!(summary.total_cleaned, 10_000);
+    assert_eq!(summary.after, 0);
+    assert_eq!(summary.iterations, 10, "batches of 1000");
+    assert!(!summary.max_iterations_reached);
+    assert_eq!(members_of(&mut c, &prefix, store.instance_id()).await, 0);
+    assert_eq!(
+        counter(&snap, tower_drain::metrics::STALE_LEASES_CLEANED_TOTAL),
+        10_000
+    );
+    assert!(store.is_shut_down());
+    assert!(
+        store.acquire("user-1", 100).await.is_err(),
+        "no acquire after shutdown"
+    );
+    drop(leases); // dropping them afterwards sends nothing and cannot panic
+    assert_eq!(members_of(&mut c, &prefix, store.instance_id()).await, 0);
+
+    // The iteration cap: 2000 leases, 100 per batch, at most 5 batches.
+    let prefix2 = unique_prefix("cleanup-cap");
+    let capped = builder(server.url(), &prefix2)
+        .cleanup_batch(100)
+        .cleanup_max_iterations(5)
+        .build()
+        .unwrap();
+    let _leases: Vec<Lease> = futures_util::stream::iter(0..2_000)
+        .map(|i| {
+            let s = capped.clone();
+            async move {
+                s.acquire(&format!("user-{}", i % 7), 1000)
+                    .await
+                    .unwrap()
+                    .unwrap()
+            }
+        })
+        .buffer_unordered(64)
+        .collect()
+        .await;
+    let s = capped.shutdown().await.unwrap();
+    assert_eq!(
+        (s.before, s.total_cleaned, s.after, s.iterations),
+        (2_000, 500, 1_500, 5)
+    );
+    assert!(s.max_iterations_reached);
+    assert_eq!(
+        members_of(&mut c, &prefix2, capped.instance_id()).await,
+        1_500
+    );
+}
+
+#[tokio::test]
+async fn redis_killed_mid_run_fail_open_serves_and_counts_fail_closed_answers_503() {
+    let server = Server::start();
+    let prefix = unique_prefix("killed");
+    let rec = DebuggingRecorder::new();
+    let snap = rec.snapshotter();
+    let (drain, store) = metrics::with_local_recorder(&rec, || {
+        let drain = DrainController::new();
+        let store = RedisStore::builder(server.url())
+            .prefix(&prefix)
+            .acquire_timeout(Duration::from_millis(300))
+            .build()
+            .unwrap();
+        (drain, store)
+    });
+    let open = limited_service(&drain, store.clone(), 1, StoreFailure::Open);
+    let closed = limited_service(&drain, store.clone(), 1, StoreFailure::Closed);
+
+    let first = open.clone().oneshot(req("erin")).await.unwrap();
+    assert_eq!(first.status(), StatusCode::OK);
+    let second = open.clone().oneshot(req("erin")).await.unwrap();
+    assert_eq!(
+        second.status(),
+        StatusCode::TOO_MANY_REQUESTS,
+        "the limit works while Redis is up"
+    );
+    drop(second);
+
+    server.kill();
+    let errors_before = counter(&snap, tower_drain::metrics::STORE_ERRORS_TOTAL);
+    let mut served = Vec::new();
+    for _ in 0..3 {
+        let res = open.clone().oneshot(req("erin")).await.unwrap();
+        assert_eq!(
+            res.status(),
+            StatusCode::OK,
+            "fail-open serves without the limit"
+        );
+        served.push(res);
+    }
+    let res = closed.clone().oneshot(req("erin")).await.unwrap();
+    assert_eq!(
+        res.status(),
+        StatusCode::SERVICE_UNAVAILABLE,
+        "fail-closed answers 503"
+    );
+    assert!(res.headers().contains_key(http::header::RETRY_AFTER));
+    assert!(counter(&snap, tower_drain::metrics::STORE_ERRORS_TOTAL) >= errors_before + 4);
+    drop(first); // its release fails quietly (counted), the TTL would reclaim it
+
+    // Redis comes back (empty): the store reconnects by itself and limits again.
+    server.restart();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let _held = loop {
+        let res = closed.clone().oneshot(req("frank")).await.unwrap();
+        if res.status() == StatusCode::OK {
+            break res;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "reconnected after Redis came back"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let res = closed.clone().oneshot(req("frank")).await.unwrap();
+    assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+    drop(served);
+}
+
+/// Acquires, retrying while refused, for at most `within`.
+async fn acquire_within(
+    store: &RedisStore,
+    key: &str,
+    limit: u32,
+    within: Duration,
+) -> Option<Lease> {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if let Some(l) = store.acquire(key, limit).await.unwrap() {
+            return Some(l);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn restarted_empty_leases_reappear(flush: bool) {
+    let server = Server::start();
+    let prefix = unique_prefix(if flush { "flushall" } else { "restart" });
+    let ttl = Duration::from_millis(1500);
+    let store = builder(server.url(), &prefix)
+        .lease_ttl(ttl)
+        .build()
+        .unwrap();
+    let _held: Vec<Lease> = vec![
+        store.acquire("gina", 3).await.unwrap().unwrap(),
+        store.acquire("gina", 3).await.unwrap().unwrap(),
+        store.acquire("gina", 3).await.unwrap().unwrap(),
+    ];
+    let key = store.redis_key("gina");
+    let lost_at = tokio::time::Instant::now();
+    if flush {
+        let mut c = conn(server.url()).await;
+        let _: () = redis::cmd("FLUSHALL").query_async(&mut c).await.unwrap();
+    } else {
+        server.restart();
+    }
+    let mut c = conn(server.url()).await;
+    assert_eq!(zcard(&mut c, &key).await, 0, "Redis lost every lease");
+    let other = builder(server.url(), &prefix)
+        .lease_ttl(ttl)
+        .build()
+        .unwrap();
+    // Within one heartbeat (ttl / 3 = 500 ms, plus the reconnect) the leases are back.
+    assert!(
+        eventually(Duration::from_secs(3), || {
+            let mut c = c.clone();
+            let key = key.clone();
+            async move { zcard(&mut c, &key).await == 3 }
+        })
+        .await,
+        "leases re-appeared"
+    );
+    assert!(
+        lost_at.elapsed() < ttl + Duration::from_millis(1500),
+        "took {:?}",
+        lost_at.elapsed()
+    );
+    let pttl: i64 = c.pttl(&key).await.unwrap();
+    assert!(pttl > 0, "the re-added key expires");
+    assert!(
+        other.acquire("gina", 3).await.unwrap().is_none(),
+        "the limit holds again"
+    );
+}
+
+#[tokio::test]
+async fn redis_restarted_empty_leases_reappear_after_one_heartbeat() {
+    restarted_empty_leases_reappear(false).await;
+}
+
+#[tokio::test]
+async fn redis_flushall_leases_reappear_after_one_heartbeat() {
+    restarted_empty_leases_reappear(true).await;
+}
+
+#[tokio::test]
+async fn a_restarted_process_never_reuses_lease_ids() {
+    let server = Server::shared();
+    let prefix = unique_prefix("ids");
+    let mut c = conn(server.url()).await;
+    let first = builder(server.url(), &prefix).build().unwrap();
+    let old = ManuallyDrop::new(first.acquire("hank", 10).await.unwrap().unwrap());
+    let key = first.redis_key("hank");
+    let old_id = first.instance_id().to_owned();
+    drop(first); // crash: its lease stays until the TTL
+    let second = builder(server.url(), &prefix).build().unwrap();
+    assert_ne!(second.instance_id(), old_id);
+    let _new = second.acquire("hank", 10).await.unwrap().unwrap();
+    let members: Vec<String> = c.zrange(&key, 0, -1).await.unwrap();
+    assert_eq!(
+        members.len(),
+        2,
+        "the new lease did not overwrite the old one: {members:?}"
+    );
+    assert!(members.iter().any(|m| m.starts_with(&format!("{old_id}:"))));
+    assert!(members
+        .iter()
+        .any(|m| m.starts_with(&format!("{}:", second.instance_id()))));
+    // Many "restarts": every instance id is new.
+    let ids: std::collections::HashSet<String> = (0..200)
+        .map(|_| {
+            builder(server.url(), &prefix)
+                .build()
+                .unwrap()
+                .instance_id()
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(ids.len(), 200);
+    drop(ManuallyDrop::into_inner(old));
+}
+
+#[tokio::test]
+async fn noscript_is_recovered() {
+    let server = Server::start();
+    let prefix = unique_prefix("noscript");
+    let store = builder(server.url(), &prefix).build().unwrap();
+    let a = store.acquire("ivy", 2).await.unwrap().unwrap();
+    let mut c = conn(server.url()).await;
+    let _: () = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let b = store
+        .acquire("ivy", 2)
+        .await
+        .unwrap()
+        .expect("acquire after SCRIPT FLUSH");
+    assert!(store.acquire("ivy", 2).await.unwrap().is_none());
+    assert_eq!(zcard(&mut c, &store.redis_key("ivy")).await, 2);
+    drop((a, b));
+}
+
+#[tokio::test]
+async fn sweep_removes_expired_leases_of_a_crashed_store() {
+    let server = Server::shared();
+    let prefix = unique_prefix("sweep");
+    let ttl = Duration::from_millis(600);
+    let crashed = builder(server.url(), &prefix)
+        .lease_ttl(ttl)
+        .build()
+        .unwrap();
+    let leaked = ManuallyDrop::new(vec![
+        crashed.acquire("jay", 10).await.unwrap().unwrap(),
+        crashed.acquire("jay", 10).await.unwrap().unwrap(),
+        crashed.acquire("kim", 10).await.unwrap().unwrap(),
+    ]);
+    drop(crashed);
+    let rec = DebuggingRecorder::new();
+    let snap = rec.snapshotter();
+    let alive = metrics::with_local_recorder(&rec, || {
+        builder(server.url(), &prefix)
+            .lease_ttl(ttl)
+            .sweep_interval(Duration::from_millis(300))
+            .build()
+            .unwrap()
+    });
+    // A live lease on the same key keeps the key (and so the expired members) around.
+    let _mine = alive.acquire("jay", 10).await.unwrap().unwrap();
+    let key = alive.redis_key("jay");
+    let c = conn(server.url()).await;
+    assert!(
+        eventually(Duration::from_secs(3), || {
+            let mut c = c.clone();
+            let key = key.clone();
+            async move { zcard(&mut c, &key).await == 1 }
+        })
+        .await,
+        "expired leases were swept"
+    );
+    assert!(
+        eventually(Duration::from_secs(2), || async {
+            counter(&snap, tower_drain::metrics::STALE_LEASES_CLEANED_TOTAL) >= 2
+        })
+        .await
+    );
+    drop(ManuallyDrop::into_inner(leaked));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cleanup_summary_lands_in_the_shutdown_report() {
+    let server = Server::shared();
+    let prefix = unique_prefix("report");
+    let drain = DrainController::builder()
+        .grace_period(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    let store = builder(server.url(), &prefix).build().unwrap();
+    let mut svc = limited_service(&drain, store.clone(), 2, StoreFailure::Closed);
+    // Two streams that never end by themselves (their bodies are held).
+    let s1 = svc.ready().await.unwrap().call(req("lee")).await.unwrap();
+    let s2 = svc.ready().await.unwrap().call(req("lee")).await.unwrap();
+    assert_eq!((s1.status(), s2.status()), (StatusCode::OK, StatusCode::OK));
+    let third = svc.ready().await.unwrap().call(req("lee")).await.unwrap();
+    assert_eq!(third.status(), StatusCode::TOO_MANY_REQUESTS);
+    let mut c = conn(server.url()).await;
+    assert_eq!(zcard(&mut c, &store.redis_key("lee")).await, 2);
+
+    drain.drain(DrainReason::Manual);
+    let report = drain.report().await;
+    let cleanup = report
+        .store_cleanup
+        .clone()
+        .expect("the redis store reports its clean-up");
+    assert_eq!(
+        (cleanup.before, cleanup.total_cleaned, cleanup.after),
+        (2, 2, 0)
+    );
+    assert!(!cleanup.max_iterations_reached);
+    assert_eq!(report.force_closed, 2);
+    let json = serde_json::to_value(&report).unwrap();
+    assert_eq!(json["store_cleanup"]["total_cleaned"], 2);
+    assert_eq!(
+        zcard(&mut c, &store.redis_key("lee")).await,
+        0,
+        "nothing left in Redis"
+    );
+    drop((s1, s2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn starts_without_redis_and_stops_its_tasks_when_dropped() {
+    let rt = tokio::runtime::Handle::current();
+    let baseline = rt.metrics().num_alive_tasks();
+    // Nothing listens on port 1: build succeeds, acquire fails fast with an error.
+    let store = RedisStore::builder("redis://127.0.0.1:1/")
+        .acquire_timeout(Duration::from_millis(200))
+        .build()
+        .unwrap();
+    let started = std::time::Instant::now();
+    assert!(store.acquire("x", 1).await.is_err());
+    assert!(started.elapsed() < Duration::from_secs(2));
+    assert!(
+        rt.metrics().num_alive_tasks() > baseline,
+        "background tasks run"
+    );
+    drop(store);
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            rt.metrics().num_alive_tasks() <= baseline
+        })
+        .await,
+        "background tasks stopped: {} alive, {} before",
+        rt.metrics().num_alive_tasks(),
+        baseline
+    );
+
+    // Same with a live Redis, leases and a shutdown.
+    let server = Server::shared();
+    let store = builder(server.url(), &unique_prefix("tasks"))
+        .build()
+        .unwrap();
+    let lease = store.acquire("y", 1).await.unwrap().unwrap();
+    let _ = store.shutdown().await;
+    drop(lease);
+    drop(store);
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            rt.metrics().num_alive_tasks() <= baseline
+        })
+        .await,
+        "background tasks stopped after shutdown"
+    );
+}
