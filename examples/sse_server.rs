@@ -19,6 +19,7 @@ use axum::Router;
 use futures_util::stream::Stream;
 use http::{HeaderName, HeaderValue, StatusCode};
 use tower_drain::probe::Probes;
+use tower_drain::track::{ConnectionStore, RedisStore};
 use tower_drain::{DrainBuilder, DrainController, DrainStack};
 
 /// Settings from the environment; every invalid value names its variable.
@@ -85,6 +86,25 @@ fn ticks(every: Duration) -> impl Stream<Item = Result<Event, Infallible>> {
     )
 }
 
+/// `/events` (and every other non-probe path) under the full stack.
+fn events_router<St>(stack: DrainStack<St>, tick: Duration) -> Router
+where
+    St: ConnectionStore + std::fmt::Debug,
+{
+    Router::new()
+        .route(
+            "/events",
+            get(move || async move {
+                let mut res = Sse::new(ticks(tick)).into_response();
+                res.headers_mut()
+                    .insert("x-accel-buffering", HeaderValue::from_static("no"));
+                res
+            }),
+        )
+        .fallback(|| async { (StatusCode::NOT_FOUND, "not found") })
+        .layer(stack)
+}
+
 fn listen(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
     let socket = if addr.is_ipv4() {
         tokio::net::TcpSocket::new_v4()?
@@ -132,19 +152,21 @@ async fn main() {
             .key_header(HeaderName::from_static("x-client-id"));
     }
 
-    let tick = settings.tick;
-    let events = Router::new()
-        .route(
-            "/events",
-            get(move || async move {
-                let mut res = Sse::new(ticks(tick)).into_response();
-                res.headers_mut()
-                    .insert("x-accel-buffering", HeaderValue::from_static("no"));
-                res
-            }),
-        )
-        .fallback(|| async { (StatusCode::NOT_FOUND, "not found") })
-        .layer(stack);
+    let events = match &settings.redis_url {
+        // Limits across every process sharing this Redis. Building the store does not
+        // connect, so the server starts (and serves, fail-open) while Redis is down.
+        Some(url) => {
+            let store = RedisStore::builder(url.as_str())
+                .lease_ttl(settings.redis_lease_ttl)
+                .build()
+                .unwrap_or_else(|e| {
+                    eprintln!("error: invalid REDIS_URL: {e}");
+                    std::process::exit(2);
+                });
+            events_router(stack.store(store), settings.tick)
+        }
+        None => events_router(stack, settings.tick),
+    };
 
     let mut probes = Probes::new(drain.clone());
     if let Some(key) = &settings.drain_key {

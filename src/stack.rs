@@ -285,6 +285,7 @@ mod tests {
     use crate::{DrainController, DrainReason};
 
     /// An SSE body: one event per poll, a panic or an error at `fail_at`, else endless.
+    #[derive(Default)]
     struct Events {
         n: u32,
         fail_at: Option<(u32, bool)>,

@@ -2,10 +2,13 @@
 //! environment, HTTP and signals.
 
 mod support;
+#[path = "support_redis/mod.rs"]
+mod support_redis;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
+use std::time::Duration;
 
 use support::*;
 
@@ -251,4 +254,66 @@ async fn drain_endpoint_is_forbidden_without_a_key() {
         .unwrap();
     assert_eq!(request(p.addr, req).await.status(), 403);
     assert_eq!(fetch(p.addr, "/readyz").await.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_redis_the_limit_holds_across_processes_and_a_killed_one_frees_its_slots() {
+    let redis = support_redis::Server::start();
+    let prefix_free_env = [
+        ("REDIS_URL", redis.url()),
+        ("MAX_STREAMS_PER_CLIENT", "1"),
+        ("REDIS_LEASE_TTL", "1"),
+        ("TICK_MS", "50"),
+    ];
+    let a = start(&prefix_free_env);
+    let b = start(&prefix_free_env);
+    let alice = [("x-client-id", "alice")];
+
+    let mut on_a = SseClient::new(fetch_with(a.addr, "/events", &alice).await);
+    on_a.next_event().await.unwrap();
+    let res = fetch_with(b.addr, "/events", &alice).await;
+    assert_eq!(
+        res.status(),
+        429,
+        "the other process holds alice's only slot"
+    );
+    assert!(
+        res.headers()["retry-after"]
+            .to_str()
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+            >= 1
+    );
+
+    // A dies without cleaning up; its lease expires after REDIS_LEASE_TTL.
+    signal(&a, "-KILL");
+    let killed_at = std::time::Instant::now();
+    let mut on_b = loop {
+        let res = fetch_with(b.addr, "/events", &alice).await;
+        if res.status() == 200 {
+            break SseClient::new(res);
+        }
+        assert_eq!(res.status(), 429);
+        assert!(
+            killed_at.elapsed() < Duration::from_secs(10),
+            "slot never freed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    on_b.next_event().await.unwrap();
+
+    // B drains with alice's stream open: the stream releases its own lease.
+    signal(&b, "-TERM");
+    let (events, end) = within("stream ends", on_b.rest()).await;
+    assert_eq!(end, Ok(()));
+    assert_eq!(events.last().unwrap().event.as_deref(), Some("shutdown"));
+    let (code, rest) = within("exit", b.finish()).await;
+    assert_eq!(code, Some(0));
+    let report: serde_json::Value = serde_json::from_str(rest.trim()).unwrap();
+    let cleanup = &report["shutdown_report"]["store_cleanup"];
+    assert!(cleanup.is_object(), "{report}");
+    assert_eq!(cleanup["after"], 0);
+    assert_eq!(cleanup["max_iterations_reached"], false);
+    drop(a);
 }
