@@ -309,15 +309,6 @@ mod tests {
         }
     }
 
-    impl Default for Events {
-        fn default() -> Self {
-            Self {
-                n: 0,
-                fail_at: None,
-            }
-        }
-    }
-
     fn service(
         drain: &DrainController,
         fail_at: Option<(u32, bool)>,
