@@ -237,6 +237,8 @@ impl Shared {
         );
         let _ = self.report.set(report);
         self.set_phase(Phase::Stopped);
+        // Bodies the registry does not know of (a FrameLayer without a TrackLayer) end now too.
+        self.forced.cancel();
         self.stopped.cancel();
     }
 

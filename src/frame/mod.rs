@@ -14,7 +14,10 @@
 //! Nothing is allocated per forwarded frame and no task is spawned per stream: the drain
 //! wake-up is registered from `poll_frame`.
 //!
-//! Place this layer inside any compression layer, and innermost in the tower-drain stack.
+//! Place this layer inside any compression layer, and innermost in the tower-drain stack. Use
+//! it with a [`TrackLayer`](crate::track::TrackLayer) (as [`DrainStack`](crate::DrainStack)
+//! does): the controller waits only for streams it tracks, and releases any other body when it
+//! reaches `Stopped` (with the forced frame at a boundary, or at once).
 //!
 //! # Example
 //!
@@ -60,3 +63,6 @@ pub(crate) use self::boundary::Tracker;
 pub use self::encoder::{Final, FinalFrame, FnFrame, FrameContext, FrameKind, Grpc, NdJson, Sse};
 pub(crate) use self::service::should_inject;
 pub use self::service::{Frame, FrameLayer, Inject, ResponseFuture, RunToCompletion};
+
+#[cfg(test)]
+mod tests;
