@@ -297,6 +297,80 @@ pub(crate) fn random_seed() -> u64 {
     h.finish()
 }
 
+/// The read-only API shared by [`DrainController`] and [`DrainWatch`].
+macro_rules! observe {
+    ($ty:ident) => {
+        impl $ty {
+            /// The current phase.
+            ///
+            /// ```
+            /// use tower_drain::{DrainController, Phase};
+            /// let drain = DrainController::new();
+            /// assert_eq!(drain.phase(), Phase::Serving);
+            /// assert_eq!(drain.watch().phase(), Phase::Serving);
+            /// ```
+            pub fn phase(&self) -> Phase {
+                self.shared.phase()
+            }
+
+            /// `true` from the moment a drain starts.
+            ///
+            /// ```
+            /// let drain = tower_drain::DrainController::new();
+            /// assert!(!drain.is_draining() && !drain.watch().is_draining());
+            /// ```
+            pub fn is_draining(&self) -> bool {
+                self.shared.phase() >= Phase::Draining
+            }
+
+            /// The reason of the drain under way, if any.
+            ///
+            /// ```
+            /// let drain = tower_drain::DrainController::new();
+            /// assert!(drain.reason().is_none() && drain.watch().reason().is_none());
+            /// ```
+            pub fn reason(&self) -> Option<DrainReason> {
+                self.shared.reason().cloned()
+            }
+
+            /// The validated settings.
+            ///
+            /// ```
+            /// let drain = tower_drain::DrainController::new();
+            /// assert_eq!(drain.watch().config().grace_period().as_secs(), 20);
+            /// ```
+            pub fn config(&self) -> &DrainConfig {
+                &self.shared.config
+            }
+
+            /// Tracked streams currently open.
+            ///
+            /// ```
+            /// let drain = tower_drain::DrainController::new();
+            /// assert_eq!(drain.active_streams(), drain.watch().active_streams());
+            /// ```
+            pub fn active_streams(&self) -> u64 {
+                self.shared.registry.active()
+            }
+
+            /// Resolves when a drain starts. See [`Draining`].
+            pub fn draining(&self) -> Draining {
+                Draining::new(self.shared.draining.clone().cancelled_owned())
+            }
+
+            /// Resolves when `Closing` begins. See [`Closing`].
+            pub fn closing(&self) -> Closing {
+                Closing::new(self.shared.closing.clone().cancelled_owned())
+            }
+
+            /// Resolves at `Stopped`; use it as the server's shutdown signal. See [`Stopped`].
+            pub fn stopped(&self) -> Stopped {
+                Stopped::new(self.shared.stopped.clone().cancelled_owned())
+            }
+        }
+    };
+}
+
 /// The application's handle on the drain: starts it, observes it, and collects its report.
 ///
 /// Cloning is cheap and every clone controls the same drain. Give layers a [`DrainWatch`]
@@ -471,46 +545,6 @@ impl DrainController {
         }
     }
 
-    /// The current phase.
-    pub fn phase(&self) -> Phase {
-        self.shared.phase()
-    }
-
-    /// `true` from the moment a drain starts.
-    pub fn is_draining(&self) -> bool {
-        self.shared.phase() >= Phase::Draining
-    }
-
-    /// The reason of the drain under way, if any.
-    pub fn reason(&self) -> Option<DrainReason> {
-        self.shared.reason().cloned()
-    }
-
-    /// The validated settings.
-    pub fn config(&self) -> &DrainConfig {
-        &self.shared.config
-    }
-
-    /// Tracked streams currently open.
-    pub fn active_streams(&self) -> u64 {
-        self.shared.registry.active()
-    }
-
-    /// Resolves when a drain starts. See [`Draining`].
-    pub fn draining(&self) -> Draining {
-        Draining::new(self.shared.draining.clone().cancelled_owned())
-    }
-
-    /// Resolves when `Closing` begins. See [`Closing`].
-    pub fn closing(&self) -> Closing {
-        Closing::new(self.shared.closing.clone().cancelled_owned())
-    }
-
-    /// Resolves at `Stopped`; use it as the server's shutdown signal. See [`Stopped`].
-    pub fn stopped(&self) -> Stopped {
-        Stopped::new(self.shared.stopped.clone().cancelled_owned())
-    }
-
     /// Waits for `Stopped` and returns the [`ShutdownReport`].
     ///
     /// # Cancellation safety
@@ -548,68 +582,8 @@ impl DrainController {
     }
 }
 
-impl DrainWatch {
-    /// The current phase.
-    ///
-    /// ```
-    /// assert_eq!(tower_drain::DrainController::new().watch().phase(), tower_drain::Phase::Serving);
-    /// ```
-    pub fn phase(&self) -> Phase {
-        self.shared.phase()
-    }
-
-    /// `true` from the moment a drain starts.
-    ///
-    /// ```
-    /// assert!(!tower_drain::DrainController::new().watch().is_draining());
-    /// ```
-    pub fn is_draining(&self) -> bool {
-        self.shared.phase() >= Phase::Draining
-    }
-
-    /// The reason of the drain under way, if any.
-    ///
-    /// ```
-    /// assert!(tower_drain::DrainController::new().watch().reason().is_none());
-    /// ```
-    pub fn reason(&self) -> Option<DrainReason> {
-        self.shared.reason().cloned()
-    }
-
-    /// Tracked streams currently open.
-    ///
-    /// ```
-    /// assert_eq!(tower_drain::DrainController::new().watch().active_streams(), 0);
-    /// ```
-    pub fn active_streams(&self) -> u64 {
-        self.shared.registry.active()
-    }
-
-    /// The controller's settings.
-    ///
-    /// ```
-    /// let w = tower_drain::DrainController::new().watch();
-    /// assert_eq!(w.config().grace_period().as_secs(), 20);
-    /// ```
-    pub fn config(&self) -> &DrainConfig {
-        &self.shared.config
-    }
-
-    /// Resolves when a drain starts. See [`Draining`].
-    pub fn draining(&self) -> Draining {
-        Draining::new(self.shared.draining.clone().cancelled_owned())
-    }
-
-    /// Resolves when `Closing` begins. See [`Closing`].
-    pub fn closing(&self) -> Closing {
-        Closing::new(self.shared.closing.clone().cancelled_owned())
-    }
-
-    /// Resolves at `Stopped`. See [`Stopped`].
-    pub fn stopped(&self) -> Stopped {
-        Stopped::new(self.shared.stopped.clone().cancelled_owned())
-    }
-}
+observe!(DrainController);
+observe!(DrainWatch);
 
 impl fmt::Debug for DrainController {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
