@@ -140,12 +140,9 @@ async fn main() {
     let drain: DrainController = settings.drain.build().expect("validated above");
     drain.listen_for_signals();
 
-    let _ = (
-        settings.max_lifetime,
-        &settings.redis_url,
-        settings.redis_lease_ttl,
-    );
-    let mut stack = DrainStack::new(drain.watch());
+    let mut stack = DrainStack::new(drain.watch())
+        .max_lifetime(settings.max_lifetime)
+        .expect("MAX_STREAM_LIFETIME is validated to be > 0");
     if settings.max_per_client > 0 {
         stack = stack
             .max_per_key(settings.max_per_client)

@@ -1,5 +1,6 @@
 //! Drives the compiled `examples/sse_server` binary the way operators and load tools do:
-//! environment, HTTP and signals.
+//! environment, HTTP and signals. The binary is built by `cargo test` (all targets); after
+//! changing the example, `cargo test --test example_server` alone does not rebuild it.
 
 mod support;
 #[path = "support_redis/mod.rs"]
@@ -316,4 +317,21 @@ async fn with_redis_the_limit_holds_across_processes_and_a_killed_one_frees_its_
     assert_eq!(cleanup["after"], 0);
     assert_eq!(cleanup["max_iterations_reached"], false);
     drop(a);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_reaching_max_stream_lifetime_ends_with_the_timeout_frame() {
+    let p = start(&[("MAX_STREAM_LIFETIME", "1"), ("TICK_MS", "100")]);
+    let mut c = SseClient::open(p.addr, "/events").await;
+    let (events, end) = within("the stream times out", c.rest()).await;
+    assert_eq!(end, Ok(()), "ends cleanly, not with a cut connection");
+    let (last, before) = events.split_last().unwrap();
+    assert!(!before.is_empty() && before.iter().all(|e| e.event.as_deref() == Some("tick")));
+    assert_eq!(last.event.as_deref(), Some("error"));
+    assert_eq!(
+        last.json(),
+        serde_json::json!({"error": "Connection timeout", "code": "TIMEOUT"})
+    );
+    // The server keeps serving.
+    assert_eq!(fetch(p.addr, "/readyz").await.status(), 200);
 }
