@@ -51,6 +51,7 @@ impl Example {
         let mut cmd = Command::new(binary(name));
         cmd.env("ADDR", "127.0.0.1:0")
             .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
         for (k, v) in env {
