@@ -6,7 +6,6 @@ use std::task::{Context, Poll};
 
 use std::time::{Duration, SystemTime};
 
-use bytes::Bytes;
 use http::request::Parts;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode, Version};
 use pin_project_lite::pin_project;
@@ -421,11 +420,7 @@ fn sse_rejection<B>(shared: &Shared, parts: &Parts) -> Response<ResponseBody<B>>
         retry: Duration::from_millis(shared.jittered_retry_ms(splitmix64(random_seed()))),
         timestamp: SystemTime::now(),
     };
-    let frame = Sse::new()
-        .encode(&ctx)
-        .into_parts()
-        .0
-        .unwrap_or_else(Bytes::new);
+    let frame = Sse::new().encode(&ctx).into_parts().0.unwrap_or_default();
     let mut res = Response::new(ResponseBody::frame(frame));
     let h = res.headers_mut();
     h.insert(header::CONTENT_TYPE, EVENT_STREAM);
@@ -487,5 +482,98 @@ where
 impl<F, B> fmt::Debug for ResponseFuture<F, B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ResponseFuture").finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+    use http_body::Body as _;
+    use http_body_util::{BodyExt, Empty};
+    use tower::ServiceExt;
+
+    use super::*;
+    use crate::{DrainController, DrainReason};
+
+    fn parts(method: &str, accept: &[&str], version: Version) -> Parts {
+        let mut b = Request::builder()
+            .method(method)
+            .uri("/events")
+            .version(version);
+        for a in accept {
+            b = b.header(header::ACCEPT, *a);
+        }
+        b.body(()).unwrap().into_parts().0
+    }
+
+    #[test]
+    fn only_a_get_that_names_event_stream_accepts_it() {
+        let yes = |m, a: &[&str]| accepts_event_stream(&parts(m, a, Version::HTTP_11));
+        assert!(yes("GET", &["text/event-stream"]));
+        assert!(yes("GET", &["Text/Event-Stream; charset=utf-8"]));
+        assert!(yes("GET", &["application/json, text/event-stream;q=0.9"]));
+        assert!(yes("GET", &["application/json", "text/event-stream"]));
+        assert!(!yes("GET", &["*/*"]));
+        assert!(!yes("GET", &["text/*"]));
+        assert!(!yes("GET", &[]));
+        assert!(!yes("POST", &["text/event-stream"]));
+        assert!(!yes("GET", &["text/event-streams"]));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn sse_retry_answers_200_with_one_frame() {
+        let drain = DrainController::builder()
+            .reconnect_delay(Duration::from_secs(3))
+            .build()
+            .unwrap();
+        let svc = RejectLayer::new(drain.watch())
+            .sse_retry(true)
+            .layer(tower::service_fn(|_req: Request<()>| async {
+                Ok::<_, std::convert::Infallible>(Response::new(Empty::<Bytes>::new()))
+            }));
+        drain.drain(DrainReason::Manual);
+        drain.closing().await;
+
+        for (version, close) in [(Version::HTTP_11, true), (Version::HTTP_2, false)] {
+            let req = Request::get("/events")
+                .version(version)
+                .header("accept", "text/event-stream")
+                .body(())
+                .unwrap();
+            let res = svc.clone().oneshot(req).await.unwrap();
+            assert_eq!(res.status(), StatusCode::OK);
+            assert_eq!(res.headers()["content-type"], "text/event-stream");
+            assert_eq!(res.headers()["cache-control"], "no-store");
+            assert_eq!(res.headers().contains_key("connection"), close);
+            let body = res.into_body();
+            let len = body.size_hint().exact().unwrap();
+            let bytes = body.collect().await.unwrap().to_bytes();
+            assert_eq!(bytes.len() as u64, len);
+            let text = std::str::from_utf8(&bytes).unwrap();
+            assert!(text.starts_with("event: shutdown\ndata: {\"type\":\"shutdown\""));
+            assert!(text.contains("\"reason\":\"manual\""), "{text}");
+            assert_eq!(text.matches("\n\n").count(), 1, "one event: {text}");
+            let retry: u64 = text
+                .lines()
+                .find_map(|l| l.strip_prefix("retry: "))
+                .unwrap()
+                .parse()
+                .unwrap();
+            assert!((2400..=3600).contains(&retry), "{retry}");
+        }
+        // A gRPC request still gets the gRPC-shaped answer, with the drain message.
+        let grpc = Request::post("/demo.Ticker/Watch")
+            .header("content-type", "application/grpc")
+            .header("accept", "text/event-stream")
+            .body(())
+            .unwrap();
+        let res = svc.oneshot(grpc).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        assert_eq!(res.headers()["grpc-status"], "14");
+        assert_eq!(
+            res.headers()["grpc-message"],
+            "Server%20is%20shutting%20down,%20please%20reconnect"
+        );
+        assert!(res.body().is_end_stream());
     }
 }
