@@ -160,6 +160,20 @@ impl<St> DrainStack<St> {
         self
     }
 
+    /// See [`RejectLayer::sse_retry`]: while closing, a browser's `EventSource` reconnecting
+    /// to this server gets `200` and the shutdown frame instead of `503`, so it retries by
+    /// itself after the frame's `retry:` delay instead of giving up.
+    ///
+    /// ```
+    /// let stack = tower_drain::DrainStack::new(tower_drain::DrainController::new().watch())
+    ///     .sse_retry(true);
+    /// # drop(stack);
+    /// ```
+    pub fn sse_retry(mut self, yes: bool) -> Self {
+        self.reject = self.reject.sse_retry(yes);
+        self
+    }
+
     /// Final frames made by `encoder` instead of SSE; see [`FrameLayer::with_encoder`].
     ///
     /// ```

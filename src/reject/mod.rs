@@ -6,7 +6,14 @@
 //! controller's reconnect delay in whole seconds) and, on HTTP/1.x, `connection: close` (HTTP/2
 //! forbids connection-specific headers). Requests that speak gRPC
 //! (`content-type: application/grpc…`) get a gRPC-shaped answer instead, which gRPC clients
-//! understand: HTTP `200` with `grpc-status: 14` (UNAVAILABLE) and a `grpc-message`.
+//! understand: HTTP `200` with `grpc-status: 14` (UNAVAILABLE) and a `grpc-message` (see
+//! [`Default503`]).
+//!
+//! Browsers need one more thing: the SSE spec makes a non-`200` answer fatal for an
+//! `EventSource`, so a page whose reconnect lands on a draining server and gets `503` gives up
+//! for good. [`sse_retry`](RejectLayer::sse_retry) (opt-in) answers requests that accept
+//! `text/event-stream` with `200` and only the shutdown frame instead, so the browser retries
+//! by itself after the frame's `retry:` delay; its documentation explains the trade-off.
 //!
 //! Requests already in flight are not affected. While serving, the cost is one atomic load.
 //! Probe paths (`/healthz`, `/readyz`, `/status`, `/drain`, `/metrics`) are exempt by default;
@@ -38,6 +45,8 @@
 //! # }
 //! ```
 
+mod body;
 mod service;
 
+pub use self::body::ResponseBody;
 pub use self::service::{Default503, Reject, RejectLayer, RejectResponse, ResponseFuture};

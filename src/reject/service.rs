@@ -4,13 +4,17 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use std::time::{Duration, SystemTime};
+
 use http::request::Parts;
-use http::{header, HeaderValue, Request, Response, StatusCode, Version};
+use http::{header, HeaderValue, Method, Request, Response, StatusCode, Version};
 use pin_project_lite::pin_project;
 use tower_layer::Layer;
 use tower_service::Service;
 
-use crate::controller::{Phase, Shared};
+use super::body::ResponseBody;
+use crate::controller::{random_seed, splitmix64, Phase, Shared};
+use crate::frame::{FinalFrame, FrameContext, FrameKind, Grpc, Sse};
 use crate::DrainWatch;
 
 /// Builds the answer to a rejected request.
@@ -45,6 +49,14 @@ where
 /// The default rejection: `503` + `retry-after` + `connection: close` (HTTP/1.x only), or a
 /// gRPC `UNAVAILABLE` for gRPC requests; the body is `B::default()`.
 ///
+/// A gRPC request (`content-type: application/grpc…`) gets a "Trailers-Only" response, the
+/// shape every gRPC client understands: HTTP `200`, `content-type: application/grpc`,
+/// `grpc-status: 14` (UNAVAILABLE), a percent-encoded `grpc-message` (the controller's drain
+/// message when built by [`RejectLayer::new`]) and `grpc-retry-pushback-ms` (the retry delay,
+/// honoured by clients with a retry policy), and an empty body, so the status travels in the
+/// one HEADERS frame that ends the stream. A plain `503` would reach a gRPC client only as an
+/// HTTP status it has to guess a code from.
+///
 /// ```
 /// use tower_drain::reject::{Default503, RejectResponse};
 /// let mut r = Default503::new(std::time::Duration::from_secs(5));
@@ -52,19 +64,48 @@ where
 /// let res: http::Response<String> = r.response(&parts);
 /// assert_eq!(res.status(), 503);
 /// assert_eq!(res.headers()["retry-after"], "5");
+///
+/// let grpc = http::Request::post("/demo.Ticker/Watch")
+///     .header("content-type", "application/grpc")
+///     .body(())
+///     .unwrap();
+/// let res: http::Response<String> = r.response(&grpc.into_parts().0);
+/// assert_eq!(res.status(), 200);
+/// assert_eq!(res.headers()["grpc-status"], "14");
+/// assert_eq!(res.headers()["grpc-message"], "server%20is%20shutting%20down");
+/// assert_eq!(res.headers()["grpc-retry-pushback-ms"], "5000");
 /// ```
 #[derive(Clone, Debug)]
 pub struct Default503 {
     retry_after: HeaderValue,
+    pushback_ms: HeaderValue,
+    grpc_message: HeaderValue,
 }
 
 impl Default503 {
-    /// With `retry-after` set to `retry_after` rounded up to whole seconds.
-    pub fn new(retry_after: std::time::Duration) -> Self {
+    /// With `retry-after` set to `retry_after` rounded up to whole seconds (and
+    /// `grpc-retry-pushback-ms` to it in milliseconds).
+    pub fn new(retry_after: Duration) -> Self {
         let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
         Self {
             retry_after: HeaderValue::from(secs),
+            pushback_ms: HeaderValue::from(
+                u64::try_from(retry_after.as_millis()).unwrap_or(u64::MAX),
+            ),
+            grpc_message: GRPC_MESSAGE,
         }
+    }
+
+    /// Uses `message` (percent-encoded) as the `grpc-message` of gRPC rejections.
+    fn grpc_message(mut self, message: &str) -> Self {
+        let mut ctx = FrameContext::new(FrameKind::Shutdown);
+        ctx.message = message;
+        // The gRPC encoder's own percent-encoding, so streams and rejections say the same.
+        let trailers = Grpc::new().encode(&ctx).into_parts().1;
+        if let Some(v) = trailers.and_then(|mut t| t.remove("grpc-message")) {
+            self.grpc_message = v;
+        }
+        self
     }
 }
 
@@ -72,12 +113,31 @@ const CLOSE: HeaderValue = HeaderValue::from_static("close");
 const GRPC: HeaderValue = HeaderValue::from_static("application/grpc");
 const UNAVAILABLE: HeaderValue = HeaderValue::from_static("14");
 const GRPC_MESSAGE: HeaderValue = HeaderValue::from_static("server%20is%20shutting%20down");
+const EVENT_STREAM: HeaderValue = HeaderValue::from_static("text/event-stream");
+const NO_STORE: HeaderValue = HeaderValue::from_static("no-store");
 
 fn is_grpc(parts: &Parts) -> bool {
     parts
         .headers
         .get(header::CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+/// Whether a `GET` names `text/event-stream` in its `accept` header (as every `EventSource`
+/// does). A wildcard (`*/*`) does not count: only a client that asked for an event stream
+/// gets one.
+fn accepts_event_stream(parts: &Parts) -> bool {
+    parts.method == Method::GET
+        && parts
+            .headers
+            .get_all(header::ACCEPT)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|range| {
+                let media = range.split(';').next().unwrap_or("").trim();
+                media.eq_ignore_ascii_case("text/event-stream")
+            })
 }
 
 impl<B: Default> RejectResponse<B> for Default503 {
@@ -91,7 +151,8 @@ impl<B: Default> RejectResponse<B> for Default503 {
             // A "Trailers-Only" gRPC response: clients read UNAVAILABLE and retry.
             h.insert(header::CONTENT_TYPE, GRPC);
             h.insert("grpc-status", UNAVAILABLE);
-            h.insert("grpc-message", GRPC_MESSAGE);
+            h.insert("grpc-message", self.grpc_message.clone());
+            h.insert("grpc-retry-pushback-ms", self.pushback_ms.clone());
         } else {
             h.insert(header::RETRY_AFTER, self.retry_after.clone());
             if parts.version <= Version::HTTP_11 {
@@ -121,6 +182,7 @@ pub struct RejectLayer<R = Default503> {
     response: R,
     exempt: ExemptFn,
     from: Phase,
+    sse_retry: bool,
 }
 
 impl RejectLayer<Default503> {
@@ -132,12 +194,14 @@ impl RejectLayer<Default503> {
     /// # drop(layer);
     /// ```
     pub fn new(watch: DrainWatch) -> Self {
-        let response = Default503::new(watch.config().reconnect_delay());
+        let config = watch.config();
+        let response = Default503::new(config.reconnect_delay()).grpc_message(config.message());
         Self {
             shared: watch.shared,
             response,
             exempt: Arc::new(probe_paths),
             from: Phase::Closing,
+            sse_retry: false,
         }
     }
 }
@@ -174,6 +238,62 @@ impl<R> RejectLayer<R> {
         self
     }
 
+    /// Answers a rejected `GET` that accepts `text/event-stream` (every browser `EventSource`
+    /// sends `accept: text/event-stream`) with `200`, `content-type: text/event-stream` and a
+    /// body of only the SSE shutdown frame (its `retry:` line is the controller's jittered
+    /// reconnect delay), instead of the rejection response. Off by default.
+    ///
+    /// The SSE spec makes any non-`200` answer fatal for an `EventSource`: a browser whose
+    /// reconnect lands on a draining server and gets `503` closes for good (`readyState`
+    /// `CLOSED`), and only a page reload brings it back. With this mode the browser reads the
+    /// frame, sees the body end, and reconnects by itself after `retry:` ms — to this server,
+    /// which answers the same way while it drains, or to whichever server has replaced it.
+    /// It sends `Last-Event-ID` each time, since the frame carries no `id:`.
+    ///
+    /// The trade-off: the rejection is a `200`, so status-based monitoring, access logs and
+    /// load-balancer error counts see a success (the `rejected` count and the
+    /// `tower_drain_rejected_total` metric still count it); and a non-browser client that
+    /// sends `accept: text/event-stream` but ignores `retry:` may reconnect at once, in a loop,
+    /// where `503` + `retry-after` would have slowed it down. Requests without that `accept`
+    /// value (curl's `*/*`, gRPC, …) still get the rejection response.
+    ///
+    /// ```
+    /// # use http::{Request, Response}; use bytes::Bytes; use http_body_util::{BodyExt, Empty};
+    /// # use tower::{ServiceBuilder, ServiceExt};
+    /// use std::time::Duration;
+    /// use tower_drain::{DrainController, DrainReason, reject::RejectLayer};
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
+    /// let drain = DrainController::builder()
+    ///     .reconnect_delay(Duration::from_secs(2))
+    ///     .reconnect_jitter(0.0)
+    ///     .build()
+    ///     .unwrap();
+    /// let svc = ServiceBuilder::new()
+    ///     .layer(RejectLayer::new(drain.watch()).sse_retry(true))
+    ///     .service_fn(|_req: Request<()>| async {
+    ///         Ok::<_, std::convert::Infallible>(Response::new(Empty::<Bytes>::new()))
+    ///     });
+    /// drain.drain(DrainReason::Manual);
+    /// drain.closing().await;
+    ///
+    /// let req = Request::get("/events").header("accept", "text/event-stream").body(()).unwrap();
+    /// let res = svc.clone().oneshot(req).await.unwrap();
+    /// assert_eq!(res.status(), 200);
+    /// assert_eq!(res.headers()["content-type"], "text/event-stream");
+    /// let body = res.into_body().collect().await.unwrap().to_bytes();
+    /// assert!(body.starts_with(b"event: shutdown\ndata: {"));
+    /// assert!(body.ends_with(b"\nretry: 2000\n\n"));
+    ///
+    /// // Anything else still gets the 503.
+    /// let res = svc.oneshot(Request::get("/events").body(()).unwrap()).await.unwrap();
+    /// assert_eq!(res.status(), 503);
+    /// # }
+    /// ```
+    pub fn sse_retry(mut self, yes: bool) -> Self {
+        self.sse_retry = yes;
+        self
+    }
+
     /// Answers rejected requests with `response` instead of [`Default503`].
     pub fn with_response<R2>(self, response: R2) -> RejectLayer<R2> {
         RejectLayer {
@@ -181,6 +301,7 @@ impl<R> RejectLayer<R> {
             response,
             exempt: self.exempt,
             from: self.from,
+            sse_retry: self.sse_retry,
         }
     }
 }
@@ -192,6 +313,7 @@ impl<R: Clone> Clone for RejectLayer<R> {
             response: self.response.clone(),
             exempt: self.exempt.clone(),
             from: self.from,
+            sse_retry: self.sse_retry,
         }
     }
 }
@@ -200,6 +322,7 @@ impl<R> fmt::Debug for RejectLayer<R> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RejectLayer")
             .field("from", &self.from)
+            .field("sse_retry", &self.sse_retry)
             .finish_non_exhaustive()
     }
 }
@@ -214,6 +337,7 @@ impl<S, R: Clone> Layer<S> for RejectLayer<R> {
             response: self.response.clone(),
             exempt: self.exempt.clone(),
             from: self.from,
+            sse_retry: self.sse_retry,
         }
     }
 }
@@ -225,6 +349,7 @@ pub struct Reject<S, R = Default503> {
     response: R,
     exempt: ExemptFn,
     from: Phase,
+    sse_retry: bool,
 }
 
 crate::macros::inner_service_accessors!(Reject<S, R>);
@@ -237,6 +362,7 @@ impl<S: Clone, R: Clone> Clone for Reject<S, R> {
             response: self.response.clone(),
             exempt: self.exempt.clone(),
             from: self.from,
+            sse_retry: self.sse_retry,
         }
     }
 }
@@ -246,6 +372,7 @@ impl<S: fmt::Debug, R> fmt::Debug for Reject<S, R> {
         f.debug_struct("Reject")
             .field("inner", &self.inner)
             .field("from", &self.from)
+            .field("sse_retry", &self.sse_retry)
             .finish_non_exhaustive()
     }
 }
@@ -255,7 +382,7 @@ where
     S: Service<Request<ReqB>, Response = Response<ResB>>,
     R: RejectResponse<ResB>,
 {
-    type Response = Response<ResB>;
+    type Response = Response<ResponseBody<ResB>>;
     type Error = S::Error;
     type Future = ResponseFuture<S::Future, ResB>;
 
@@ -276,8 +403,32 @@ where
         }
         self.shared.count_rejected();
         tracing::debug!(method = %parts.method, path = parts.uri.path(), "draining: request rejected");
-        ResponseFuture::rejected(self.response.response(&parts))
+        if self.sse_retry && accepts_event_stream(&parts) {
+            return ResponseFuture::rejected(sse_rejection(&self.shared, &parts));
+        }
+        ResponseFuture::rejected(self.response.response(&parts).map(ResponseBody::new))
     }
+}
+
+/// `200` with only the SSE shutdown frame; see [`RejectLayer::sse_retry`].
+fn sse_rejection<B>(shared: &Shared, parts: &Parts) -> Response<ResponseBody<B>> {
+    let ctx = FrameContext {
+        kind: FrameKind::Shutdown,
+        reason: shared.reason().map(|r| r.as_str()),
+        message: shared.config.message(),
+        reconnect_delay: shared.config.reconnect_delay,
+        retry: Duration::from_millis(shared.jittered_retry_ms(splitmix64(random_seed()))),
+        timestamp: SystemTime::now(),
+    };
+    let frame = Sse::new().encode(&ctx).into_parts().0.unwrap_or_default();
+    let mut res = Response::new(ResponseBody::frame(frame));
+    let h = res.headers_mut();
+    h.insert(header::CONTENT_TYPE, EVENT_STREAM);
+    h.insert(header::CACHE_CONTROL, NO_STORE);
+    if parts.version <= Version::HTTP_11 {
+        h.insert(header::CONNECTION, CLOSE);
+    }
+    res
 }
 
 pin_project! {
@@ -292,7 +443,7 @@ pin_project! {
     #[project = KindProj]
     enum Kind<F, B> {
         Inner { #[pin] fut: F },
-        Rejected { res: Option<Response<B>> },
+        Rejected { res: Option<Response<ResponseBody<B>>> },
     }
 }
 
@@ -303,7 +454,7 @@ impl<F, B> ResponseFuture<F, B> {
         }
     }
 
-    fn rejected(res: Response<B>) -> Self {
+    fn rejected(res: Response<ResponseBody<B>>) -> Self {
         Self {
             kind: Kind::Rejected { res: Some(res) },
         }
@@ -314,11 +465,13 @@ impl<F, B, E> Future for ResponseFuture<F, B>
 where
     F: Future<Output = Result<Response<B>, E>>,
 {
-    type Output = Result<Response<B>, E>;
+    type Output = Result<Response<ResponseBody<B>>, E>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project().kind.project() {
-            KindProj::Inner { fut } => fut.poll(cx),
+            KindProj::Inner { fut } => fut
+                .poll(cx)
+                .map(|res| res.map(|res| res.map(ResponseBody::new))),
             KindProj::Rejected { res } => {
                 Poll::Ready(Ok(res.take().expect("polled after completion")))
             }
@@ -329,5 +482,98 @@ where
 impl<F, B> fmt::Debug for ResponseFuture<F, B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ResponseFuture").finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+    use http_body::Body as _;
+    use http_body_util::{BodyExt, Empty};
+    use tower::ServiceExt;
+
+    use super::*;
+    use crate::{DrainController, DrainReason};
+
+    fn parts(method: &str, accept: &[&str], version: Version) -> Parts {
+        let mut b = Request::builder()
+            .method(method)
+            .uri("/events")
+            .version(version);
+        for a in accept {
+            b = b.header(header::ACCEPT, *a);
+        }
+        b.body(()).unwrap().into_parts().0
+    }
+
+    #[test]
+    fn only_a_get_that_names_event_stream_accepts_it() {
+        let yes = |m, a: &[&str]| accepts_event_stream(&parts(m, a, Version::HTTP_11));
+        assert!(yes("GET", &["text/event-stream"]));
+        assert!(yes("GET", &["Text/Event-Stream; charset=utf-8"]));
+        assert!(yes("GET", &["application/json, text/event-stream;q=0.9"]));
+        assert!(yes("GET", &["application/json", "text/event-stream"]));
+        assert!(!yes("GET", &["*/*"]));
+        assert!(!yes("GET", &["text/*"]));
+        assert!(!yes("GET", &[]));
+        assert!(!yes("POST", &["text/event-stream"]));
+        assert!(!yes("GET", &["text/event-streams"]));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn sse_retry_answers_200_with_one_frame() {
+        let drain = DrainController::builder()
+            .reconnect_delay(Duration::from_secs(3))
+            .build()
+            .unwrap();
+        let svc = RejectLayer::new(drain.watch())
+            .sse_retry(true)
+            .layer(tower::service_fn(|_req: Request<()>| async {
+                Ok::<_, std::convert::Infallible>(Response::new(Empty::<Bytes>::new()))
+            }));
+        drain.drain(DrainReason::Manual);
+        drain.closing().await;
+
+        for (version, close) in [(Version::HTTP_11, true), (Version::HTTP_2, false)] {
+            let req = Request::get("/events")
+                .version(version)
+                .header("accept", "text/event-stream")
+                .body(())
+                .unwrap();
+            let res = svc.clone().oneshot(req).await.unwrap();
+            assert_eq!(res.status(), StatusCode::OK);
+            assert_eq!(res.headers()["content-type"], "text/event-stream");
+            assert_eq!(res.headers()["cache-control"], "no-store");
+            assert_eq!(res.headers().contains_key("connection"), close);
+            let body = res.into_body();
+            let len = body.size_hint().exact().unwrap();
+            let bytes = body.collect().await.unwrap().to_bytes();
+            assert_eq!(bytes.len() as u64, len);
+            let text = std::str::from_utf8(&bytes).unwrap();
+            assert!(text.starts_with("event: shutdown\ndata: {\"type\":\"shutdown\""));
+            assert!(text.contains("\"reason\":\"manual\""), "{text}");
+            assert_eq!(text.matches("\n\n").count(), 1, "one event: {text}");
+            let retry: u64 = text
+                .lines()
+                .find_map(|l| l.strip_prefix("retry: "))
+                .unwrap()
+                .parse()
+                .unwrap();
+            assert!((2400..=3600).contains(&retry), "{retry}");
+        }
+        // A gRPC request still gets the gRPC-shaped answer, with the drain message.
+        let grpc = Request::post("/demo.Ticker/Watch")
+            .header("content-type", "application/grpc")
+            .header("accept", "text/event-stream")
+            .body(())
+            .unwrap();
+        let res = svc.oneshot(grpc).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        assert_eq!(res.headers()["grpc-status"], "14");
+        assert_eq!(
+            res.headers()["grpc-message"],
+            "Server%20is%20shutting%20down,%20please%20reconnect"
+        );
+        assert!(res.body().is_end_stream());
     }
 }
