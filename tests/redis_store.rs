@@ -298,9 +298,13 @@ async fn crashed_store_holds_slots_until_the_ttl_and_not_longer() {
         match survivor.acquire("carol", 2).await.unwrap() {
             Some(l) => {
                 let now_after = redis_now(&mut c).await;
+                // A heartbeat already in flight when the store was dropped may rewrite the
+                // scores from its estimate of the Redis clock, which can lag by a round trip;
+                // allow the same 50 ms on this side as on the other.
                 assert!(
-                    now_after >= expiry,
-                    "granted before the crashed leases expired"
+                    now_after + 50 >= expiry,
+                    "granted {} ms before the crashed leases expired",
+                    expiry - now_after
                 );
                 break l;
             }
