@@ -3,86 +3,26 @@
 //! changing the example, `cargo test --test example_server` alone does not rebuild it.
 
 mod support;
+#[path = "support_example/mod.rs"]
+mod support_example;
 #[path = "support_redis/mod.rs"]
 mod support_redis;
 
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use support::*;
+use support_example::Example;
+
+fn start(env: &[(&str, &str)]) -> Example {
+    Example::start("sse_server", env)
+}
 
 fn binary() -> std::path::PathBuf {
     // target/<profile>/deps/<this test> -> target/<profile>/examples/sse_server
     let exe = std::env::current_exe().unwrap();
     let dir = exe.parent().unwrap().parent().unwrap();
     dir.join("examples").join("sse_server")
-}
-
-struct Proc {
-    child: Child,
-    stdout: Option<BufReader<std::process::ChildStdout>>,
-    addr: SocketAddr,
-}
-
-impl Proc {
-    /// Waits for the process to exit; returns its exit code and the rest of its stdout.
-    async fn finish(mut self) -> (Option<i32>, String) {
-        let mut stdout = self.stdout.take().unwrap();
-        let mut child = std::mem::replace(&mut self.child, Command::new("true").spawn().unwrap());
-        tokio::task::spawn_blocking(move || {
-            let mut rest = String::new();
-            std::io::Read::read_to_string(&mut stdout, &mut rest).unwrap();
-            (child.wait().unwrap().code(), rest)
-        })
-        .await
-        .unwrap()
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start(env: &[(&str, &str)]) -> Proc {
-    let mut cmd = Command::new(binary());
-    cmd.env("ADDR", "127.0.0.1:0")
-        .env("RUST_LOG", "warn")
-        .env_remove("REDIS_URL")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null());
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let mut child = cmd
-        .spawn()
-        .expect("run examples/sse_server (built by cargo test)");
-    let mut stdout = BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    stdout.read_line(&mut line).unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("listening on http://")
-        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-        .parse()
-        .unwrap();
-    Proc {
-        child,
-        stdout: Some(stdout),
-        addr,
-    }
-}
-
-fn signal(p: &Proc, sig: &str) {
-    let ok = Command::new("kill")
-        .args([sig, &p.child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(ok.success());
 }
 
 async fn body_text(res: http::Response<hyper::body::Incoming>) -> String {
@@ -166,7 +106,7 @@ async fn sigterm_drains_every_stream_and_exits_0_with_the_report() {
     assert_eq!(status["active_streams"], N);
     assert_eq!(status["phase"], "serving");
 
-    signal(&p, "-TERM");
+    p.signal("-TERM");
     let results = within(
         "every client reads to the end",
         futures_util::future::join_all(clients.iter_mut().map(|c| c.rest())),
@@ -189,7 +129,8 @@ async fn sigterm_drains_every_stream_and_exits_0_with_the_report() {
     }
 
     let addr = p.addr;
-    let (code, rest) = within("the process exits", p.finish()).await;
+    let exit = p.exit_within(WATCHDOG).await;
+    let (code, rest) = (exit.code, exit.stdout);
     assert_eq!(code, Some(0));
     let lines: Vec<&str> = rest.lines().collect();
     assert_eq!(lines.len(), 1, "exactly one more stdout line: {rest:?}");
@@ -240,7 +181,8 @@ async fn manual_drain_needs_the_key_and_changes_nothing_on_401() {
     let (events, end) = within("stream ends", stream.rest()).await;
     assert_eq!(end, Ok(()));
     assert_eq!(events.last().unwrap().json()["reason"], "manual");
-    let (code, rest) = within("exit", p.finish()).await;
+    let exit = p.exit_within(WATCHDOG).await;
+    let (code, rest) = (exit.code, exit.stdout);
     assert_eq!(code, Some(0));
     assert!(rest.contains("\"reason\":\"manual\""));
 }
@@ -288,7 +230,7 @@ async fn with_redis_the_limit_holds_across_processes_and_a_killed_one_frees_its_
     );
 
     // A dies without cleaning up; its lease expires after REDIS_LEASE_TTL.
-    signal(&a, "-KILL");
+    a.signal("-KILL");
     let killed_at = std::time::Instant::now();
     let mut on_b = loop {
         let res = fetch_with(b.addr, "/events", &alice).await;
@@ -305,11 +247,12 @@ async fn with_redis_the_limit_holds_across_processes_and_a_killed_one_frees_its_
     on_b.next_event().await.unwrap();
 
     // B drains with alice's stream open: the stream releases its own lease.
-    signal(&b, "-TERM");
+    b.signal("-TERM");
     let (events, end) = within("stream ends", on_b.rest()).await;
     assert_eq!(end, Ok(()));
     assert_eq!(events.last().unwrap().event.as_deref(), Some("shutdown"));
-    let (code, rest) = within("exit", b.finish()).await;
+    let exit = b.exit_within(WATCHDOG).await;
+    let (code, rest) = (exit.code, exit.stdout);
     assert_eq!(code, Some(0));
     let report: serde_json::Value = serde_json::from_str(rest.trim()).unwrap();
     let cleanup = &report["shutdown_report"]["store_cleanup"];

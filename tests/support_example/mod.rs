@@ -20,7 +20,7 @@ pub struct Exit {
     pub code: Option<i32>,
     /// Its stdout after the `listening on` line.
     pub stdout: String,
-    /// From [`Example::signal`] to the exit.
+    /// From the start of the wait (just after the signal) to the exit.
     pub after_signal: Duration,
 }
 
@@ -51,6 +51,8 @@ impl Example {
         let mut cmd = Command::new(binary(name));
         cmd.env("ADDR", "127.0.0.1:0")
             .env("RUST_LOG", "warn")
+            // In-memory unless the test asks for Redis itself.
+            .env_remove("REDIS_URL")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
@@ -76,14 +78,25 @@ impl Example {
         }
     }
 
-    /// Sends `SIGTERM`, then waits (at most `limit`) for the exit.
-    pub async fn terminate_within(mut self, limit: Duration) -> Exit {
+    /// Sends a signal (`"-TERM"`, `"-KILL"`, …) to the process.
+    pub fn signal(&self, sig: &str) {
         let ok = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
+            .args([sig, &self.child.id().to_string()])
             .status()
             .unwrap();
-        assert!(ok.success(), "kill -TERM");
-        let signalled = Instant::now();
+        assert!(ok.success(), "kill {sig}");
+    }
+
+    /// Sends `SIGTERM`, then waits (at most `limit`) for the exit.
+    pub async fn terminate_within(self, limit: Duration) -> Exit {
+        self.signal("-TERM");
+        self.exit_within(limit).await
+    }
+
+    /// Waits (at most `limit`) for the process to exit by itself (after a signal or a drain
+    /// started over HTTP); kills it and fails the test otherwise.
+    pub async fn exit_within(mut self, limit: Duration) -> Exit {
+        let started = Instant::now();
         let mut stdout = self.stdout.take().unwrap();
         let mut child = std::mem::replace(&mut self.child, Command::new("true").spawn().unwrap());
         let pid = child.id();
@@ -98,14 +111,14 @@ impl Example {
                 Exit {
                     code,
                     stdout,
-                    after_signal: signalled.elapsed(),
+                    after_signal: started.elapsed(),
                 }
             }
             Err(_) => {
                 let _ = Command::new("kill")
                     .args(["-KILL", &pid.to_string()])
                     .status();
-                panic!("the process did not exit within {limit:?} of SIGTERM");
+                panic!("the process did not exit within {limit:?}");
             }
         }
     }
