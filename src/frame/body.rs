@@ -14,7 +14,7 @@ use tokio_util::sync::WaitForCancellationFutureOwned;
 
 use super::boundary::Tracker;
 use super::encoder::{FinalFrame, FrameContext, FrameKind};
-use crate::controller::Shared;
+use crate::controller::{Phase, Shared};
 
 /// What a [`FrameBody`] needs from its layer: the controller's state and the encoder.
 pub(crate) struct FrameConfig {
@@ -104,22 +104,27 @@ pin_project! {
     pub struct FrameBody<B> {
         #[pin]
         inner: B,
+        // Boxed: only injecting (streaming) responses carry the signal and the timer, so every
+        // other response stays as small as its inner body, which matters because responses are
+        // moved through every layer.
+        inj: Option<Pin<Box<Injecting>>>,
+    }
+}
+
+pin_project! {
+    /// The state of an injecting [`FrameBody`], allocated once per stream.
+    struct Injecting {
         #[pin]
         signal: Option<WaitForCancellationFutureOwned>,
         #[pin]
         delay: Option<Sleep>,
-        inj: Option<Injector>,
+        inj: Injector,
     }
 }
 
 impl<B> FrameBody<B> {
     pub(crate) fn passthrough(inner: B) -> Self {
-        Self {
-            inner,
-            signal: None,
-            delay: None,
-            inj: None,
-        }
+        Self { inner, inj: None }
     }
 
     pub(crate) fn inject(
@@ -132,17 +137,19 @@ impl<B> FrameBody<B> {
         let tracker = Tracker::new(cfg.encoder.boundary());
         Self {
             inner,
-            signal: Some(signal),
-            delay: None,
-            inj: Some(Injector {
-                cfg,
-                tracker,
-                step: Step::Watching,
-                run_to_completion,
-                jitter: 0,
-                trailers: None,
-                gate,
-            }),
+            inj: Some(Box::pin(Injecting {
+                signal: Some(signal),
+                delay: None,
+                inj: Injector {
+                    cfg,
+                    tracker,
+                    step: Step::Watching,
+                    run_to_completion,
+                    jitter: 0,
+                    trailers: None,
+                    gate,
+                },
+            })),
         }
     }
 }
@@ -165,9 +172,40 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         let mut this = self.project();
-        let Some(inj) = this.inj.as_mut() else {
+        let Some(state) = this.inj.as_mut() else {
             return this.inner.poll_frame(cx);
         };
+        let state = state.as_mut().project();
+        let (mut signal, mut delay, inj) = (state.signal, state.delay, state.inj);
+
+        // Fast path while serving: one atomic load instead of polling the closing signal (a
+        // lock inside the cancellation token) per frame. The signal is polled, and its waker
+        // registered, whenever the inner body is pending, so an idle stream still wakes when
+        // `Closing` begins; a busy one sees the phase change on its next frame (the phase is
+        // set before the signal fires).
+        if inj.step == Step::Watching && inj.cfg.shared.phase() < Phase::Closing {
+            match this.inner.as_mut().poll_frame(cx) {
+                Poll::Ready(res) => {
+                    match &res {
+                        Some(Ok(frame)) => {
+                            if let Some(d) = frame.data_ref() {
+                                inj.tracker.update(d);
+                            }
+                        }
+                        Some(Err(_)) => {}
+                        None => inj.step = Step::Done,
+                    }
+                    return Poll::Ready(res);
+                }
+                Poll::Pending => {
+                    let closing = signal.as_mut().as_pin_mut().map(|s| s.poll(cx).is_ready());
+                    if closing != Some(true) {
+                        return Poll::Pending;
+                    }
+                    // `Closing` began meanwhile: the slow path below takes it from here.
+                }
+            }
+        }
         loop {
             match inj.step {
                 Step::Done => return Poll::Ready(None),
@@ -183,35 +221,34 @@ where
 
             // Drain signals: first `Closing`, then (same slot, re-armed) the grace deadline.
             if inj.step != Step::Forced {
-                if let Some(signal) = this.signal.as_mut().as_pin_mut() {
-                    if signal.poll(cx).is_ready() {
+                if let Some(sig) = signal.as_mut().as_pin_mut() {
+                    if sig.poll(cx).is_ready() {
                         if inj.step == Step::Watching {
                             let shared = &inj.cfg.shared;
-                            this.signal
-                                .set(Some(shared.forced_token().clone().cancelled_owned()));
-                            let (delay, jitter) = shared.take_slot();
+                            signal.set(Some(shared.forced_token().clone().cancelled_owned()));
+                            let (d, jitter) = shared.take_slot();
                             inj.jitter = jitter;
                             inj.step = if inj.run_to_completion {
                                 Step::Scheduled
-                            } else if delay.is_zero() {
+                            } else if d.is_zero() {
                                 Step::Due
                             } else {
-                                this.delay.set(Some(tokio::time::sleep(delay)));
+                                delay.set(Some(tokio::time::sleep(d)));
                                 Step::Scheduled
                             };
                             // Poll the re-armed signal so its waker is registered.
                             continue;
                         }
                         inj.step = Step::Forced;
-                        this.signal.set(None);
-                        this.delay.set(None);
+                        signal.set(None);
+                        delay.set(None);
                     }
                 }
             }
             if inj.step == Step::Scheduled {
-                if let Some(d) = this.delay.as_mut().as_pin_mut() {
+                if let Some(d) = delay.as_mut().as_pin_mut() {
                     if d.poll(cx).is_ready() {
-                        this.delay.set(None);
+                        delay.set(None);
                         inj.step = Step::Due;
                     }
                 }
@@ -264,14 +301,14 @@ where
     fn is_end_stream(&self) -> bool {
         match &self.inj {
             None => self.inner.is_end_stream(),
-            Some(inj) => inj.step == Step::Done,
+            Some(s) => s.inj.step == Step::Done,
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match &self.inj {
             None => self.inner.size_hint(),
-            Some(inj) if inj.step == Step::Done => SizeHint::with_exact(0),
+            Some(s) if s.inj.step == Step::Done => SizeHint::with_exact(0),
             Some(_) => {
                 let mut h = SizeHint::new();
                 h.set_lower(self.inner.size_hint().lower());
@@ -285,7 +322,7 @@ impl<B> std::fmt::Debug for FrameBody<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("FrameBody")
             .field("injecting", &self.inj.is_some())
-            .field("step", &self.inj.as_ref().map(|i| i.step))
+            .field("step", &self.inj.as_ref().map(|s| s.inj.step))
             .finish_non_exhaustive()
     }
 }

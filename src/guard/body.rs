@@ -89,10 +89,19 @@ pin_project! {
     pub struct GuardedBody<B> {
         #[pin]
         inner: Option<B>,
+        watched: Option<(Arc<Config>, Uri)>,
+        // Boxed: only streaming responses carry the timer and the per-stream state, so every
+        // other response stays small (responses are moved through every layer).
+        st: Option<Pin<Box<Streaming>>>,
+    }
+}
+
+pin_project! {
+    /// The state of an injecting [`GuardedBody`], allocated once per stream.
+    struct Streaming {
         #[pin]
         timer: Option<Sleep>,
-        watched: Option<(Arc<Config>, Uri)>,
-        st: Option<Stream>,
+        st: Stream,
     }
 }
 
@@ -107,7 +116,6 @@ impl<B> GuardedBody<B> {
     pub(crate) fn empty() -> Self {
         Self {
             inner: None,
-            timer: None,
             watched: None,
             st: None,
         }
@@ -116,7 +124,6 @@ impl<B> GuardedBody<B> {
     pub(crate) fn passthrough(inner: B) -> Self {
         Self {
             inner: Some(inner),
-            timer: None,
             watched: None,
             st: None,
         }
@@ -126,7 +133,6 @@ impl<B> GuardedBody<B> {
     pub(crate) fn watched(inner: B, cfg: Arc<Config>, uri: Uri) -> Self {
         Self {
             inner: Some(inner),
-            timer: None,
             watched: Some((cfg, uri)),
             st: None,
         }
@@ -135,13 +141,14 @@ impl<B> GuardedBody<B> {
     pub(crate) fn stream(inner: B, call: CallState, gate: Option<FinalGate>) -> Self {
         let cfg = call.cfg;
         let now = Instant::now();
+        let started = call.started.unwrap_or(now);
         let (id, jitter) = cfg.next_stream();
         // Two independent fractions in [0, 1) from one mixed value.
         let u1 = (jitter >> 11) as f64 / (1u64 << 53) as f64;
         let u2 = (crate::controller::splitmix64(jitter) >> 11) as f64 / (1u64 << 53) as f64;
         let lifetime_at = cfg
             .max_lifetime
-            .map(|d| call.started + d.mul_f64(1.0 - cfg.lifetime_jitter * u1));
+            .map(|d| started + d.mul_f64(1.0 - cfg.lifetime_jitter * u1));
         let heartbeat = cfg
             .heartbeat
             .and_then(|_| match cfg.frame.encoder.boundary() {
@@ -151,11 +158,11 @@ impl<B> GuardedBody<B> {
             });
         let reval = match (&cfg.revalidate, call.parts) {
             (Some((every, check)), Some(parts)) => Some(Box::new(Reval {
-                parts,
+                parts: *parts,
                 check: check.clone(),
                 every: *every,
                 // Staggered: the first check after 50–100 % of the interval.
-                next_at: Some(call.started + every.mul_f64(0.5 + 0.5 * u2)),
+                next_at: Some(started + every.mul_f64(0.5 + 0.5 * u2)),
                 running: Mutex::new(None),
             })),
             _ => None,
@@ -187,9 +194,8 @@ impl<B> GuardedBody<B> {
         });
         Self {
             inner: Some(inner),
-            timer,
             watched: None,
-            st: Some(st),
+            st: Some(Box::pin(Streaming { timer, st })),
         }
     }
 }
@@ -393,7 +399,7 @@ where
         let Some(mut inner) = this.inner.as_mut().as_pin_mut() else {
             return Poll::Ready(None);
         };
-        let Some(st) = this.st.as_mut() else {
+        let Some(boxed) = this.st.as_mut() else {
             let res = ready!(inner.poll_frame(cx));
             if let Some(Err(e)) = &res {
                 if let Some((cfg, uri)) = this.watched.take() {
@@ -402,6 +408,8 @@ where
             }
             return Poll::Ready(res);
         };
+        let proj = boxed.as_mut().project();
+        let (st, mut timer) = (proj.st, proj.timer);
         loop {
             match st.step {
                 Step::Done => return Poll::Ready(None),
@@ -424,7 +432,7 @@ where
                 Step::Streaming | Step::Due(_) => {}
             }
 
-            st.poll_timers(this.timer.as_mut(), cx);
+            st.poll_timers(timer.as_mut(), cx);
 
             match st.step {
                 Step::Due(kind) => {
@@ -514,7 +522,7 @@ where
         match (&self.inner, &self.st) {
             (None, _) => true,
             (Some(i), None) => i.is_end_stream(),
-            (Some(i), Some(st)) => match st.step {
+            (Some(i), Some(s)) => match s.st.step {
                 Step::Done => true,
                 Step::Passthrough => i.is_end_stream(),
                 _ => false,
@@ -526,7 +534,7 @@ where
         match (&self.inner, &self.st) {
             (None, _) => SizeHint::with_exact(0),
             (Some(i), None) => i.size_hint(),
-            (Some(i), Some(st)) => match st.step {
+            (Some(i), Some(s)) => match s.st.step {
                 Step::Done => SizeHint::with_exact(0),
                 Step::Passthrough => i.size_hint(),
                 _ => {
@@ -543,7 +551,7 @@ impl<B> fmt::Debug for GuardedBody<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("GuardedBody")
             .field("empty", &self.inner.is_none())
-            .field("step", &self.st.as_ref().map(|s| s.step))
+            .field("step", &self.st.as_ref().map(|s| s.st.step))
             .finish_non_exhaustive()
     }
 }
@@ -833,7 +841,7 @@ mod tests {
         let mut ended = Vec::new();
         for (i, b) in bodies.iter_mut().enumerate() {
             b.enter(|_, body| {
-                if body.is_end_stream() || body.st.as_ref().unwrap().step != Step::Streaming {
+                if body.is_end_stream() || body.st.as_ref().unwrap().st.step != Step::Streaming {
                     ended.push(i);
                 }
             });

@@ -19,11 +19,13 @@ use crate::frame::{should_inject, FinalGate};
 pub(crate) struct CallState {
     pub(crate) cfg: Arc<Config>,
     pub(crate) probe: Option<Probe>,
-    pub(crate) started: Instant,
+    /// When `call` ran; only taken when a setting needs it (response timeout, lifetime,
+    /// revalidation), else the body's creation stands in for it.
+    pub(crate) started: Option<Instant>,
     pub(crate) deadline: Option<Instant>,
     pub(crate) head: bool,
     pub(crate) uri: Uri,
-    pub(crate) parts: Option<Parts>,
+    pub(crate) parts: Option<Box<Parts>>,
 }
 
 impl CallState {
@@ -59,8 +61,9 @@ pin_project! {
         Calling {
             #[pin]
             fut: F,
-            #[pin]
-            timeout: Option<Sleep>,
+            // Boxed, and only when a response timeout is set: a `Sleep` is large, and the
+            // future is moved through every layer.
+            timeout: Option<Pin<Box<Sleep>>>,
             state: Option<CallState>,
         },
         Rejected {
@@ -109,7 +112,7 @@ where
         let timed_out = match kind.as_mut().project() {
             KindProj::Calling {
                 fut,
-                mut timeout,
+                timeout,
                 state,
             } => {
                 // The inner future first: a response ready at the deadline wins the tie.
@@ -122,12 +125,10 @@ where
                 let Some(deadline) = st.deadline else {
                     return Poll::Pending;
                 };
-                if timeout.is_none() {
-                    // Created on first poll, so `call` works outside a runtime too.
-                    timeout.set(Some(tokio::time::sleep_until(deadline)));
-                }
-                let sleep = timeout.as_pin_mut().expect("set above");
-                if sleep.poll(cx).is_pending() {
+                // Created on first poll, so `call` works outside a runtime too.
+                let sleep =
+                    timeout.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+                if sleep.as_mut().poll(cx).is_pending() {
                     return Poll::Pending;
                 }
                 state.take().expect("polled after completion")

@@ -76,11 +76,15 @@ where
                 return ResponseFuture::rejected(cfg.breaker_status, retry);
             }
         };
-        let started = Instant::now();
+        // The clock is read only when a setting needs the call's start.
+        let started = (cfg.response_timeout.is_some()
+            || cfg.max_lifetime.is_some()
+            || cfg.revalidate.is_some())
+        .then(Instant::now);
         let (req, parts) = match &cfg.revalidate {
             Some(_) => {
                 let (parts, body) = req.into_parts();
-                let copy = parts.clone();
+                let copy = Box::new(parts.clone());
                 (Request::from_parts(parts, body), Some(copy))
             }
             None => (req, None),
@@ -89,7 +93,7 @@ where
             cfg: cfg.clone(),
             probe,
             started,
-            deadline: cfg.response_timeout.map(|d| started + d),
+            deadline: cfg.response_timeout.zip(started).map(|(d, s)| s + d),
             head: req.method() == Method::HEAD,
             uri: req.uri().clone(),
             parts,

@@ -85,6 +85,16 @@ where
 
     fn call(&mut self, req: Request<ReqB>) -> Self::Future {
         let cfg = &self.cfg;
+        if cfg.key.is_none() {
+            // No key, so no limit: register and call, moving the request only once.
+            let guard = StreamGuard::new(cfg.shared.clone(), req.uri().clone(), None, None);
+            return ResponseFuture {
+                state: State::Calling {
+                    fut: self.inner.call(req),
+                    guard: Some(guard),
+                },
+            };
+        }
         let (req, key) = match &cfg.key {
             Some(f) => {
                 let (parts, body) = req.into_parts();
@@ -103,13 +113,13 @@ where
                 ResponseFuture {
                     state: State::Acquiring {
                         acquire,
-                        call: Some(Pending {
+                        call: Some(Box::new(Pending {
                             inner,
                             req,
                             route,
                             key,
                             cfg: cfg.clone(),
-                        }),
+                        })),
                     },
                 }
             }
@@ -156,7 +166,9 @@ pin_project! {
         Acquiring {
             #[pin]
             acquire: St::Future,
-            call: Option<Pending<S, ReqB, St>>,
+            // Boxed: the request and a service clone are large, and only keyed requests
+            // under a limit wait here; unlimited ones keep a small future.
+            call: Option<Box<Pending<S, ReqB, St>>>,
         },
         Calling {
             #[pin]
@@ -190,7 +202,7 @@ where
                         route,
                         key,
                         cfg,
-                    } = call.take().expect("polled after completion");
+                    } = *call.take().expect("polled after completion");
                     let lease = match res {
                         Ok(Some(lease)) => Some(lease),
                         Ok(None) => {
