@@ -20,6 +20,7 @@
 //!   in-process without sockets) and the per-request cost with 1,000 vs 100,000 open streams.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::io::{BufRead, Write as _};
 use std::pin::Pin;
 use std::process::{Command, Stdio};
@@ -72,8 +73,7 @@ fn main() {
         ),
         "memory" => memory_cmd(arg(&args, "--streams", 100_000) as usize),
         "__serve" => {
-            let raw = args.iter().any(|a| a == "raw");
-            serve_cmd(raw);
+            serve_cmd(args.get(1).map(String::as_str).unwrap_or("crate"));
             true
         }
         _ => usage(),
@@ -138,9 +138,10 @@ fn listener() -> TcpListener {
 
 /// The hidden server subcommand: prints `port N`, serves until a `drain` line arrives on
 /// stdin, then drains; exits once every stream has ended (or stdin closes).
-fn serve_cmd(raw: bool) {
+fn serve_cmd(mode: &str) {
     raise_nofile();
     let rt = multi_thread();
+    let mode = mode.to_string();
     rt.block_on(async move {
         let listener = listener();
         let port = listener.local_addr().unwrap().port();
@@ -160,10 +161,10 @@ fn serve_cmd(raw: bool) {
             let _ = done_tx.send(());
         });
 
-        if raw {
-            serve_raw(listener, trigger, done_rx).await
-        } else {
-            serve_crate(listener, trigger, done_rx).await
+        match mode.as_str() {
+            "raw" => serve_raw(listener, trigger, done_rx).await,
+            "hyper" => serve_hyper(listener, trigger, done_rx).await,
+            _ => serve_crate(listener, trigger, done_rx).await,
         }
     });
 }
@@ -209,6 +210,90 @@ async fn serve_crate(
     let _ = done.await;
 }
 
+/// The shutdown frame the raw and hyper floors send (encoded once, before any stream exists).
+fn floor_frame() -> Bytes {
+    Sse::new()
+        .encode(&FrameContext::new(FrameKind::Shutdown))
+        .data_ref()
+        .cloned()
+        .expect("an SSE frame has data")
+}
+
+pin_project_lite::pin_project! {
+    /// The hyper floor's body, written by hand: the first event, then on the trigger the
+    /// shutdown frame and the end. No crate code.
+    struct HandDrained {
+        first: Option<Bytes>,
+        last: Option<Bytes>,
+        #[pin]
+        signal: tokio_util::sync::WaitForCancellationFutureOwned,
+    }
+}
+
+impl Body for HandDrained {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        let this = self.project();
+        if let Some(b) = this.first.take() {
+            return Poll::Ready(Some(Ok(Frame::data(b))));
+        }
+        if this.last.is_none() {
+            return Poll::Ready(None);
+        }
+        std::task::ready!(this.signal.poll(cx));
+        Poll::Ready(this.last.take().map(|b| Ok(Frame::data(b))))
+    }
+}
+
+/// The same hyper server as the crate run, with a hand-written draining body instead of the
+/// stack: separates hyper's share of the fan-out from the crate's.
+async fn serve_hyper(
+    listener: TcpListener,
+    trigger: tokio_util::sync::CancellationToken,
+    done: tokio::sync::oneshot::Receiver<()>,
+) {
+    let frame = floor_frame();
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    {
+        let (trigger, accepted) = (trigger.clone(), accepted.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                accepted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let _ = stream.set_nodelay(true);
+                let (trigger, frame) = (trigger.clone(), frame.clone());
+                let svc =
+                    hyper::service::service_fn(move |_req: Request<hyper::body::Incoming>| {
+                        let body = HandDrained {
+                            first: Some(Bytes::from_static(FIRST_EVENT)),
+                            last: Some(frame.clone()),
+                            signal: trigger.clone().cancelled_owned(),
+                        };
+                        std::future::ready(Ok::<_, Infallible>(sse_response(body)))
+                    });
+                tokio::spawn(async move {
+                    let io = hyper_util::rt::TokioIo::new(stream);
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(io, svc)
+                        .await;
+                });
+            }
+        });
+    }
+    trigger.cancelled().await;
+    let n = accepted.load(std::sync::atomic::Ordering::Relaxed);
+    println!("{}", serde_json::json!({ "accepted": n }));
+    std::io::stdout().flush().unwrap();
+    let _ = done.await;
+}
+
 fn chunk(data: &[u8]) -> Vec<u8> {
     let mut v = format!("{:x}\r\n", data.len()).into_bytes();
     v.extend_from_slice(data);
@@ -223,12 +308,10 @@ async fn serve_raw(
 ) {
     // The same bytes hyper writes for the crate's stream: headers with the first event, then
     // the shutdown event and the last chunk. Encoded once, before any stream exists.
-    let frame = Sse::new()
-        .encode(&FrameContext::new(FrameKind::Shutdown))
-        .data_ref()
-        .cloned()
-        .expect("an SSE frame has data");
-    let mut head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
+    let frame = floor_frame();
+    let mut head =
+        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+            .to_vec();
     head.extend_from_slice(&chunk(FIRST_EVENT));
     let head = Bytes::from(head);
     let mut last = chunk(&frame);
@@ -414,10 +497,14 @@ struct RunResult {
 }
 
 /// One run against a fresh server process (`raw` or the crate's stack).
-fn run_drain(rt: &tokio::runtime::Runtime, streams: usize, raw: bool) -> Result<RunResult, String> {
+fn run_drain(
+    rt: &tokio::runtime::Runtime,
+    streams: usize,
+    mode: &str,
+) -> Result<RunResult, String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let mut child = Command::new(exe)
-        .args(["__serve", if raw { "raw" } else { "crate" }])
+        .args(["__serve", mode])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -453,7 +540,9 @@ fn run_drain(rt: &tokio::runtime::Runtime, streams: usize, raw: bool) -> Result<
         })
         .await;
         if all_ready != Ok(true) {
-            return Err(format!("only {ready}/{streams} streams got their first event"));
+            return Err(format!(
+                "only {ready}/{streams} streams got their first event"
+            ));
         }
         // The trigger.
         let t0 = Instant::now();
@@ -500,23 +589,27 @@ fn drain_cmd(streams: usize) -> bool {
         return false;
     }
     let rt = multi_thread();
-    let crate_run = match run_drain(&rt, streams, false) {
-        Ok(r) => r,
+    let run = |mode: &str| match run_drain(&rt, streams, mode) {
+        Ok(r) => Some(r),
         Err(e) => {
-            eprintln!("crate run failed: {e}");
-            return false;
+            eprintln!("{mode} run failed: {e}");
+            None
         }
     };
-    let raw_run = match run_drain(&rt, streams, true) {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("raw run failed: {e}");
-            return false;
-        }
+    let Some(crate_run) = run("crate") else {
+        return false;
+    };
+    let Some(raw_run) = run("raw") else {
+        return false;
+    };
+    let Some(hyper_run) = run("hyper") else {
+        return false;
     };
     let fanout = pct(crate_run.latencies_ms.clone());
     let floor = pct(raw_run.latencies_ms.clone());
-    let ratio_max = (fanout.max / floor.max * 100.0).round() / 100.0;
+    let hyper_floor = pct(hyper_run.latencies_ms.clone());
+    let r2 = |x: f64| (x * 100.0).round() / 100.0;
+    let ratio_max = r2(fanout.max / floor.max);
     println!(
         "{}",
         serde_json::json!({
@@ -527,10 +620,12 @@ fn drain_cmd(streams: usize) -> bool {
             "fanout_ms": fanout,
             "raw_floor_ms": floor,
             "ratio_max": ratio_max,
+            "hyper_floor_ms": hyper_floor,
+            "ratio_max_vs_hyper": r2(fanout.max / hyper_floor.max),
         })
     );
     eprintln!(
-        "drain: {streams} streams; crate: {}/{streams} notified, {}/{streams} clean ends, fan-out p50 {} ms p99 {} ms max {} ms (server: {}); raw floor: {}/{streams} notified, p50 {} ms p99 {} ms max {} ms; ratio of maxima {ratio_max}",
+        "drain: {streams} streams; crate: {}/{streams} notified, {}/{streams} clean ends, fan-out p50 {} ms p99 {} ms max {} ms (server: {}); raw floor: {}/{streams} notified, p50 {} ms p99 {} ms max {} ms; hyper floor (hand-written body): {}/{streams} notified, p50 {} ms p99 {} ms max {} ms; ratio of maxima {ratio_max} (vs raw), {} (vs hyper)",
         crate_run.notified,
         crate_run.clean_ends,
         fanout.p50,
@@ -541,11 +636,18 @@ fn drain_cmd(streams: usize) -> bool {
         floor.p50,
         floor.p99,
         floor.max,
+        hyper_run.notified,
+        hyper_floor.p50,
+        hyper_floor.p99,
+        hyper_floor.max,
+        r2(fanout.max / hyper_floor.max),
     );
     crate_run.notified == streams
         && crate_run.clean_ends == streams
         && raw_run.notified == streams
         && raw_run.clean_ends == streams
+        && hyper_run.notified == streams
+        && hyper_run.clean_ends == streams
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -564,9 +666,10 @@ async fn load(port: u16, secs: u64, connections: usize) -> f64 {
         tasks.push(tokio::spawn(async move {
             let stream = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
             stream.set_nodelay(true).unwrap();
-            let (mut send, conn) = hyper::client::conn::http1::handshake::<_, http_body_util::Empty<Bytes>>(
-                hyper_util::rt::TokioIo::new(stream),
-            )
+            let (mut send, conn) = hyper::client::conn::http1::handshake::<
+                _,
+                http_body_util::Empty<Bytes>,
+            >(hyper_util::rt::TokioIo::new(stream))
             .await
             .unwrap();
             tokio::spawn(conn);

@@ -225,7 +225,9 @@ where
                     if sig.poll(cx).is_ready() {
                         if inj.step == Step::Watching {
                             let shared = &inj.cfg.shared;
-                            signal.set(Some(shared.forced_token().clone().cancelled_owned()));
+                            // The grace deadline is watched only if this stream has to wait
+                            // (spread, run-to-completion, mid-event): see below.
+                            signal.set(None);
                             let (d, jitter) = shared.take_slot();
                             inj.jitter = jitter;
                             inj.step = if inj.run_to_completion {
@@ -236,7 +238,6 @@ where
                                 delay.set(Some(tokio::time::sleep(d)));
                                 Step::Scheduled
                             };
-                            // Poll the re-armed signal so its waker is registered.
                             continue;
                         }
                         inj.step = Step::Forced;
@@ -284,6 +285,15 @@ where
                 }
             }
 
+            if signal.is_none() && matches!(inj.step, Step::Scheduled | Step::Due) {
+                // About to wait: watch for the grace deadline now (registering this task's
+                // waker on the next turn of the loop). A stream at a boundary when `Closing`
+                // begins gets its frame above without ever touching the deadline's signal.
+                signal.set(Some(
+                    inj.cfg.shared.forced_token().clone().cancelled_owned(),
+                ));
+                continue;
+            }
             let res = ready!(this.inner.as_mut().poll_frame(cx));
             match &res {
                 Some(Ok(frame)) => {
