@@ -45,7 +45,7 @@ const FIRST_EVENT: &[u8] = b"data: hello\n\n";
 
 fn usage() -> ! {
     eprintln!(
-        "usage: loadtest drain [--streams N] | throughput [--seconds S] [--connections C] [--rounds R] | memory [--streams N]"
+        "usage: loadtest drain [--streams N] | throughput [--seconds S] [--connections C] [--rounds R] [--layer stack|reject|track|guard|frame|timeout] [--only bare|stack] | memory [--streams N]"
     );
     std::process::exit(2)
 }
@@ -61,6 +61,12 @@ fn arg(args: &[String], name: &str, default: u64) -> u64 {
     }
 }
 
+/// `--name value` as a string.
+fn str_arg<'a>(args: &'a [String], name: &str) -> Option<&'a str> {
+    let i = args.iter().position(|a| a == name)?;
+    Some(args.get(i + 1).unwrap_or_else(|| usage()).as_str())
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let Some(cmd) = args.first() else { usage() };
@@ -69,7 +75,9 @@ fn main() {
         "throughput" => throughput_cmd(
             arg(&args, "--seconds", 3),
             arg(&args, "--connections", 32) as usize,
-            arg(&args, "--rounds", 3) as usize,
+            arg(&args, "--rounds", 5) as usize,
+            str_arg(&args, "--layer").unwrap_or("stack"),
+            str_arg(&args, "--only"),
         ),
         "memory" => memory_cmd(arg(&args, "--streams", 100_000) as usize),
         "__serve" => {
@@ -699,7 +707,13 @@ async fn load(port: u16, secs: u64, connections: usize) -> f64 {
     total as f64 / secs as f64
 }
 
-fn throughput_cmd(secs: u64, connections: usize, rounds: usize) -> bool {
+fn throughput_cmd(
+    secs: u64,
+    connections: usize,
+    rounds: usize,
+    layer: &str,
+    only: Option<&str>,
+) -> bool {
     raise_nofile();
     let rt = multi_thread();
     rt.block_on(async {
@@ -711,10 +725,30 @@ fn throughput_cmd(secs: u64, connections: usize, rounds: usize) -> bool {
             port
         };
         let bare_port = serve(hello_app()).await;
-        let stack_port = serve(hello_app().layer(DrainStack::new(drain.watch()))).await;
+        let w = drain.watch();
+        // `--layer` swaps the stack for one layer or a peer (to see what each costs here).
+        let stack_app = match layer {
+            "reject" => hello_app().layer(tower_drain::reject::RejectLayer::new(w)),
+            "track" => hello_app().layer(tower_drain::track::TrackLayer::new(w)),
+            "guard" => hello_app().layer(tower_drain::guard::GuardLayer::new(w)),
+            "frame" => hello_app().layer(tower_drain::frame::FrameLayer::new(w)),
+            "timeout" => hello_app().layer(tower_http::timeout::TimeoutLayer::with_status_code(
+                http::StatusCode::REQUEST_TIMEOUT,
+                Duration::from_secs(30),
+            )),
+            _ => hello_app().layer(DrainStack::new(w)),
+        };
+        let stack_port = serve(stack_app).await;
         // Warm both up.
         load(bare_port, 1, connections).await;
         load(stack_port, 1, connections).await;
+        if let Some(only) = only {
+            // Profiling aid (`--only bare|stack`): load one of the two servers only.
+            let port = if only == "stack" { stack_port } else { bare_port };
+            let rps = load(port, secs, connections).await;
+            eprintln!("{only}: {rps:.0} req/s");
+            return rps > 0.0;
+        }
         let (mut bare, mut stack) = (Vec::new(), Vec::new());
         for round in 0..rounds {
             // Alternate which goes first.
@@ -734,8 +768,11 @@ fn throughput_cmd(secs: u64, connections: usize, rounds: usize) -> bool {
             v.sort_by(f64::total_cmp);
             v[v.len() / 2]
         };
+        // Each round's pair ran back to back: the median of the paired ratios is steadier on a
+        // shared machine than the ratio of the medians.
+        let ratios: Vec<f64> = bare.iter().zip(&stack).map(|(b, s)| s / b).collect();
+        let ratio = (median(ratios) * 1000.0).round() / 1000.0;
         let (b, s) = (median(bare), median(stack));
-        let ratio = (s / b * 1000.0).round() / 1000.0;
         println!(
             "{}",
             serde_json::json!({
@@ -821,7 +858,9 @@ fn memory_cmd(streams: usize) -> bool {
                 let rounds = 5;
                 let per_round = 20_000;
                 let mut samples = Vec::new();
+                let mut allocs = 0.0;
                 for _ in 0..rounds {
+                    let region = Region::new(GLOBAL);
                     let start = Instant::now();
                     for _ in 0..per_round {
                         let res = stack.clone().oneshot(request()).await.unwrap();
@@ -829,14 +868,15 @@ fn memory_cmd(streams: usize) -> bool {
                         std::hint::black_box(pump(&mut body));
                     }
                     samples.push(start.elapsed().as_secs_f64() * 1e9 / per_round as f64);
+                    allocs = region.change().allocations as f64 / per_round as f64;
                 }
                 samples.sort_by(f64::total_cmp);
-                samples[rounds / 2]
+                (samples[rounds / 2], allocs)
             }
         };
-        let at_many = cost(streams, &mut stack_bodies).await;
+        let (at_many, _) = cost(streams, &mut stack_bodies).await;
         let few = 1_000.min(streams);
-        let at_few = cost(few, &mut stack_bodies).await;
+        let (at_few, allocs) = cost(few, &mut stack_bodies).await;
         drop(stack_bodies);
         let ratio = (at_many / at_few * 100.0).round() / 100.0;
         println!(
@@ -849,7 +889,7 @@ fn memory_cmd(streams: usize) -> bool {
             })
         );
         eprintln!(
-            "memory: {streams} streams; crate heap {heap_per_stream:.0} B/stream + {inline} B inline in the body = {bytes_per_stream:.0} B/stream; per request {at_few:.0} ns with {few} open, {at_many:.0} ns with {streams} open (ratio {ratio})"
+            "memory: {streams} streams; crate heap {heap_per_stream:.0} B/stream + {inline} B inline in the body = {bytes_per_stream:.0} B/stream; per SSE request (call, first event, end) {at_few:.0} ns with {few} open, {at_many:.0} ns with {streams} open (ratio {ratio}), {allocs:.1} allocations each"
         );
         drain.active_streams() == 0
     })

@@ -89,7 +89,7 @@ struct Injector {
     step: Step,
     run_to_completion: bool,
     jitter: u64,
-    trailers: Option<HeaderMap>,
+    trailers: Option<Box<HeaderMap>>,
     gate: Option<FinalGate>,
 }
 
@@ -116,8 +116,8 @@ pin_project! {
     struct Injecting {
         #[pin]
         signal: Option<WaitForCancellationFutureOwned>,
-        #[pin]
-        delay: Option<Sleep>,
+        // Boxed and created only for a spread drain.
+        delay: Option<Pin<Box<Sleep>>>,
         inj: Injector,
     }
 }
@@ -176,7 +176,7 @@ where
             return this.inner.poll_frame(cx);
         };
         let state = state.as_mut().project();
-        let (mut signal, mut delay, inj) = (state.signal, state.delay, state.inj);
+        let (mut signal, delay, inj) = (state.signal, state.delay, state.inj);
 
         // Fast path while serving: one atomic load instead of polling the closing signal (a
         // lock inside the cancellation token) per frame. The signal is polled, and its waker
@@ -212,7 +212,7 @@ where
                 Step::Trailers => {
                     inj.step = Step::Done;
                     if let Some(t) = inj.trailers.take() {
-                        return Poll::Ready(Some(Ok(Frame::trailers(t))));
+                        return Poll::Ready(Some(Ok(Frame::trailers(*t))));
                     }
                     continue;
                 }
@@ -235,21 +235,21 @@ where
                             } else if d.is_zero() {
                                 Step::Due
                             } else {
-                                delay.set(Some(tokio::time::sleep(d)));
+                                *delay = Some(Box::pin(tokio::time::sleep(d)));
                                 Step::Scheduled
                             };
                             continue;
                         }
                         inj.step = Step::Forced;
                         signal.set(None);
-                        delay.set(None);
+                        *delay = None;
                     }
                 }
             }
             if inj.step == Step::Scheduled {
-                if let Some(d) = delay.as_mut().as_pin_mut() {
-                    if d.poll(cx).is_ready() {
-                        delay.set(None);
+                if let Some(d) = delay.as_mut() {
+                    if d.as_mut().poll(cx).is_ready() {
+                        *delay = None;
                         inj.step = Step::Due;
                     }
                 }
@@ -270,7 +270,7 @@ where
                     };
                     let (data, trailers) = inj.cfg.encode(kind, inj.jitter).into_parts();
                     inj.cfg.shared.count_notified();
-                    inj.trailers = trailers;
+                    inj.trailers = trailers.map(Box::new);
                     inj.step = Step::Trailers;
                     if let Some(d) = data {
                         return Poll::Ready(Some(Ok(Frame::data(d))));

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::request::Parts;
-use http::{HeaderMap, Uri};
+use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
@@ -15,13 +15,14 @@ use tokio::time::{Instant, Sleep};
 use super::future::CallState;
 use super::layer::{CheckFn, CheckFuture, Config};
 use crate::frame::{Boundary, FinalGate, FrameKind, Tracker};
+use crate::route::RoutePath;
 
 /// How long a stream whose limit was reached mid-event may take to reach the event's end
 /// before it is ended without a final frame (clients discard an incomplete event).
 pub(crate) const MID_EVENT_GRACE: Duration = Duration::from_secs(5);
 
-const SSE_HEARTBEAT: Bytes = Bytes::from_static(b":\n\n");
-const LINE_HEARTBEAT: Bytes = Bytes::from_static(b"\n");
+const SSE_HEARTBEAT: &[u8] = b":\n\n";
+const LINE_HEARTBEAT: &[u8] = b"\n";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Step {
@@ -53,16 +54,16 @@ struct Reval {
 struct Stream {
     cfg: Arc<Config>,
     id: u64,
-    uri: Uri,
+    uri: RoutePath,
     step: Step,
     tracker: Tracker,
     gate: Option<FinalGate>,
     jitter: u64,
-    trailers: Option<HeaderMap>,
+    trailers: Option<Box<HeaderMap>>,
     lifetime_at: Option<Instant>,
     last_inner: Instant,
     last_output: Instant,
-    heartbeat: Option<Bytes>,
+    heartbeat: Option<&'static [u8]>,
     heartbeat_due: bool,
     reval: Option<Box<Reval>>,
     armed: bool,
@@ -89,20 +90,19 @@ pin_project! {
     pub struct GuardedBody<B> {
         #[pin]
         inner: Option<B>,
-        watched: Option<(Arc<Config>, Uri)>,
-        // Boxed: only streaming responses carry the timer and the per-stream state, so every
-        // other response stays small (responses are moved through every layer).
-        st: Option<Pin<Box<Streaming>>>,
+        watched: Option<(Arc<Config>, RoutePath)>,
+        // Boxed: only streaming responses carry the per-stream state, so every other
+        // response stays small (responses are moved through every layer).
+        st: Option<Box<Streaming>>,
     }
 }
 
-pin_project! {
-    /// The state of an injecting [`GuardedBody`], allocated once per stream.
-    struct Streaming {
-        #[pin]
-        timer: Option<Sleep>,
-        st: Stream,
-    }
+/// The state of an injecting [`GuardedBody`], allocated once per stream.
+struct Streaming {
+    /// Boxed too, and only created when a limit needs a timer (lifetime, idle, heartbeat,
+    /// revalidation): a `Sleep` is large and most streams never need one.
+    timer: Option<Pin<Box<Sleep>>>,
+    st: Stream,
 }
 
 impl<B> Default for GuardedBody<B> {
@@ -130,7 +130,7 @@ impl<B> GuardedBody<B> {
     }
 
     /// Forwards `inner` unchanged; an error counts for the breaker.
-    pub(crate) fn watched(inner: B, cfg: Arc<Config>, uri: Uri) -> Self {
+    pub(crate) fn watched(inner: B, cfg: Arc<Config>, uri: RoutePath) -> Self {
         Self {
             inner: Some(inner),
             watched: Some((cfg, uri)),
@@ -190,12 +190,12 @@ impl<B> GuardedBody<B> {
         };
         let timer = st.next_deadline().map(|d| {
             st.armed = true;
-            tokio::time::sleep_until(d)
+            Box::pin(tokio::time::sleep_until(d))
         });
         Self {
             inner: Some(inner),
             watched: None,
-            st: Some(Box::pin(Streaming { timer, st })),
+            st: Some(Box::new(Streaming { timer, st })),
         }
     }
 }
@@ -315,7 +315,7 @@ impl Stream {
 
     /// Polls the revalidation check and the shared timer until neither has news, re-arming the
     /// timer (`Sleep::reset`) only after one of them changed a deadline.
-    fn poll_timers(&mut self, mut timer: Pin<&mut Option<Sleep>>, cx: &mut Context<'_>) {
+    fn poll_timers(&mut self, timer: &mut Option<Pin<Box<Sleep>>>, cx: &mut Context<'_>) {
         let mut rearm = std::mem::take(&mut self.rearm);
         loop {
             if self.poll_check(cx) {
@@ -324,9 +324,9 @@ impl Stream {
             if rearm {
                 match self.next_deadline() {
                     Some(d) => {
-                        match timer.as_mut().as_pin_mut() {
-                            Some(t) => t.reset(d),
-                            None => timer.set(Some(tokio::time::sleep_until(d))),
+                        match timer.as_mut() {
+                            Some(t) => t.as_mut().reset(d),
+                            None => *timer = Some(Box::pin(tokio::time::sleep_until(d))),
                         }
                         self.armed = true;
                     }
@@ -336,7 +336,7 @@ impl Stream {
             if !self.armed {
                 return;
             }
-            let Some(mut t) = timer.as_mut().as_pin_mut() else {
+            let Some(t) = timer.as_mut() else {
                 return;
             };
             if t.as_mut().poll(cx).is_pending() {
@@ -359,7 +359,7 @@ impl Stream {
     /// Sends the final frame of `kind`: its data now (if any), its trailers next.
     fn emit(&mut self, kind: FrameKind) -> Option<Frame<Bytes>> {
         let (data, trailers) = self.cfg.frame.encode(kind, self.jitter).into_parts();
-        self.trailers = trailers;
+        self.trailers = trailers.map(Box::new);
         self.step = Step::Trailers;
         data.map(Frame::data)
     }
@@ -370,7 +370,7 @@ impl Stream {
     }
 }
 
-fn record_error(cfg: &Config, id: Option<u64>, uri: &Uri, e: &dyn fmt::Display) {
+fn record_error(cfg: &Config, id: Option<u64>, uri: &RoutePath, e: &dyn fmt::Display) {
     cfg.frame.shared.metrics.stream_errors.increment(1);
     if let Some(b) = &cfg.breaker {
         b.failure();
@@ -408,15 +408,14 @@ where
             }
             return Poll::Ready(res);
         };
-        let proj = boxed.as_mut().project();
-        let (st, mut timer) = (proj.st, proj.timer);
+        let Streaming { timer, st } = &mut **boxed;
         loop {
             match st.step {
                 Step::Done => return Poll::Ready(None),
                 Step::Trailers => {
                     st.step = Step::Done;
                     if let Some(t) = st.trailers.take() {
-                        return Poll::Ready(Some(Ok(Frame::trailers(t))));
+                        return Poll::Ready(Some(Ok(Frame::trailers(*t))));
                     }
                     continue;
                 }
@@ -432,7 +431,7 @@ where
                 Step::Streaming | Step::Due(_) => {}
             }
 
-            st.poll_timers(timer.as_mut(), cx);
+            st.poll_timers(timer, cx);
 
             match st.step {
                 Step::Due(kind) => {
@@ -462,8 +461,8 @@ where
                         st.heartbeat_due = false;
                         st.rearm = true;
                         st.last_output = Instant::now();
-                        // A static `Bytes`: cloning it allocates nothing.
-                        return Poll::Ready(Some(Ok(Frame::data(hb.clone()))));
+                        // A static `Bytes`: allocates nothing.
+                        return Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(hb)))));
                     }
                 }
                 _ => {}

@@ -6,7 +6,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::request::Parts;
-use http::{header, HeaderValue, Response, StatusCode, Uri};
+use http::{header, HeaderValue, Response, StatusCode};
 use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
 
@@ -14,6 +14,7 @@ use super::body::GuardedBody;
 use super::breaker::Probe;
 use super::layer::Config;
 use crate::frame::{should_inject, FinalGate};
+use crate::route::RoutePath;
 
 /// What a call carries from `call` to the response body.
 pub(crate) struct CallState {
@@ -24,7 +25,7 @@ pub(crate) struct CallState {
     pub(crate) started: Option<Instant>,
     pub(crate) deadline: Option<Instant>,
     pub(crate) head: bool,
-    pub(crate) uri: Uri,
+    pub(crate) uri: RoutePath,
     pub(crate) parts: Option<Box<Parts>>,
 }
 

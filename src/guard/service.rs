@@ -10,6 +10,7 @@ use super::breaker::Admit;
 use super::future::{CallState, ResponseFuture};
 use super::layer::Config;
 use super::GuardedBody;
+use crate::route::RoutePath;
 
 /// Applies a [`GuardLayer`](super::GuardLayer)'s timeouts and circuit breaker to a service; see
 /// the [module docs](super) for an example.
@@ -95,7 +96,7 @@ where
             started,
             deadline: cfg.response_timeout.zip(started).map(|(d, s)| s + d),
             head: req.method() == Method::HEAD,
-            uri: req.uri().clone(),
+            uri: RoutePath::new(req.uri()),
             parts,
         };
         ResponseFuture::calling(self.inner.call(req), state)

@@ -50,7 +50,7 @@ type Shard = Mutex<HashMap<u64, Entry, BuildHasherDefault<IdHasher>>>;
 /// What the registry keeps of a live stream, for the force-close log.
 #[derive(Debug)]
 pub(crate) struct Entry {
-    pub(crate) route: http::Uri,
+    pub(crate) route: crate::route::RoutePath,
     pub(crate) key: Option<Arc<str>>,
     pub(crate) started: Instant,
 }
@@ -183,7 +183,7 @@ mod tests {
 
     fn entry() -> Entry {
         Entry {
-            route: http::Uri::from_static("/events"),
+            route: crate::route::RoutePath::new(&http::Uri::from_static("/events")),
             key: None,
             started: Instant::now(),
         }

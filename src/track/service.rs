@@ -13,6 +13,7 @@ use super::guard::StreamGuard;
 use super::layer::{KeyFn, TrackLayer};
 use super::store::{ConnectionStore, Lease, MemoryStore, StoreError, StoreFailure};
 use crate::controller::Shared;
+use crate::route::RoutePath;
 
 /// Tracks every request until its response body ends or is dropped; see [`TrackLayer`] and
 /// the [module docs](super) for an example.
@@ -87,7 +88,7 @@ where
         let cfg = &self.cfg;
         if cfg.key.is_none() {
             // No key, so no limit: register and call, moving the request only once.
-            let guard = StreamGuard::new(cfg.shared.clone(), req.uri().clone(), None, None);
+            let guard = StreamGuard::new(cfg.shared.clone(), RoutePath::new(req.uri()), None, None);
             return ResponseFuture {
                 state: State::Calling {
                     fut: self.inner.call(req),
@@ -103,7 +104,7 @@ where
             }
             None => (req, None),
         };
-        let route = req.uri().clone();
+        let route = RoutePath::new(req.uri());
         match (cfg.limit, key) {
             (Some(limit), Some(key)) => {
                 let acquire = cfg.store.acquire(&key, limit);
@@ -139,7 +140,7 @@ where
 struct Pending<S, ReqB, St> {
     inner: S,
     req: Request<ReqB>,
-    route: http::Uri,
+    route: RoutePath,
     key: Arc<str>,
     cfg: Arc<Config<St>>,
 }
