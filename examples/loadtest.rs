@@ -12,8 +12,11 @@
 //!   streams, waits until each has had its first event, triggers the drain (a line on the
 //!   server's stdin) and measures, per client, the time from the trigger to the arrival of its
 //!   shutdown frame. Then the same for the raw floor: a server process with one bare tokio task
-//!   per socket writing the same frame bytes on the same trigger, no crate code. Both runs use
-//!   separate server and client processes (the open-file limit is per process).
+//!   per socket writing the same frame bytes on the same trigger, no crate code; and for the
+//!   hyper floor: the same hyper server with a hand-written draining body (`hyper_floor_ms`,
+//!   `ratio_max_vs_hyper`). Every run uses separate server and client processes (the
+//!   open-file limit is per process). Exits non-zero unless every stream of every run was
+//!   notified and ended with the chunked body's last chunk.
 //! - `throughput`: hello-world over HTTP/1.1 keep-alive, bare axum vs the same app under the
 //!   full `DrainStack`, alternating runs, same process.
 //! - `memory`: heap bytes per tracked open stream (counting global allocator; streams held
