@@ -53,6 +53,7 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod macros;
+mod route;
 
 pub mod controller;
 pub mod frame;

@@ -14,7 +14,7 @@ use tokio_util::sync::WaitForCancellationFutureOwned;
 
 use super::boundary::Tracker;
 use super::encoder::{FinalFrame, FrameContext, FrameKind};
-use crate::controller::Shared;
+use crate::controller::{Phase, Shared};
 
 /// What a [`FrameBody`] needs from its layer: the controller's state and the encoder.
 pub(crate) struct FrameConfig {
@@ -89,7 +89,7 @@ struct Injector {
     step: Step,
     run_to_completion: bool,
     jitter: u64,
-    trailers: Option<HeaderMap>,
+    trailers: Option<Box<HeaderMap>>,
     gate: Option<FinalGate>,
 }
 
@@ -104,22 +104,27 @@ pin_project! {
     pub struct FrameBody<B> {
         #[pin]
         inner: B,
+        // Boxed: only injecting (streaming) responses carry the signal and the timer, so every
+        // other response stays as small as its inner body, which matters because responses are
+        // moved through every layer.
+        inj: Option<Pin<Box<Injecting>>>,
+    }
+}
+
+pin_project! {
+    /// The state of an injecting [`FrameBody`], allocated once per stream.
+    struct Injecting {
         #[pin]
         signal: Option<WaitForCancellationFutureOwned>,
-        #[pin]
-        delay: Option<Sleep>,
-        inj: Option<Injector>,
+        // Boxed and created only for a spread drain.
+        delay: Option<Pin<Box<Sleep>>>,
+        inj: Injector,
     }
 }
 
 impl<B> FrameBody<B> {
     pub(crate) fn passthrough(inner: B) -> Self {
-        Self {
-            inner,
-            signal: None,
-            delay: None,
-            inj: None,
-        }
+        Self { inner, inj: None }
     }
 
     pub(crate) fn inject(
@@ -132,17 +137,19 @@ impl<B> FrameBody<B> {
         let tracker = Tracker::new(cfg.encoder.boundary());
         Self {
             inner,
-            signal: Some(signal),
-            delay: None,
-            inj: Some(Injector {
-                cfg,
-                tracker,
-                step: Step::Watching,
-                run_to_completion,
-                jitter: 0,
-                trailers: None,
-                gate,
-            }),
+            inj: Some(Box::pin(Injecting {
+                signal: Some(signal),
+                delay: None,
+                inj: Injector {
+                    cfg,
+                    tracker,
+                    step: Step::Watching,
+                    run_to_completion,
+                    jitter: 0,
+                    trailers: None,
+                    gate,
+                },
+            })),
         }
     }
 }
@@ -160,21 +167,53 @@ where
     type Data = Bytes;
     type Error = B::Error;
 
+    #[inline]
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         let mut this = self.project();
-        let Some(inj) = this.inj.as_mut() else {
+        let Some(state) = this.inj.as_mut() else {
             return this.inner.poll_frame(cx);
         };
+        let state = state.as_mut().project();
+        let (mut signal, delay, inj) = (state.signal, state.delay, state.inj);
+
+        // Fast path while serving: one atomic load instead of polling the closing signal (a
+        // lock inside the cancellation token) per frame. The signal is polled, and its waker
+        // registered, whenever the inner body is pending, so an idle stream still wakes when
+        // `Closing` begins; a busy one sees the phase change on its next frame (the phase is
+        // set before the signal fires).
+        if inj.step == Step::Watching && inj.cfg.shared.phase() < Phase::Closing {
+            match this.inner.as_mut().poll_frame(cx) {
+                Poll::Ready(res) => {
+                    match &res {
+                        Some(Ok(frame)) => {
+                            if let Some(d) = frame.data_ref() {
+                                inj.tracker.update(d);
+                            }
+                        }
+                        Some(Err(_)) => {}
+                        None => inj.step = Step::Done,
+                    }
+                    return Poll::Ready(res);
+                }
+                Poll::Pending => {
+                    let closing = signal.as_mut().as_pin_mut().map(|s| s.poll(cx).is_ready());
+                    if closing != Some(true) {
+                        return Poll::Pending;
+                    }
+                    // `Closing` began meanwhile: the slow path below takes it from here.
+                }
+            }
+        }
         loop {
             match inj.step {
                 Step::Done => return Poll::Ready(None),
                 Step::Trailers => {
                     inj.step = Step::Done;
                     if let Some(t) = inj.trailers.take() {
-                        return Poll::Ready(Some(Ok(Frame::trailers(t))));
+                        return Poll::Ready(Some(Ok(Frame::trailers(*t))));
                     }
                     continue;
                 }
@@ -183,35 +222,35 @@ where
 
             // Drain signals: first `Closing`, then (same slot, re-armed) the grace deadline.
             if inj.step != Step::Forced {
-                if let Some(signal) = this.signal.as_mut().as_pin_mut() {
-                    if signal.poll(cx).is_ready() {
+                if let Some(sig) = signal.as_mut().as_pin_mut() {
+                    if sig.poll(cx).is_ready() {
                         if inj.step == Step::Watching {
                             let shared = &inj.cfg.shared;
-                            this.signal
-                                .set(Some(shared.forced_token().clone().cancelled_owned()));
-                            let (delay, jitter) = shared.take_slot();
+                            // The grace deadline is watched only if this stream has to wait
+                            // (spread, run-to-completion, mid-event): see below.
+                            signal.set(None);
+                            let (d, jitter) = shared.take_slot();
                             inj.jitter = jitter;
                             inj.step = if inj.run_to_completion {
                                 Step::Scheduled
-                            } else if delay.is_zero() {
+                            } else if d.is_zero() {
                                 Step::Due
                             } else {
-                                this.delay.set(Some(tokio::time::sleep(delay)));
+                                *delay = Some(Box::pin(tokio::time::sleep(d)));
                                 Step::Scheduled
                             };
-                            // Poll the re-armed signal so its waker is registered.
                             continue;
                         }
                         inj.step = Step::Forced;
-                        this.signal.set(None);
-                        this.delay.set(None);
+                        signal.set(None);
+                        *delay = None;
                     }
                 }
             }
             if inj.step == Step::Scheduled {
-                if let Some(d) = this.delay.as_mut().as_pin_mut() {
-                    if d.poll(cx).is_ready() {
-                        this.delay.set(None);
+                if let Some(d) = delay.as_mut() {
+                    if d.as_mut().poll(cx).is_ready() {
+                        *delay = None;
                         inj.step = Step::Due;
                     }
                 }
@@ -232,7 +271,7 @@ where
                     };
                     let (data, trailers) = inj.cfg.encode(kind, inj.jitter).into_parts();
                     inj.cfg.shared.count_notified();
-                    inj.trailers = trailers;
+                    inj.trailers = trailers.map(Box::new);
                     inj.step = Step::Trailers;
                     if let Some(d) = data {
                         return Poll::Ready(Some(Ok(Frame::data(d))));
@@ -247,6 +286,15 @@ where
                 }
             }
 
+            if signal.is_none() && matches!(inj.step, Step::Scheduled | Step::Due) {
+                // About to wait: watch for the grace deadline now (registering this task's
+                // waker on the next turn of the loop). A stream at a boundary when `Closing`
+                // begins gets its frame above without ever touching the deadline's signal.
+                signal.set(Some(
+                    inj.cfg.shared.forced_token().clone().cancelled_owned(),
+                ));
+                continue;
+            }
             let res = ready!(this.inner.as_mut().poll_frame(cx));
             match &res {
                 Some(Ok(frame)) => {
@@ -261,17 +309,18 @@ where
         }
     }
 
+    #[inline]
     fn is_end_stream(&self) -> bool {
         match &self.inj {
             None => self.inner.is_end_stream(),
-            Some(inj) => inj.step == Step::Done,
+            Some(s) => s.inj.step == Step::Done,
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match &self.inj {
             None => self.inner.size_hint(),
-            Some(inj) if inj.step == Step::Done => SizeHint::with_exact(0),
+            Some(s) if s.inj.step == Step::Done => SizeHint::with_exact(0),
             Some(_) => {
                 let mut h = SizeHint::new();
                 h.set_lower(self.inner.size_hint().lower());
@@ -285,7 +334,7 @@ impl<B> std::fmt::Debug for FrameBody<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("FrameBody")
             .field("injecting", &self.inj.is_some())
-            .field("step", &self.inj.as_ref().map(|i| i.step))
+            .field("step", &self.inj.as_ref().map(|s| s.inj.step))
             .finish_non_exhaustive()
     }
 }

@@ -206,7 +206,20 @@ struct ErrorData {
 /// The JSON object of a final frame; `serde_json` escapes every control character, so the
 /// result never contains a raw CR or LF.
 fn json(ctx: &FrameContext<'_>, extra_retry_ms: bool) -> Vec<u8> {
-    let mut v = match ctx.kind {
+    let mut v = Vec::with_capacity(256);
+    json_into(ctx, &mut v);
+    if extra_retry_ms {
+        // Splice `"retry_ms":N` into the object (NDJSON has no retry field of its own).
+        v.pop();
+        v.extend_from_slice(b",\"retry_ms\":");
+        push_u128(&mut v, ctx.retry.as_millis());
+        v.push(b'}');
+    }
+    v
+}
+
+fn serialize(ctx: &FrameContext<'_>) -> Vec<u8> {
+    match ctx.kind {
         FrameKind::Shutdown | FrameKind::ForcedShutdown => serde_json::to_vec(&ShutdownData {
             ty: "shutdown",
             message: ctx.message,
@@ -224,13 +237,81 @@ fn json(ctx: &FrameContext<'_>, extra_retry_ms: bool) -> Vec<u8> {
             code: kind.code(),
         }),
     }
-    .unwrap_or_default();
-    if extra_retry_ms {
-        // Splice `"retry_ms":N` into the object (NDJSON has no retry field of its own).
-        v.pop();
-        v.extend_from_slice(format!(",\"retry_ms\":{}}}", ctx.retry.as_millis()).as_bytes());
+    .unwrap_or_default()
+}
+
+/// What a shutdown object depends on; the timestamp only to the millisecond it is written with.
+#[derive(PartialEq, Eq)]
+struct JsonKey {
+    kind: FrameKind,
+    millis: u128,
+    reconnect_delay: u64,
+    message: Box<str>,
+    reason: Option<Box<str>>,
+}
+
+impl JsonKey {
+    fn matches(&self, ctx: &FrameContext<'_>, millis: u128) -> bool {
+        self.millis == millis
+            && self.kind == ctx.kind
+            && self.reconnect_delay == ctx.reconnect_delay.as_secs()
+            && *self.message == *ctx.message
+            && self.reason.as_deref() == ctx.reason
     }
-    v
+}
+
+thread_local! {
+    /// The last shutdown object this thread serialised. A drain writes thousands of frames
+    /// whose objects differ only when the millisecond changes, so they are serialised (JSON
+    /// escaping, RFC 3339 formatting, several allocations) once per millisecond per thread
+    /// rather than once per stream; the result is the same bytes.
+    static LAST_JSON: std::cell::RefCell<Option<(JsonKey, Vec<u8>)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Appends the JSON object of a final frame to `out`.
+fn json_into(ctx: &FrameContext<'_>, out: &mut Vec<u8>) {
+    let millis = match ctx.timestamp.duration_since(std::time::UNIX_EPOCH) {
+        Ok(d) if ctx.kind.is_shutdown() => d.as_millis(),
+        _ => return out.extend_from_slice(&serialize(ctx)),
+    };
+    LAST_JSON.with(|cell| {
+        let Ok(mut last) = cell.try_borrow_mut() else {
+            return out.extend_from_slice(&serialize(ctx));
+        };
+        match &*last {
+            Some((key, json)) if key.matches(ctx, millis) => out.extend_from_slice(json),
+            _ => {
+                let json = serialize(ctx);
+                out.extend_from_slice(&json);
+                *last = Some((
+                    JsonKey {
+                        kind: ctx.kind,
+                        millis,
+                        reconnect_delay: ctx.reconnect_delay.as_secs(),
+                        message: ctx.message.into(),
+                        reason: ctx.reason.map(Into::into),
+                    },
+                    json,
+                ));
+            }
+        }
+    })
+}
+
+/// Appends `n` in decimal (no `format!` and its allocation).
+fn push_u128(out: &mut Vec<u8>, mut n: u128) {
+    let mut digits = [0u8; 40];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[i..]);
 }
 
 /// Server-Sent Events (the default): for a shutdown,
@@ -286,13 +367,14 @@ impl FinalFrame for Sse {
         } else {
             "error"
         };
-        let data = json(ctx, false);
-        let mut out = Vec::with_capacity(data.len() + 48);
+        let mut out = Vec::with_capacity(320);
         out.extend_from_slice(b"event: ");
         out.extend_from_slice(event.as_bytes());
         out.extend_from_slice(b"\ndata: ");
-        out.extend_from_slice(&data);
-        out.extend_from_slice(format!("\nretry: {}\n\n", ctx.retry.as_millis()).as_bytes());
+        json_into(ctx, &mut out);
+        out.extend_from_slice(b"\nretry: ");
+        push_u128(&mut out, ctx.retry.as_millis());
+        out.extend_from_slice(b"\n\n");
         Final::data(out)
     }
 }

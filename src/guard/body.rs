@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::request::Parts;
-use http::{HeaderMap, Uri};
+use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
@@ -15,13 +15,14 @@ use tokio::time::{Instant, Sleep};
 use super::future::CallState;
 use super::layer::{CheckFn, CheckFuture, Config};
 use crate::frame::{Boundary, FinalGate, FrameKind, Tracker};
+use crate::route::RoutePath;
 
 /// How long a stream whose limit was reached mid-event may take to reach the event's end
 /// before it is ended without a final frame (clients discard an incomplete event).
 pub(crate) const MID_EVENT_GRACE: Duration = Duration::from_secs(5);
 
-const SSE_HEARTBEAT: Bytes = Bytes::from_static(b":\n\n");
-const LINE_HEARTBEAT: Bytes = Bytes::from_static(b"\n");
+const SSE_HEARTBEAT: &[u8] = b":\n\n";
+const LINE_HEARTBEAT: &[u8] = b"\n";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Step {
@@ -53,16 +54,16 @@ struct Reval {
 struct Stream {
     cfg: Arc<Config>,
     id: u64,
-    uri: Uri,
+    uri: RoutePath,
     step: Step,
     tracker: Tracker,
     gate: Option<FinalGate>,
     jitter: u64,
-    trailers: Option<HeaderMap>,
+    trailers: Option<Box<HeaderMap>>,
     lifetime_at: Option<Instant>,
     last_inner: Instant,
     last_output: Instant,
-    heartbeat: Option<Bytes>,
+    heartbeat: Option<&'static [u8]>,
     heartbeat_due: bool,
     reval: Option<Box<Reval>>,
     armed: bool,
@@ -89,11 +90,19 @@ pin_project! {
     pub struct GuardedBody<B> {
         #[pin]
         inner: Option<B>,
-        #[pin]
-        timer: Option<Sleep>,
-        watched: Option<(Arc<Config>, Uri)>,
-        st: Option<Stream>,
+        watched: Option<(Arc<Config>, RoutePath)>,
+        // Boxed: only streaming responses carry the per-stream state, so every other
+        // response stays small (responses are moved through every layer).
+        st: Option<Box<Streaming>>,
     }
+}
+
+/// The state of an injecting [`GuardedBody`], allocated once per stream.
+struct Streaming {
+    /// Boxed too, and only created when a limit needs a timer (lifetime, idle, heartbeat,
+    /// revalidation): a `Sleep` is large and most streams never need one.
+    timer: Option<Pin<Box<Sleep>>>,
+    st: Stream,
 }
 
 impl<B> Default for GuardedBody<B> {
@@ -107,7 +116,6 @@ impl<B> GuardedBody<B> {
     pub(crate) fn empty() -> Self {
         Self {
             inner: None,
-            timer: None,
             watched: None,
             st: None,
         }
@@ -116,17 +124,15 @@ impl<B> GuardedBody<B> {
     pub(crate) fn passthrough(inner: B) -> Self {
         Self {
             inner: Some(inner),
-            timer: None,
             watched: None,
             st: None,
         }
     }
 
     /// Forwards `inner` unchanged; an error counts for the breaker.
-    pub(crate) fn watched(inner: B, cfg: Arc<Config>, uri: Uri) -> Self {
+    pub(crate) fn watched(inner: B, cfg: Arc<Config>, uri: RoutePath) -> Self {
         Self {
             inner: Some(inner),
-            timer: None,
             watched: Some((cfg, uri)),
             st: None,
         }
@@ -135,13 +141,14 @@ impl<B> GuardedBody<B> {
     pub(crate) fn stream(inner: B, call: CallState, gate: Option<FinalGate>) -> Self {
         let cfg = call.cfg;
         let now = Instant::now();
+        let started = call.started.unwrap_or(now);
         let (id, jitter) = cfg.next_stream();
         // Two independent fractions in [0, 1) from one mixed value.
         let u1 = (jitter >> 11) as f64 / (1u64 << 53) as f64;
         let u2 = (crate::controller::splitmix64(jitter) >> 11) as f64 / (1u64 << 53) as f64;
         let lifetime_at = cfg
             .max_lifetime
-            .map(|d| call.started + d.mul_f64(1.0 - cfg.lifetime_jitter * u1));
+            .map(|d| started + d.mul_f64(1.0 - cfg.lifetime_jitter * u1));
         let heartbeat = cfg
             .heartbeat
             .and_then(|_| match cfg.frame.encoder.boundary() {
@@ -151,11 +158,11 @@ impl<B> GuardedBody<B> {
             });
         let reval = match (&cfg.revalidate, call.parts) {
             (Some((every, check)), Some(parts)) => Some(Box::new(Reval {
-                parts,
+                parts: *parts,
                 check: check.clone(),
                 every: *every,
                 // Staggered: the first check after 50–100 % of the interval.
-                next_at: Some(call.started + every.mul_f64(0.5 + 0.5 * u2)),
+                next_at: Some(started + every.mul_f64(0.5 + 0.5 * u2)),
                 running: Mutex::new(None),
             })),
             _ => None,
@@ -183,13 +190,12 @@ impl<B> GuardedBody<B> {
         };
         let timer = st.next_deadline().map(|d| {
             st.armed = true;
-            tokio::time::sleep_until(d)
+            Box::pin(tokio::time::sleep_until(d))
         });
         Self {
             inner: Some(inner),
-            timer,
             watched: None,
-            st: Some(st),
+            st: Some(Box::new(Streaming { timer, st })),
         }
     }
 }
@@ -309,7 +315,7 @@ impl Stream {
 
     /// Polls the revalidation check and the shared timer until neither has news, re-arming the
     /// timer (`Sleep::reset`) only after one of them changed a deadline.
-    fn poll_timers(&mut self, mut timer: Pin<&mut Option<Sleep>>, cx: &mut Context<'_>) {
+    fn poll_timers(&mut self, timer: &mut Option<Pin<Box<Sleep>>>, cx: &mut Context<'_>) {
         let mut rearm = std::mem::take(&mut self.rearm);
         loop {
             if self.poll_check(cx) {
@@ -318,9 +324,9 @@ impl Stream {
             if rearm {
                 match self.next_deadline() {
                     Some(d) => {
-                        match timer.as_mut().as_pin_mut() {
-                            Some(t) => t.reset(d),
-                            None => timer.set(Some(tokio::time::sleep_until(d))),
+                        match timer.as_mut() {
+                            Some(t) => t.as_mut().reset(d),
+                            None => *timer = Some(Box::pin(tokio::time::sleep_until(d))),
                         }
                         self.armed = true;
                     }
@@ -330,7 +336,7 @@ impl Stream {
             if !self.armed {
                 return;
             }
-            let Some(mut t) = timer.as_mut().as_pin_mut() else {
+            let Some(t) = timer.as_mut() else {
                 return;
             };
             if t.as_mut().poll(cx).is_pending() {
@@ -353,7 +359,7 @@ impl Stream {
     /// Sends the final frame of `kind`: its data now (if any), its trailers next.
     fn emit(&mut self, kind: FrameKind) -> Option<Frame<Bytes>> {
         let (data, trailers) = self.cfg.frame.encode(kind, self.jitter).into_parts();
-        self.trailers = trailers;
+        self.trailers = trailers.map(Box::new);
         self.step = Step::Trailers;
         data.map(Frame::data)
     }
@@ -364,7 +370,7 @@ impl Stream {
     }
 }
 
-fn record_error(cfg: &Config, id: Option<u64>, uri: &Uri, e: &dyn fmt::Display) {
+fn record_error(cfg: &Config, id: Option<u64>, uri: &RoutePath, e: &dyn fmt::Display) {
     cfg.frame.shared.metrics.stream_errors.increment(1);
     if let Some(b) = &cfg.breaker {
         b.failure();
@@ -385,6 +391,7 @@ where
     type Data = Bytes;
     type Error = B::Error;
 
+    #[inline]
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -393,7 +400,7 @@ where
         let Some(mut inner) = this.inner.as_mut().as_pin_mut() else {
             return Poll::Ready(None);
         };
-        let Some(st) = this.st.as_mut() else {
+        let Some(boxed) = this.st.as_mut() else {
             let res = ready!(inner.poll_frame(cx));
             if let Some(Err(e)) = &res {
                 if let Some((cfg, uri)) = this.watched.take() {
@@ -402,13 +409,14 @@ where
             }
             return Poll::Ready(res);
         };
+        let Streaming { timer, st } = &mut **boxed;
         loop {
             match st.step {
                 Step::Done => return Poll::Ready(None),
                 Step::Trailers => {
                     st.step = Step::Done;
                     if let Some(t) = st.trailers.take() {
-                        return Poll::Ready(Some(Ok(Frame::trailers(t))));
+                        return Poll::Ready(Some(Ok(Frame::trailers(*t))));
                     }
                     continue;
                 }
@@ -424,7 +432,7 @@ where
                 Step::Streaming | Step::Due(_) => {}
             }
 
-            st.poll_timers(this.timer.as_mut(), cx);
+            st.poll_timers(timer, cx);
 
             match st.step {
                 Step::Due(kind) => {
@@ -454,8 +462,8 @@ where
                         st.heartbeat_due = false;
                         st.rearm = true;
                         st.last_output = Instant::now();
-                        // A static `Bytes`: cloning it allocates nothing.
-                        return Poll::Ready(Some(Ok(Frame::data(hb.clone()))));
+                        // A static `Bytes`: allocates nothing.
+                        return Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(hb)))));
                     }
                 }
                 _ => {}
@@ -510,11 +518,12 @@ where
         }
     }
 
+    #[inline]
     fn is_end_stream(&self) -> bool {
         match (&self.inner, &self.st) {
             (None, _) => true,
             (Some(i), None) => i.is_end_stream(),
-            (Some(i), Some(st)) => match st.step {
+            (Some(i), Some(s)) => match s.st.step {
                 Step::Done => true,
                 Step::Passthrough => i.is_end_stream(),
                 _ => false,
@@ -526,7 +535,7 @@ where
         match (&self.inner, &self.st) {
             (None, _) => SizeHint::with_exact(0),
             (Some(i), None) => i.size_hint(),
-            (Some(i), Some(st)) => match st.step {
+            (Some(i), Some(s)) => match s.st.step {
                 Step::Done => SizeHint::with_exact(0),
                 Step::Passthrough => i.size_hint(),
                 _ => {
@@ -543,7 +552,7 @@ impl<B> fmt::Debug for GuardedBody<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("GuardedBody")
             .field("empty", &self.inner.is_none())
-            .field("step", &self.st.as_ref().map(|s| s.step))
+            .field("step", &self.st.as_ref().map(|s| s.st.step))
             .finish_non_exhaustive()
     }
 }
@@ -833,7 +842,7 @@ mod tests {
         let mut ended = Vec::new();
         for (i, b) in bodies.iter_mut().enumerate() {
             b.enter(|_, body| {
-                if body.is_end_stream() || body.st.as_ref().unwrap().step != Step::Streaming {
+                if body.is_end_stream() || body.st.as_ref().unwrap().st.step != Step::Streaming {
                     ended.push(i);
                 }
             });

@@ -6,7 +6,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::request::Parts;
-use http::{header, HeaderValue, Response, StatusCode, Uri};
+use http::{header, HeaderValue, Response, StatusCode};
 use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
 
@@ -14,16 +14,19 @@ use super::body::GuardedBody;
 use super::breaker::Probe;
 use super::layer::Config;
 use crate::frame::{should_inject, FinalGate};
+use crate::route::RoutePath;
 
 /// What a call carries from `call` to the response body.
 pub(crate) struct CallState {
     pub(crate) cfg: Arc<Config>,
     pub(crate) probe: Option<Probe>,
-    pub(crate) started: Instant,
+    /// When `call` ran; only taken when a setting needs it (response timeout, lifetime,
+    /// revalidation), else the body's creation stands in for it.
+    pub(crate) started: Option<Instant>,
     pub(crate) deadline: Option<Instant>,
     pub(crate) head: bool,
-    pub(crate) uri: Uri,
-    pub(crate) parts: Option<Parts>,
+    pub(crate) uri: RoutePath,
+    pub(crate) parts: Option<Box<Parts>>,
 }
 
 impl CallState {
@@ -59,8 +62,9 @@ pin_project! {
         Calling {
             #[pin]
             fut: F,
-            #[pin]
-            timeout: Option<Sleep>,
+            // Boxed, and only when a response timeout is set: a `Sleep` is large, and the
+            // future is moved through every layer.
+            timeout: Option<Pin<Box<Sleep>>>,
             state: Option<CallState>,
         },
         Rejected {
@@ -109,7 +113,7 @@ where
         let timed_out = match kind.as_mut().project() {
             KindProj::Calling {
                 fut,
-                mut timeout,
+                timeout,
                 state,
             } => {
                 // The inner future first: a response ready at the deadline wins the tie.
@@ -122,12 +126,10 @@ where
                 let Some(deadline) = st.deadline else {
                     return Poll::Pending;
                 };
-                if timeout.is_none() {
-                    // Created on first poll, so `call` works outside a runtime too.
-                    timeout.set(Some(tokio::time::sleep_until(deadline)));
-                }
-                let sleep = timeout.as_pin_mut().expect("set above");
-                if sleep.poll(cx).is_pending() {
+                // Created on first poll, so `call` works outside a runtime too.
+                let sleep =
+                    timeout.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+                if sleep.as_mut().poll(cx).is_pending() {
                     return Poll::Pending;
                 }
                 state.take().expect("polled after completion")

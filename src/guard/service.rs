@@ -10,6 +10,7 @@ use super::breaker::Admit;
 use super::future::{CallState, ResponseFuture};
 use super::layer::Config;
 use super::GuardedBody;
+use crate::route::RoutePath;
 
 /// Applies a [`GuardLayer`](super::GuardLayer)'s timeouts and circuit breaker to a service; see
 /// the [module docs](super) for an example.
@@ -76,11 +77,15 @@ where
                 return ResponseFuture::rejected(cfg.breaker_status, retry);
             }
         };
-        let started = Instant::now();
+        // The clock is read only when a setting needs the call's start.
+        let started = (cfg.response_timeout.is_some()
+            || cfg.max_lifetime.is_some()
+            || cfg.revalidate.is_some())
+        .then(Instant::now);
         let (req, parts) = match &cfg.revalidate {
             Some(_) => {
                 let (parts, body) = req.into_parts();
-                let copy = parts.clone();
+                let copy = Box::new(parts.clone());
                 (Request::from_parts(parts, body), Some(copy))
             }
             None => (req, None),
@@ -89,9 +94,9 @@ where
             cfg: cfg.clone(),
             probe,
             started,
-            deadline: cfg.response_timeout.map(|d| started + d),
+            deadline: cfg.response_timeout.zip(started).map(|(d, s)| s + d),
             head: req.method() == Method::HEAD,
-            uri: req.uri().clone(),
+            uri: RoutePath::new(req.uri()),
             parts,
         };
         ResponseFuture::calling(self.inner.call(req), state)

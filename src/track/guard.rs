@@ -17,14 +17,20 @@ pub(crate) struct StreamGuard {
     pub(crate) frames: u64,
     pub(crate) bytes: u64,
     pub(crate) errors: u64,
-    key: Option<Arc<str>>,
+    /// Keyed streams only (they allocate for the key anyway); boxed so that every tracked
+    /// body stays small.
+    keyed: Option<Box<Keyed>>,
+}
+
+struct Keyed {
+    key: Arc<str>,
     _lease: Option<Lease>,
 }
 
 impl StreamGuard {
     pub(crate) fn new(
         shared: Arc<Shared>,
-        route: http::Uri,
+        route: crate::route::RoutePath,
         key: Option<Arc<str>>,
         lease: Option<Lease>,
     ) -> Self {
@@ -43,8 +49,7 @@ impl StreamGuard {
             frames: 0,
             bytes: 0,
             errors: 0,
-            key,
-            _lease: lease,
+            keyed: key.map(|key| Box::new(Keyed { key, _lease: lease })),
         }
     }
 }
@@ -58,7 +63,7 @@ impl Drop for StreamGuard {
         m.stream_duration.record(age.as_secs_f64());
         tracing::debug!(
             stream.id = self.id,
-            key = self.key.as_deref().unwrap_or("-"),
+            key = self.keyed.as_ref().map_or("-", |k| &*k.key),
             duration_ms = age.as_millis() as u64,
             frames = self.frames,
             bytes = self.bytes,

@@ -6,6 +6,7 @@
 //! tokio-util's `TaskTracker`). Per-stream details live in a sharded map for logging.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -17,10 +18,39 @@ const FORCED: u64 = 0b10;
 const ONE: u64 = 0b100;
 const SHARDS: usize = 32;
 
+/// Hashes the registry's keys, unique sequential ids chosen by the registry itself (not by
+/// clients, so no flooding concern): one multiply-fold instead of SipHash on every register
+/// and deregister.
+#[derive(Default)]
+pub(crate) struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(*b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+
+    #[inline]
+    fn write_u64(&mut self, id: u64) {
+        // Ids in one shard share their low bits (`id % SHARDS`): fold the full product so
+        // every bit of the id reaches the bits the table uses.
+        let p = u128::from(id).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        self.0 = (p as u64) ^ ((p >> 64) as u64);
+    }
+
+    #[inline]
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+type Shard = Mutex<HashMap<u64, Entry, BuildHasherDefault<IdHasher>>>;
+
 /// What the registry keeps of a live stream, for the force-close log.
 #[derive(Debug)]
 pub(crate) struct Entry {
-    pub(crate) route: http::Uri,
+    pub(crate) route: crate::route::RoutePath,
     pub(crate) key: Option<Arc<str>>,
     pub(crate) started: Instant,
 }
@@ -32,7 +62,7 @@ pub(crate) struct Registry {
     graceful: AtomicU64,
     late: AtomicU64,
     idle: Notify,
-    shards: Box<[Mutex<HashMap<u64, Entry>>]>,
+    shards: Box<[Shard]>,
 }
 
 /// How a stream's end counted in the drain accounting.
@@ -54,11 +84,11 @@ impl Registry {
             graceful: AtomicU64::new(0),
             late: AtomicU64::new(0),
             idle: Notify::new(),
-            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
         }
     }
 
-    fn shard(&self, id: u64) -> &Mutex<HashMap<u64, Entry>> {
+    fn shard(&self, id: u64) -> &Shard {
         &self.shards[(id as usize) % SHARDS]
     }
 
@@ -153,7 +183,7 @@ mod tests {
 
     fn entry() -> Entry {
         Entry {
-            route: http::Uri::from_static("/events"),
+            route: crate::route::RoutePath::new(&http::Uri::from_static("/events")),
             key: None,
             started: Instant::now(),
         }

@@ -13,6 +13,7 @@ use super::guard::StreamGuard;
 use super::layer::{KeyFn, TrackLayer};
 use super::store::{ConnectionStore, Lease, MemoryStore, StoreError, StoreFailure};
 use crate::controller::Shared;
+use crate::route::RoutePath;
 
 /// Tracks every request until its response body ends or is dropped; see [`TrackLayer`] and
 /// the [module docs](super) for an example.
@@ -85,6 +86,16 @@ where
 
     fn call(&mut self, req: Request<ReqB>) -> Self::Future {
         let cfg = &self.cfg;
+        if cfg.key.is_none() {
+            // No key, so no limit: register and call, moving the request only once.
+            let guard = StreamGuard::new(cfg.shared.clone(), RoutePath::new(req.uri()), None, None);
+            return ResponseFuture {
+                state: State::Calling {
+                    fut: self.inner.call(req),
+                    guard: Some(guard),
+                },
+            };
+        }
         let (req, key) = match &cfg.key {
             Some(f) => {
                 let (parts, body) = req.into_parts();
@@ -93,7 +104,7 @@ where
             }
             None => (req, None),
         };
-        let route = req.uri().clone();
+        let route = RoutePath::new(req.uri());
         match (cfg.limit, key) {
             (Some(limit), Some(key)) => {
                 let acquire = cfg.store.acquire(&key, limit);
@@ -103,13 +114,13 @@ where
                 ResponseFuture {
                     state: State::Acquiring {
                         acquire,
-                        call: Some(Pending {
+                        call: Some(Box::new(Pending {
                             inner,
                             req,
                             route,
                             key,
                             cfg: cfg.clone(),
-                        }),
+                        })),
                     },
                 }
             }
@@ -129,7 +140,7 @@ where
 struct Pending<S, ReqB, St> {
     inner: S,
     req: Request<ReqB>,
-    route: http::Uri,
+    route: RoutePath,
     key: Arc<str>,
     cfg: Arc<Config<St>>,
 }
@@ -156,7 +167,9 @@ pin_project! {
         Acquiring {
             #[pin]
             acquire: St::Future,
-            call: Option<Pending<S, ReqB, St>>,
+            // Boxed: the request and a service clone are large, and only keyed requests
+            // under a limit wait here; unlimited ones keep a small future.
+            call: Option<Box<Pending<S, ReqB, St>>>,
         },
         Calling {
             #[pin]
@@ -190,7 +203,7 @@ where
                         route,
                         key,
                         cfg,
-                    } = call.take().expect("polled after completion");
+                    } = *call.take().expect("polled after completion");
                     let lease = match res {
                         Ok(Some(lease)) => Some(lease),
                         Ok(None) => {

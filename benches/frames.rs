@@ -1,0 +1,157 @@
+//! Per-frame cost of streaming 10,000 small SSE events through the full `DrainStack`'s body
+//! wrappers (`TrackedBody<GuardedBody<FrameBody<_>>>`) against the raw body.
+//!
+//! Two raw bodies: `static` hands out the same pre-built `Bytes` (the cheapest possible SSE
+//! body, a floor), `axum_sse` is axum's `Sse` over a stream of `Event`s (what an application
+//! actually serves). Only the polling is timed: the response is created outside the timed
+//! section, and the body is polled with a no-op waker to its end.
+//!
+//! ```text
+//! cargo bench --bench frames
+//! ```
+
+// `criterion_group!` generates an undocumented public function.
+#![allow(missing_docs)]
+
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use axum::response::sse::{Event, Sse};
+use axum::response::IntoResponse;
+use bytes::Bytes;
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use http::{HeaderValue, Request, Response};
+use http_body::{Body, Frame};
+use tower::{Layer, ServiceExt};
+use tower_drain::{DrainController, DrainStack};
+
+const EVENTS: u32 = 10_000;
+const EVENT: Bytes = Bytes::from_static(b"data: tick\n\n");
+
+/// `EVENTS` copies of one small SSE event, then the end.
+struct Events(u32);
+
+impl Body for Events {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        if self.0 == 0 {
+            return Poll::Ready(None);
+        }
+        self.0 -= 1;
+        Poll::Ready(Some(Ok(Frame::data(EVENT))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.0 == 0
+    }
+}
+
+fn sse<B>(body: B) -> Response<B> {
+    let mut res = Response::new(body);
+    res.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    res
+}
+
+fn axum_events() -> Response<axum::body::Body> {
+    let events = futures_util::stream::iter(
+        (0..EVENTS).map(|_| Ok::<_, Infallible>(Event::default().data("tick"))),
+    );
+    Sse::new(events).into_response()
+}
+
+/// Polls `body` to its end with a no-op waker; returns the frames seen.
+fn drain_body<B: Body>(body: B) -> u32
+where
+    B::Error: std::fmt::Debug,
+{
+    let mut body = std::pin::pin!(body);
+    let mut cx = Context::from_waker(Waker::noop());
+    let mut n = 0;
+    loop {
+        match body.as_mut().poll_frame(&mut cx) {
+            Poll::Ready(Some(f)) => {
+                std::hint::black_box(f.unwrap());
+                n += 1;
+            }
+            Poll::Ready(None) => return n,
+            Poll::Pending => panic!("the bench bodies are always ready"),
+        }
+    }
+}
+
+/// Times polling bodies made by `make` (untimed) to their end.
+fn time<B, F>(rt: &tokio::runtime::Runtime, iters: u64, mut make: F) -> Duration
+where
+    F: FnMut() -> B,
+    B: Body,
+    B::Error: std::fmt::Debug,
+{
+    let _enter = rt.enter();
+    let mut total = Duration::ZERO;
+    for _ in 0..iters {
+        let body = make();
+        let start = Instant::now();
+        let n = drain_body(body);
+        total += start.elapsed();
+        assert!(n >= EVENTS);
+    }
+    total
+}
+
+fn frames(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let drain = rt.block_on(async { DrainController::new() });
+    let stack = DrainStack::new(drain.watch());
+    let static_svc = stack.layer(tower::service_fn(|_req: Request<()>| async {
+        Ok::<_, Infallible>(sse(Events(EVENTS)))
+    }));
+    let axum_svc = stack.layer(tower::service_fn(|_req: Request<()>| async {
+        Ok::<_, Infallible>(axum_events())
+    }));
+
+    let mut g = c.benchmark_group("frames");
+    g.measurement_time(Duration::from_secs(3))
+        .warm_up_time(Duration::from_secs(1))
+        .throughput(Throughput::Elements(u64::from(EVENTS)));
+
+    g.bench_function("static_raw", |b| {
+        b.iter_custom(|iters| time(&rt, iters, || Events(EVENTS)))
+    });
+    g.bench_function("static_stack", |b| {
+        b.iter_custom(|iters| {
+            time(&rt, iters, || {
+                let res = rt.block_on(static_svc.clone().oneshot(Request::new(())));
+                res.unwrap().into_body()
+            })
+        })
+    });
+    g.bench_function("axum_sse_raw", |b| {
+        b.iter_custom(|iters| time(&rt, iters, || axum_events().into_body()))
+    });
+    g.bench_function("axum_sse_stack", |b| {
+        b.iter_custom(|iters| {
+            time(&rt, iters, || {
+                let res = rt.block_on(axum_svc.clone().oneshot(Request::new(())));
+                res.unwrap().into_body()
+            })
+        })
+    });
+    g.finish();
+    assert_eq!(drain.active_streams(), 0);
+}
+
+criterion_group!(benches, frames);
+criterion_main!(benches);

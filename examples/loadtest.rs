@@ -1,0 +1,903 @@
+//! A real-socket load tool for tower-drain. Each subcommand prints one JSON line on stdout and
+//! a human summary on stderr, and exits non-zero when its run was not clean.
+//!
+//! ```text
+//! cargo run --release --example loadtest -- drain --streams 10000
+//! cargo run --release --example loadtest -- throughput --seconds 3 --connections 32
+//! cargo run --release --example loadtest -- memory --streams 100000
+//! ```
+//!
+//! - `drain`: a server process (this binary re-executed with a hidden subcommand) serves N SSE
+//!   streams through the full `DrainStack` over TCP on 127.0.0.1; this process opens N client
+//!   streams, waits until each has had its first event, triggers the drain (a line on the
+//!   server's stdin) and measures, per client, the time from the trigger to the arrival of its
+//!   shutdown frame. Then the same for the raw floor: a server process with one bare tokio task
+//!   per socket writing the same frame bytes on the same trigger, no crate code; and for the
+//!   hyper floor: the same hyper server with a hand-written draining body (`hyper_floor_ms`,
+//!   `ratio_max_vs_hyper`). Every run uses separate server and client processes (the
+//!   open-file limit is per process). Exits non-zero unless every stream of every run was
+//!   notified and ended with the chunked body's last chunk.
+//! - `throughput`: hello-world over HTTP/1.1 keep-alive, bare axum vs the same app under the
+//!   full `DrainStack`, alternating runs, same process.
+//! - `memory`: heap bytes per tracked open stream (counting global allocator; streams held
+//!   in-process without sockets) and the per-request cost with 1,000 vs 100,000 open streams.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::io::{BufRead, Write as _};
+use std::pin::Pin;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response};
+use http_body::{Body, Frame};
+use stats_alloc::{Region, StatsAlloc, INSTRUMENTED_SYSTEM};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tower::{Layer, ServiceExt};
+use tower_drain::frame::{FinalFrame, FrameContext, FrameKind, Sse};
+use tower_drain::{DrainController, DrainReason, DrainStack};
+
+#[global_allocator]
+static GLOBAL: &StatsAlloc<std::alloc::System> = &INSTRUMENTED_SYSTEM;
+
+const FIRST_EVENT: &[u8] = b"data: hello\n\n";
+
+fn usage() -> ! {
+    eprintln!(
+        "usage: loadtest drain [--streams N] | throughput [--seconds S] [--connections C] [--rounds R] [--layer stack|reject|track|guard|frame|timeout] [--only bare|stack] | memory [--streams N]"
+    );
+    std::process::exit(2)
+}
+
+/// `--name value` from the arguments, or `default`.
+fn arg(args: &[String], name: &str, default: u64) -> u64 {
+    match args.iter().position(|a| a == name) {
+        None => default,
+        Some(i) => args
+            .get(i + 1)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| usage()),
+    }
+}
+
+/// `--name value` as a string.
+fn str_arg<'a>(args: &'a [String], name: &str) -> Option<&'a str> {
+    let i = args.iter().position(|a| a == name)?;
+    Some(args.get(i + 1).unwrap_or_else(|| usage()).as_str())
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let Some(cmd) = args.first() else { usage() };
+    let ok = match cmd.as_str() {
+        "drain" => drain_cmd(arg(&args, "--streams", 10_000) as usize),
+        "throughput" => throughput_cmd(
+            arg(&args, "--seconds", 3),
+            arg(&args, "--connections", 32) as usize,
+            arg(&args, "--rounds", 5) as usize,
+            str_arg(&args, "--layer").unwrap_or("stack"),
+            str_arg(&args, "--only"),
+        ),
+        "memory" => memory_cmd(arg(&args, "--streams", 100_000) as usize),
+        "__serve" => {
+            serve_cmd(args.get(1).map(String::as_str).unwrap_or("crate"));
+            true
+        }
+        _ => usage(),
+    };
+    if !ok {
+        std::process::exit(1);
+    }
+}
+
+/// Raises the soft open-file limit to the hard one.
+fn raise_nofile() -> u64 {
+    rlimit::increase_nofile_limit(u64::MAX).unwrap_or(0)
+}
+
+fn multi_thread() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+// ---------------------------------------------------------------------------------------------
+// drain
+// ---------------------------------------------------------------------------------------------
+
+/// An endless, quiet SSE body: one event, then pending (never woken by itself).
+#[derive(Default)]
+struct Quiet(Option<Bytes>);
+
+impl Body for Quiet {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        match self.0.take() {
+            Some(b) => Poll::Ready(Some(Ok(Frame::data(b)))),
+            None => Poll::Pending,
+        }
+    }
+}
+
+fn sse_response<B>(body: B) -> Response<B> {
+    let mut res = Response::new(body);
+    res.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    res
+}
+
+fn listener() -> TcpListener {
+    let socket = TcpSocket::new_v4().expect("socket");
+    socket.set_reuseaddr(true).expect("reuseaddr");
+    socket
+        .bind("127.0.0.1:0".parse().unwrap())
+        .expect("bind 127.0.0.1");
+    socket.listen(4096).expect("listen")
+}
+
+/// The hidden server subcommand: prints `port N`, serves until a `drain` line arrives on
+/// stdin, then drains; exits once every stream has ended (or stdin closes).
+fn serve_cmd(mode: &str) {
+    raise_nofile();
+    let rt = multi_thread();
+    let mode = mode.to_string();
+    rt.block_on(async move {
+        let listener = listener();
+        let port = listener.local_addr().unwrap().port();
+        println!("port {port}");
+        std::io::stdout().flush().unwrap();
+
+        let trigger = tokio_util::sync::CancellationToken::new();
+        let stdin_trigger = trigger.clone();
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = std::io::stdin().lock().read_line(&mut line);
+            stdin_trigger.cancel();
+            // A second read ends when the parent closes stdin: time to exit.
+            line.clear();
+            let _ = std::io::stdin().lock().read_line(&mut line);
+            let _ = done_tx.send(());
+        });
+
+        match mode.as_str() {
+            "raw" => serve_raw(listener, trigger, done_rx).await,
+            "hyper" => serve_hyper(listener, trigger, done_rx).await,
+            _ => serve_crate(listener, trigger, done_rx).await,
+        }
+    });
+}
+
+async fn serve_crate(
+    listener: TcpListener,
+    trigger: tokio_util::sync::CancellationToken,
+    done: tokio::sync::oneshot::Receiver<()>,
+) {
+    let drain = DrainController::new();
+    let svc = DrainStack::new(drain.watch()).layer(tower::service_fn(
+        |_req: Request<hyper::body::Incoming>| async {
+            Ok::<_, Infallible>(sse_response(Quiet(Some(Bytes::from_static(FIRST_EVENT)))))
+        },
+    ));
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let _ = stream.set_nodelay(true);
+            let svc = hyper_util::service::TowerToHyperService::new(svc.clone());
+            tokio::spawn(async move {
+                let io = hyper_util::rt::TokioIo::new(stream);
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(io, svc)
+                    .await;
+            });
+        }
+    });
+    trigger.cancelled().await;
+    drain.drain(DrainReason::Manual);
+    let report = drain.report().await;
+    println!(
+        "{}",
+        serde_json::json!({
+            "notified": report.notified,
+            "closed_gracefully": report.closed_gracefully,
+            "force_closed": report.force_closed,
+        })
+    );
+    std::io::stdout().flush().unwrap();
+    let _ = done.await;
+}
+
+/// The shutdown frame the raw and hyper floors send (encoded once, before any stream exists).
+fn floor_frame() -> Bytes {
+    Sse::new()
+        .encode(&FrameContext::new(FrameKind::Shutdown))
+        .data_ref()
+        .cloned()
+        .expect("an SSE frame has data")
+}
+
+pin_project_lite::pin_project! {
+    /// The hyper floor's body, written by hand: the first event, then on the trigger the
+    /// shutdown frame and the end. No crate code.
+    struct HandDrained {
+        first: Option<Bytes>,
+        last: Option<Bytes>,
+        #[pin]
+        signal: tokio_util::sync::WaitForCancellationFutureOwned,
+    }
+}
+
+impl Body for HandDrained {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        let this = self.project();
+        if let Some(b) = this.first.take() {
+            return Poll::Ready(Some(Ok(Frame::data(b))));
+        }
+        if this.last.is_none() {
+            return Poll::Ready(None);
+        }
+        std::task::ready!(this.signal.poll(cx));
+        Poll::Ready(this.last.take().map(|b| Ok(Frame::data(b))))
+    }
+}
+
+/// The same hyper server as the crate run, with a hand-written draining body instead of the
+/// stack: separates hyper's share of the fan-out from the crate's.
+async fn serve_hyper(
+    listener: TcpListener,
+    trigger: tokio_util::sync::CancellationToken,
+    done: tokio::sync::oneshot::Receiver<()>,
+) {
+    let frame = floor_frame();
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    {
+        let (trigger, accepted) = (trigger.clone(), accepted.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                accepted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let _ = stream.set_nodelay(true);
+                let (trigger, frame) = (trigger.clone(), frame.clone());
+                let svc =
+                    hyper::service::service_fn(move |_req: Request<hyper::body::Incoming>| {
+                        let body = HandDrained {
+                            first: Some(Bytes::from_static(FIRST_EVENT)),
+                            last: Some(frame.clone()),
+                            signal: trigger.clone().cancelled_owned(),
+                        };
+                        std::future::ready(Ok::<_, Infallible>(sse_response(body)))
+                    });
+                tokio::spawn(async move {
+                    let io = hyper_util::rt::TokioIo::new(stream);
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(io, svc)
+                        .await;
+                });
+            }
+        });
+    }
+    trigger.cancelled().await;
+    let n = accepted.load(std::sync::atomic::Ordering::Relaxed);
+    println!("{}", serde_json::json!({ "accepted": n }));
+    std::io::stdout().flush().unwrap();
+    let _ = done.await;
+}
+
+fn chunk(data: &[u8]) -> Vec<u8> {
+    let mut v = format!("{:x}\r\n", data.len()).into_bytes();
+    v.extend_from_slice(data);
+    v.extend_from_slice(b"\r\n");
+    v
+}
+
+async fn serve_raw(
+    listener: TcpListener,
+    trigger: tokio_util::sync::CancellationToken,
+    done: tokio::sync::oneshot::Receiver<()>,
+) {
+    // The same bytes hyper writes for the crate's stream: headers with the first event, then
+    // the shutdown event and the last chunk. Encoded once, before any stream exists.
+    let frame = floor_frame();
+    let mut head =
+        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+            .to_vec();
+    head.extend_from_slice(&chunk(FIRST_EVENT));
+    let head = Bytes::from(head);
+    let mut last = chunk(&frame);
+    last.extend_from_slice(b"0\r\n\r\n");
+    let last = Bytes::from(last);
+    let ended = Arc::new(tokio::sync::Semaphore::new(0));
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    {
+        let (trigger, ended, accepted) = (trigger.clone(), ended.clone(), accepted.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                accepted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let _ = stream.set_nodelay(true);
+                let (trigger, ended) = (trigger.clone(), ended.clone());
+                let (head, last) = (head.clone(), last.clone());
+                tokio::spawn(async move {
+                    let mut buf = Vec::with_capacity(1024);
+                    let mut tmp = [0u8; 1024];
+                    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match stream.read(&mut tmp).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&tmp[..n]),
+                        }
+                    }
+                    if stream.write_all(&head).await.is_err() {
+                        return;
+                    }
+                    trigger.cancelled().await;
+                    if stream.write_all(&last).await.is_ok() {
+                        ended.add_permits(1);
+                    }
+                    // Keep the socket until the client closes it, as hyper does.
+                    let _ = stream.read(&mut tmp).await;
+                });
+            }
+        });
+    }
+    trigger.cancelled().await;
+    let n = accepted.load(std::sync::atomic::Ordering::Relaxed);
+    let _ = ended.acquire_many(n as u32).await;
+    println!("{}", serde_json::json!({ "notified": n }));
+    std::io::stdout().flush().unwrap();
+    let _ = done.await;
+}
+
+/// What one client saw.
+#[derive(Clone, Copy, Debug, Default)]
+struct ClientResult {
+    /// When the shutdown event arrived.
+    notified_at: Option<Instant>,
+    /// The chunked body ended with its last chunk (not a reset or a cut).
+    clean_end: bool,
+}
+
+/// Minimal HTTP/1.1 chunked SSE reader: reports the first event, then the shutdown event and
+/// the body's end.
+async fn client(
+    port: u16,
+    ready: tokio::sync::mpsc::UnboundedSender<bool>,
+    permits: Arc<tokio::sync::Semaphore>,
+) -> ClientResult {
+    let mut out = ClientResult::default();
+    let permit = permits.acquire_owned().await.unwrap();
+    let mut stream = match TcpStream::connect(("127.0.0.1", port)).await {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("connect: {e}");
+            let _ = ready.send(false);
+            return out;
+        }
+    };
+    let _ = stream.set_nodelay(true);
+    if stream
+        .write_all(b"GET /events HTTP/1.1\r\nhost: 127.0.0.1\r\naccept: text/event-stream\r\n\r\n")
+        .await
+        .is_err()
+    {
+        let _ = ready.send(false);
+        return out;
+    }
+    let mut buf: Vec<u8> = Vec::with_capacity(2048);
+    let mut pos = 0; // parse position in `buf`
+    let mut headers_done = false;
+    let mut events: Vec<u8> = Vec::new();
+    let mut first = false;
+    let mut permit = Some(permit);
+    let mut tmp = [0u8; 4096];
+    loop {
+        // Parse what we have.
+        loop {
+            if !headers_done {
+                let Some(end) = find(&buf[pos..], b"\r\n\r\n") else {
+                    break;
+                };
+                let head = &buf[pos..pos + end];
+                if !head.starts_with(b"HTTP/1.1 200") {
+                    let _ = ready.send(false);
+                    return out;
+                }
+                pos += end + 4;
+                headers_done = true;
+                continue;
+            }
+            let Some(line) = find(&buf[pos..], b"\r\n") else {
+                break;
+            };
+            let size = std::str::from_utf8(&buf[pos..pos + line])
+                .ok()
+                .and_then(|s| usize::from_str_radix(s.trim(), 16).ok());
+            let Some(size) = size else {
+                return out;
+            };
+            if size == 0 {
+                if buf.len() < pos + line + 4 {
+                    break;
+                }
+                out.clean_end = &buf[pos + line + 2..pos + line + 4] == b"\r\n";
+                return out;
+            }
+            if buf.len() < pos + line + 2 + size + 2 {
+                break;
+            }
+            events.extend_from_slice(&buf[pos + line + 2..pos + line + 2 + size]);
+            pos += line + 2 + size + 2;
+            if !first && find(&events, b"\n\n").is_some() {
+                first = true;
+                drop(permit.take()); // let the next client connect
+                let _ = ready.send(true);
+            }
+            if out.notified_at.is_none() && find(&events, b"event: shutdown\n").is_some() {
+                out.notified_at = Some(Instant::now());
+            }
+        }
+        match stream.read(&mut tmp).await {
+            Ok(0) | Err(_) => {
+                if !first {
+                    let _ = ready.send(false);
+                }
+                return out;
+            }
+            Ok(n) => buf.extend_from_slice(&tmp[..n]),
+        }
+    }
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+struct Pct {
+    p50: f64,
+    p99: f64,
+    max: f64,
+}
+
+fn pct(mut v: Vec<f64>) -> Pct {
+    if v.is_empty() {
+        return Pct {
+            p50: f64::NAN,
+            p99: f64::NAN,
+            max: f64::NAN,
+        };
+    }
+    v.sort_by(f64::total_cmp);
+    let at = |q: f64| v[((v.len() as f64 * q) as usize).min(v.len() - 1)];
+    let r = |x: f64| (x * 1000.0).round() / 1000.0;
+    Pct {
+        p50: r(at(0.5)),
+        p99: r(at(0.99)),
+        max: r(*v.last().unwrap()),
+    }
+}
+
+struct RunResult {
+    notified: usize,
+    clean_ends: usize,
+    latencies_ms: Vec<f64>,
+    server: String,
+}
+
+/// One run against a fresh server process (`raw` or the crate's stack).
+fn run_drain(
+    rt: &tokio::runtime::Runtime,
+    streams: usize,
+    mode: &str,
+) -> Result<RunResult, String> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let mut child = Command::new(exe)
+        .args(["__serve", mode])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .map_err(|e| format!("spawning the server: {e}"))?;
+    let mut stdin = child.stdin.take().unwrap();
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    stdout.read_line(&mut line).map_err(|e| e.to_string())?;
+    let port: u16 = line
+        .trim()
+        .strip_prefix("port ")
+        .and_then(|p| p.parse().ok())
+        .ok_or_else(|| format!("server said {line:?}"))?;
+
+    let result = rt.block_on(async {
+        let (ready_tx, mut ready_rx) = tokio::sync::mpsc::unbounded_channel();
+        // Bounded connection ramp: at most 256 handshakes in flight.
+        let permits = Arc::new(tokio::sync::Semaphore::new(256));
+        let tasks: Vec<_> = (0..streams)
+            .map(|_| tokio::spawn(client(port, ready_tx.clone(), permits.clone())))
+            .collect();
+        drop(ready_tx);
+        let mut ready = 0;
+        let all_ready = tokio::time::timeout(Duration::from_secs(120), async {
+            while ready < streams {
+                match ready_rx.recv().await {
+                    Some(true) => ready += 1,
+                    Some(false) | None => return false,
+                }
+            }
+            true
+        })
+        .await;
+        if all_ready != Ok(true) {
+            return Err(format!(
+                "only {ready}/{streams} streams got their first event"
+            ));
+        }
+        // The trigger.
+        let t0 = Instant::now();
+        stdin.write_all(b"drain\n").map_err(|e| e.to_string())?;
+        stdin.flush().map_err(|e| e.to_string())?;
+        let mut results = Vec::with_capacity(streams);
+        for t in tasks {
+            match tokio::time::timeout(Duration::from_secs(60), t).await {
+                Ok(Ok(r)) => results.push(r),
+                _ => results.push(ClientResult::default()),
+            }
+        }
+        let latencies_ms: Vec<f64> = results
+            .iter()
+            .filter_map(|r| r.notified_at)
+            .map(|t| (t - t0).as_secs_f64() * 1e3)
+            .collect();
+        Ok((
+            results.iter().filter(|r| r.notified_at.is_some()).count(),
+            results.iter().filter(|r| r.clean_end).count(),
+            latencies_ms,
+        ))
+    });
+    let server = {
+        let mut l = String::new();
+        let _ = stdout.read_line(&mut l);
+        l.trim().to_string()
+    };
+    drop(stdin); // the server exits
+    let _ = child.wait();
+    let (notified, clean_ends, latencies_ms) = result?;
+    Ok(RunResult {
+        notified,
+        clean_ends,
+        latencies_ms,
+        server,
+    })
+}
+
+fn drain_cmd(streams: usize) -> bool {
+    let limit = raise_nofile();
+    if (limit as usize) < streams + 64 {
+        eprintln!("open-file limit {limit} is too low for {streams} streams");
+        return false;
+    }
+    let rt = multi_thread();
+    let run = |mode: &str| match run_drain(&rt, streams, mode) {
+        Ok(r) => Some(r),
+        Err(e) => {
+            eprintln!("{mode} run failed: {e}");
+            None
+        }
+    };
+    let Some(crate_run) = run("crate") else {
+        return false;
+    };
+    let Some(raw_run) = run("raw") else {
+        return false;
+    };
+    let Some(hyper_run) = run("hyper") else {
+        return false;
+    };
+    let fanout = pct(crate_run.latencies_ms.clone());
+    let floor = pct(raw_run.latencies_ms.clone());
+    let hyper_floor = pct(hyper_run.latencies_ms.clone());
+    let r2 = |x: f64| (x * 100.0).round() / 100.0;
+    let ratio_max = r2(fanout.max / floor.max);
+    println!(
+        "{}",
+        serde_json::json!({
+            "scenario": "drain",
+            "streams": streams,
+            "notified": crate_run.notified,
+            "clean_ends": crate_run.clean_ends,
+            "fanout_ms": fanout,
+            "raw_floor_ms": floor,
+            "ratio_max": ratio_max,
+            "hyper_floor_ms": hyper_floor,
+            "ratio_max_vs_hyper": r2(fanout.max / hyper_floor.max),
+        })
+    );
+    eprintln!(
+        "drain: {streams} streams; crate: {}/{streams} notified, {}/{streams} clean ends, fan-out p50 {} ms p99 {} ms max {} ms (server: {}); raw floor: {}/{streams} notified, p50 {} ms p99 {} ms max {} ms; hyper floor (hand-written body): {}/{streams} notified, p50 {} ms p99 {} ms max {} ms; ratio of maxima {ratio_max} (vs raw), {} (vs hyper)",
+        crate_run.notified,
+        crate_run.clean_ends,
+        fanout.p50,
+        fanout.p99,
+        fanout.max,
+        crate_run.server,
+        raw_run.notified,
+        floor.p50,
+        floor.p99,
+        floor.max,
+        hyper_run.notified,
+        hyper_floor.p50,
+        hyper_floor.p99,
+        hyper_floor.max,
+        r2(fanout.max / hyper_floor.max),
+    );
+    crate_run.notified == streams
+        && crate_run.clean_ends == streams
+        && raw_run.notified == streams
+        && raw_run.clean_ends == streams
+        && hyper_run.notified == streams
+        && hyper_run.clean_ends == streams
+}
+
+// ---------------------------------------------------------------------------------------------
+// throughput
+// ---------------------------------------------------------------------------------------------
+
+fn hello_app() -> axum::Router {
+    axum::Router::new().route("/", axum::routing::get(|| async { "Hello, World!" }))
+}
+
+/// `connections` keep-alive clients hammering `port` for `secs`; returns requests per second.
+async fn load(port: u16, secs: u64, connections: usize) -> f64 {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    let mut tasks = Vec::new();
+    for _ in 0..connections {
+        tasks.push(tokio::spawn(async move {
+            let stream = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+            stream.set_nodelay(true).unwrap();
+            let (mut send, conn) = hyper::client::conn::http1::handshake::<
+                _,
+                http_body_util::Empty<Bytes>,
+            >(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+            tokio::spawn(conn);
+            let mut n = 0u64;
+            while tokio::time::Instant::now() < deadline {
+                let req = Request::get("/")
+                    .header("host", "127.0.0.1")
+                    .body(http_body_util::Empty::new())
+                    .unwrap();
+                if send.ready().await.is_err() {
+                    break;
+                }
+                let Ok(res) = send.send_request(req).await else {
+                    break;
+                };
+                let body = http_body_util::BodyExt::collect(res.into_body()).await;
+                assert_eq!(body.unwrap().to_bytes(), "Hello, World!");
+                n += 1;
+            }
+            n
+        }));
+    }
+    let mut total = 0;
+    for t in tasks {
+        total += t.await.unwrap();
+    }
+    total as f64 / secs as f64
+}
+
+fn throughput_cmd(
+    secs: u64,
+    connections: usize,
+    rounds: usize,
+    layer: &str,
+    only: Option<&str>,
+) -> bool {
+    raise_nofile();
+    let rt = multi_thread();
+    rt.block_on(async {
+        let drain = DrainController::new();
+        let serve = |app: axum::Router| async move {
+            let l = listener();
+            let port = l.local_addr().unwrap().port();
+            tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
+            port
+        };
+        let bare_port = serve(hello_app()).await;
+        let w = drain.watch();
+        // `--layer` swaps the stack for one layer or a peer (to see what each costs here).
+        let stack_app = match layer {
+            "reject" => hello_app().layer(tower_drain::reject::RejectLayer::new(w)),
+            "track" => hello_app().layer(tower_drain::track::TrackLayer::new(w)),
+            "guard" => hello_app().layer(tower_drain::guard::GuardLayer::new(w)),
+            "frame" => hello_app().layer(tower_drain::frame::FrameLayer::new(w)),
+            "timeout" => hello_app().layer(tower_http::timeout::TimeoutLayer::with_status_code(
+                http::StatusCode::REQUEST_TIMEOUT,
+                Duration::from_secs(30),
+            )),
+            _ => hello_app().layer(DrainStack::new(w)),
+        };
+        let stack_port = serve(stack_app).await;
+        // Warm both up.
+        load(bare_port, 1, connections).await;
+        load(stack_port, 1, connections).await;
+        if let Some(only) = only {
+            // Profiling aid (`--only bare|stack`): load one of the two servers only.
+            let port = if only == "stack" { stack_port } else { bare_port };
+            let rps = load(port, secs, connections).await;
+            eprintln!("{only}: {rps:.0} req/s");
+            return rps > 0.0;
+        }
+        let (mut bare, mut stack) = (Vec::new(), Vec::new());
+        for round in 0..rounds {
+            // Alternate which goes first.
+            if round % 2 == 0 {
+                bare.push(load(bare_port, secs, connections).await);
+                stack.push(load(stack_port, secs, connections).await);
+            } else {
+                stack.push(load(stack_port, secs, connections).await);
+                bare.push(load(bare_port, secs, connections).await);
+            }
+            eprintln!(
+                "throughput round {round}: bare {:.0} req/s, stack {:.0} req/s",
+                bare[round], stack[round]
+            );
+        }
+        let median = |mut v: Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        // Each round's pair ran back to back: the median of the paired ratios is steadier on a
+        // shared machine than the ratio of the medians.
+        let ratios: Vec<f64> = bare.iter().zip(&stack).map(|(b, s)| s / b).collect();
+        let ratio = (median(ratios) * 1000.0).round() / 1000.0;
+        let (b, s) = (median(bare), median(stack));
+        println!(
+            "{}",
+            serde_json::json!({
+                "scenario": "throughput",
+                "bare_rps": b.round(),
+                "stack_rps": s.round(),
+                "ratio": ratio,
+            })
+        );
+        eprintln!(
+            "throughput: {connections} connections, {rounds} × {secs} s each: bare {b:.0} req/s, stack {s:.0} req/s (medians), ratio {ratio}"
+        );
+        b > 0.0 && s > 0.0
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// memory
+// ---------------------------------------------------------------------------------------------
+
+/// Live heap bytes (allocated minus deallocated) since `region` began.
+fn live(region: &Region<'_, std::alloc::System>) -> i64 {
+    let c = region.change();
+    c.bytes_allocated as i64 - c.bytes_deallocated as i64 + c.bytes_reallocated as i64
+}
+
+/// Polls `body` with a no-op waker until it is pending (as a connection task would before
+/// parking); returns the frames it gave.
+fn pump<B: Body + Unpin>(body: &mut B) -> usize {
+    let mut cx = Context::from_waker(std::task::Waker::noop());
+    let mut n = 0;
+    while let Poll::Ready(Some(_)) = Pin::new(&mut *body).poll_frame(&mut cx) {
+        n += 1;
+    }
+    n
+}
+
+fn memory_cmd(streams: usize) -> bool {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let inner = tower::service_fn(|_req: Request<()>| async {
+            Ok::<_, Infallible>(sse_response(Quiet(Some(Bytes::from_static(FIRST_EVENT)))))
+        });
+        let drain = DrainController::new();
+        let stack = DrainStack::new(drain.watch()).layer(inner);
+
+        // Bare: the same responses without the crate. Bodies are kept (as hyper keeps them in
+        // the connection task); the holding vectors are allocated before measuring.
+        let mut bare_bodies = Vec::with_capacity(streams);
+        let region = Region::new(GLOBAL);
+        for _ in 0..streams {
+            let res = inner.oneshot(request()).await.unwrap();
+            bare_bodies.push(res.into_body());
+        }
+        let bare_heap = live(&region);
+
+        let mut stack_bodies = Vec::with_capacity(streams);
+        let region = Region::new(GLOBAL);
+        for _ in 0..streams {
+            let res = stack.clone().oneshot(request()).await.unwrap();
+            let mut body = Box::pin(res.into_body());
+            // First event out, then pending, as on a real stream (the drain waker registers).
+            assert_eq!(pump(&mut body), 1);
+            stack_bodies.push(body);
+        }
+        let stack_heap = live(&region);
+        assert_eq!(drain.active_streams(), streams as u64);
+        drop(bare_bodies);
+
+        // The pinned box of each body is counted in `stack_heap`; the bare bodies are inline.
+        let inline = -(std::mem::size_of::<Quiet>() as i64);
+        let heap_per_stream = (stack_heap - bare_heap) as f64 / streams as f64;
+        let bytes_per_stream = heap_per_stream + inline as f64;
+
+        // Per-request cost (call, first frame, end) with few vs many streams open.
+        let cost = |open: usize, bodies: &mut Vec<_>| {
+            bodies.truncate(open);
+            let stack = stack.clone();
+            async move {
+                let rounds = 5;
+                let per_round = 20_000;
+                let mut samples = Vec::new();
+                let mut allocs = 0.0;
+                for _ in 0..rounds {
+                    let region = Region::new(GLOBAL);
+                    let start = Instant::now();
+                    for _ in 0..per_round {
+                        let res = stack.clone().oneshot(request()).await.unwrap();
+                        let mut body = Box::pin(res.into_body());
+                        std::hint::black_box(pump(&mut body));
+                    }
+                    samples.push(start.elapsed().as_secs_f64() * 1e9 / per_round as f64);
+                    allocs = region.change().allocations as f64 / per_round as f64;
+                }
+                samples.sort_by(f64::total_cmp);
+                (samples[rounds / 2], allocs)
+            }
+        };
+        let (at_many, _) = cost(streams, &mut stack_bodies).await;
+        let few = 1_000.min(streams);
+        let (at_few, allocs) = cost(few, &mut stack_bodies).await;
+        drop(stack_bodies);
+        let ratio = (at_many / at_few * 100.0).round() / 100.0;
+        println!(
+            "{}",
+            serde_json::json!({
+                "scenario": "memory",
+                "streams": streams,
+                "bytes_per_stream": bytes_per_stream.round(),
+                "overhead_ratio_100k_vs_1k": ratio,
+            })
+        );
+        eprintln!(
+            "memory: {streams} streams; crate heap {heap_per_stream:.0} B/stream + {inline} B inline in the body = {bytes_per_stream:.0} B/stream; per SSE request (call, first event, end) {at_few:.0} ns with {few} open, {at_many:.0} ns with {streams} open (ratio {ratio}), {allocs:.1} allocations each"
+        );
+        drain.active_streams() == 0
+    })
+}
+
+fn request() -> Request<()> {
+    Request::get("/events").body(()).unwrap()
+}
