@@ -333,18 +333,20 @@ impl<S, R: Clone> Layer<S> for RejectLayer<R> {
     fn layer(&self, inner: S) -> Self::Service {
         Reject {
             inner,
-            shared: self.shared.clone(),
-            response: self.response.clone(),
-            exempt: self.exempt.clone(),
-            from: self.from,
-            sse_retry: self.sse_retry,
+            cfg: Arc::new(Config {
+                shared: self.shared.clone(),
+                response: self.response.clone(),
+                exempt: self.exempt.clone(),
+                from: self.from,
+                sse_retry: self.sse_retry,
+            }),
         }
     }
 }
 
-/// Rejects new requests while draining; see [`RejectLayer`].
-pub struct Reject<S, R = Default503> {
-    inner: S,
+/// Everything a [`Reject`] shares with its clones, behind one `Arc`: cloning the service
+/// (which axum and tower do per request) touches one reference count.
+struct Config<R> {
     shared: Arc<Shared>,
     response: R,
     exempt: ExemptFn,
@@ -352,17 +354,19 @@ pub struct Reject<S, R = Default503> {
     sse_retry: bool,
 }
 
+/// Rejects new requests while draining; see [`RejectLayer`].
+pub struct Reject<S, R = Default503> {
+    inner: S,
+    cfg: Arc<Config<R>>,
+}
+
 crate::macros::inner_service_accessors!(Reject<S, R>);
 
-impl<S: Clone, R: Clone> Clone for Reject<S, R> {
+impl<S: Clone, R> Clone for Reject<S, R> {
     fn clone(&self) -> Self {
         Self {
             inner: self.inner.clone(),
-            shared: self.shared.clone(),
-            response: self.response.clone(),
-            exempt: self.exempt.clone(),
-            from: self.from,
-            sse_retry: self.sse_retry,
+            cfg: self.cfg.clone(),
         }
     }
 }
@@ -371,8 +375,8 @@ impl<S: fmt::Debug, R> fmt::Debug for Reject<S, R> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Reject")
             .field("inner", &self.inner)
-            .field("from", &self.from)
-            .field("sse_retry", &self.sse_retry)
+            .field("from", &self.cfg.from)
+            .field("sse_retry", &self.cfg.sse_retry)
             .finish_non_exhaustive()
     }
 }
@@ -380,7 +384,7 @@ impl<S: fmt::Debug, R> fmt::Debug for Reject<S, R> {
 impl<S, R, ReqB, ResB> Service<Request<ReqB>> for Reject<S, R>
 where
     S: Service<Request<ReqB>, Response = Response<ResB>>,
-    R: RejectResponse<ResB>,
+    R: RejectResponse<ResB> + Clone,
 {
     type Response = Response<ResponseBody<ResB>>;
     type Error = S::Error;
@@ -393,20 +397,24 @@ where
         self.inner.poll_ready(cx)
     }
 
+    #[inline]
     fn call(&mut self, req: Request<ReqB>) -> Self::Future {
-        if self.shared.phase() < self.from {
+        let cfg = &*self.cfg;
+        if cfg.shared.phase() < cfg.from {
             return ResponseFuture::inner(self.inner.call(req));
         }
         let (parts, body) = req.into_parts();
-        if (self.exempt)(&parts) {
+        if (cfg.exempt)(&parts) {
             return ResponseFuture::inner(self.inner.call(Request::from_parts(parts, body)));
         }
-        self.shared.count_rejected();
+        cfg.shared.count_rejected();
         tracing::debug!(method = %parts.method, path = parts.uri.path(), "draining: request rejected");
-        if self.sse_retry && accepts_event_stream(&parts) {
-            return ResponseFuture::rejected(sse_rejection(&self.shared, &parts));
+        if cfg.sse_retry && accepts_event_stream(&parts) {
+            return ResponseFuture::rejected(sse_rejection(&cfg.shared, &parts));
         }
-        ResponseFuture::rejected(self.response.response(&parts).map(ResponseBody::new))
+        // The rejection path is rare: a clone of the responder keeps `Reject` one `Arc` wide.
+        let mut response = cfg.response.clone();
+        ResponseFuture::rejected(response.response(&parts).map(ResponseBody::new))
     }
 }
 
@@ -443,7 +451,8 @@ pin_project! {
     #[project = KindProj]
     enum Kind<F, B> {
         Inner { #[pin] fut: F },
-        Rejected { res: Option<Response<ResponseBody<B>>> },
+        // Boxed: the rare rejection must not make every request's future larger.
+        Rejected { res: Option<Box<Response<ResponseBody<B>>>> },
     }
 }
 
@@ -456,7 +465,9 @@ impl<F, B> ResponseFuture<F, B> {
 
     fn rejected(res: Response<ResponseBody<B>>) -> Self {
         Self {
-            kind: Kind::Rejected { res: Some(res) },
+            kind: Kind::Rejected {
+                res: Some(Box::new(res)),
+            },
         }
     }
 }
@@ -473,7 +484,7 @@ where
                 .poll(cx)
                 .map(|res| res.map(|res| res.map(ResponseBody::new))),
             KindProj::Rejected { res } => {
-                Poll::Ready(Ok(res.take().expect("polled after completion")))
+                Poll::Ready(Ok(*res.take().expect("polled after completion")))
             }
         }
     }
