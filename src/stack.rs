@@ -51,16 +51,16 @@ use tower_layer::Layer;
 
 use crate::frame::{FinalFrame, Frame, FrameLayer};
 use crate::guard::{Breaker, Guard, GuardLayer};
-use crate::reject::{Reject, RejectLayer};
+use crate::reject::{Default503, Plain, Reject, RejectLayer, SseRetry};
 use crate::track::{ConnectionStore, MemoryStore, StoreFailure, Track, TrackLayer};
 use crate::{ConfigError, DrainWatch};
 
 /// Configures and composes `Reject → Track → Guard → Frame`; see the [module docs](self).
 #[derive(Clone, Debug)]
 #[must_use]
-pub struct DrainStack<St = MemoryStore> {
+pub struct DrainStack<St = MemoryStore, M = Plain> {
     watch: DrainWatch,
-    reject: RejectLayer,
+    reject: RejectLayer<Default503, M>,
     track: TrackLayer<St>,
     guard: GuardLayer,
     frame: FrameLayer,
@@ -86,7 +86,7 @@ impl DrainStack<MemoryStore> {
     }
 }
 
-impl<St: ConnectionStore> DrainStack<St> {
+impl<St: ConnectionStore, M> DrainStack<St, M> {
     /// Uses `store` for per-key limits (e.g. a `RedisStore`). Keeps the other settings.
     ///
     /// ```
@@ -94,7 +94,7 @@ impl<St: ConnectionStore> DrainStack<St> {
     /// let stack = DrainStack::new(DrainController::new().watch()).store(MemoryStore::new());
     /// # drop(stack);
     /// ```
-    pub fn store<St2: ConnectionStore>(self, store: St2) -> DrainStack<St2> {
+    pub fn store<St2: ConnectionStore>(self, store: St2) -> DrainStack<St2, M> {
         let old = self.track;
         let mut track = TrackLayer::with_store(self.watch.clone(), store);
         track.limit = old.limit;
@@ -111,7 +111,7 @@ impl<St: ConnectionStore> DrainStack<St> {
     }
 }
 
-impl<St> DrainStack<St> {
+impl<St, M> DrainStack<St, M> {
     /// See [`TrackLayer::max_per_key`].
     pub fn max_per_key(mut self, n: u32) -> Self {
         self.track = self.track.max_per_key(n);
@@ -166,12 +166,17 @@ impl<St> DrainStack<St> {
     ///
     /// ```
     /// let stack = tower_drain::DrainStack::new(tower_drain::DrainController::new().watch())
-    ///     .sse_retry(true);
+    ///     .sse_retry();
     /// # drop(stack);
     /// ```
-    pub fn sse_retry(mut self, yes: bool) -> Self {
-        self.reject = self.reject.sse_retry(yes);
-        self
+    pub fn sse_retry(self) -> DrainStack<St, SseRetry> {
+        DrainStack {
+            watch: self.watch,
+            reject: self.reject.sse_retry(),
+            track: self.track,
+            guard: self.guard,
+            frame: self.frame,
+        }
     }
 
     /// Final frames made by `encoder` instead of SSE; see [`FrameLayer::with_encoder`].
@@ -273,8 +278,8 @@ impl<St> DrainStack<St> {
     }
 }
 
-impl<S, St: Clone> Layer<S> for DrainStack<St> {
-    type Service = Reject<Track<Guard<Frame<S>>, St>>;
+impl<S, St: Clone, M> Layer<S> for DrainStack<St, M> {
+    type Service = Reject<Track<Guard<Frame<S>>, St>, Default503, M>;
 
     fn layer(&self, inner: S) -> Self::Service {
         self.reject

@@ -98,29 +98,33 @@ async fn start_server(
         .grace_period(Duration::from_secs(30))
         .build()
         .unwrap();
-    let events = Router::new()
-        .route("/events", get(move || async move { ticks(name) }))
-        .layer(DrainStack::new(drain.watch()).sse_retry(sse_retry))
-        .layer(middleware::from_fn(move |req: Request, next: Next| {
-            let seen = seen.clone();
-            async move {
-                if req.uri().path() != "/events" {
-                    return next.run(req).await;
-                }
-                let last_event_id = req
-                    .headers()
-                    .get("last-event-id")
-                    .map(|v| v.to_str().unwrap().to_owned());
-                let res: Response = next.run(req).await;
-
-                let _ = seen.send(Seen {
-                    server: name,
-                    last_event_id,
-                    status: res.status().as_u16(),
-                });
-                res
+    let events = Router::new().route("/events", get(move || async move { ticks(name) }));
+    let stack = DrainStack::new(drain.watch());
+    let events = if sse_retry {
+        events.layer(stack.sse_retry())
+    } else {
+        events.layer(stack)
+    };
+    let events = events.layer(middleware::from_fn(move |req: Request, next: Next| {
+        let seen = seen.clone();
+        async move {
+            if req.uri().path() != "/events" {
+                return next.run(req).await;
             }
-        }));
+            let last_event_id = req
+                .headers()
+                .get("last-event-id")
+                .map(|v| v.to_str().unwrap().to_owned());
+            let res: Response = next.run(req).await;
+
+            let _ = seen.send(Seen {
+                server: name,
+                last_event_id,
+                status: res.status().as_u16(),
+            });
+            res
+        }
+    }));
     let app = Router::new()
         .route("/", get(|| async { Html(PAGE) }))
         .merge(events);

@@ -185,18 +185,19 @@ where
         // `Closing` begins; a busy one sees the phase change on its next frame (the phase is
         // set before the signal fires).
         if inj.step == Step::Watching && inj.cfg.shared.phase() < Phase::Closing {
-            match this.inner.as_mut().poll_frame(cx) {
-                Poll::Ready(res) => {
-                    match &res {
-                        Some(Ok(frame)) => {
-                            if let Some(d) = frame.data_ref() {
-                                inj.tracker.update(d);
-                            }
-                        }
-                        Some(Err(_)) => {}
-                        None => inj.step = Step::Done,
+            // The result is inspected in place and returned as it came: no copy per layer.
+            let res = this.inner.as_mut().poll_frame(cx);
+            match &res {
+                Poll::Ready(Some(Ok(frame))) => {
+                    if let Some(d) = frame.data_ref() {
+                        inj.tracker.update(d);
                     }
-                    return Poll::Ready(res);
+                    return res;
+                }
+                Poll::Ready(Some(Err(_))) => return res,
+                Poll::Ready(None) => {
+                    inj.step = Step::Done;
+                    return res;
                 }
                 Poll::Pending => {
                     let closing = signal.as_mut().as_pin_mut().map(|s| s.poll(cx).is_ready());

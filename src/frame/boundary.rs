@@ -24,7 +24,8 @@ pub enum Boundary {
 #[derive(Clone, Debug)]
 pub(crate) struct Tracker {
     kind: Boundary,
-    tail: [u8; 4],
+    /// The stream's last (up to) four bytes, the newest in the low byte.
+    tail: u32,
     tail_len: u8,
     header: [u8; 5],
     header_len: u8,
@@ -35,7 +36,7 @@ impl Tracker {
     pub(crate) fn new(kind: Boundary) -> Self {
         Self {
             kind,
-            tail: [0; 4],
+            tail: 0,
             tail_len: 0,
             header: [0; 5],
             header_len: 0,
@@ -43,57 +44,61 @@ impl Tracker {
         }
     }
 
+    /// Called for every forwarded data frame: a few instructions for text protocols (one load
+    /// of the last four bytes, no copy of the frame).
     #[inline]
     pub(crate) fn update(&mut self, data: &Bytes) {
-        if data.is_empty() {
-            return;
-        }
         match self.kind {
             Boundary::Sse | Boundary::Lines => {
-                let n = data.len().min(4);
-                let keep = (self.tail_len as usize).min(4 - n);
-                let mut t = [0u8; 4];
-                t[..keep].copy_from_slice(
-                    &self.tail[self.tail_len as usize - keep..self.tail_len as usize],
-                );
-                t[keep..keep + n].copy_from_slice(&data[data.len() - n..]);
-                self.tail = t;
-                self.tail_len = (keep + n) as u8;
-            }
-            Boundary::LengthPrefixed => {
-                let mut rest: &[u8] = data;
-                while !rest.is_empty() {
-                    if self.remaining > 0 {
-                        let skip = (self.remaining.min(rest.len() as u64)) as usize;
-                        self.remaining -= skip as u64;
-                        rest = &rest[skip..];
-                        continue;
+                let n = data.len();
+                if let Some(last) = n.checked_sub(4).and_then(|i| data.get(i..)) {
+                    // `last` is exactly four bytes.
+                    self.tail = u32::from_be_bytes([last[0], last[1], last[2], last[3]]);
+                    self.tail_len = 4;
+                } else {
+                    for &b in data.iter() {
+                        self.tail = (self.tail << 8) | u32::from(b);
                     }
-                    let need = 5 - self.header_len as usize;
-                    let take = need.min(rest.len());
-                    self.header[self.header_len as usize..self.header_len as usize + take]
-                        .copy_from_slice(&rest[..take]);
-                    self.header_len += take as u8;
-                    rest = &rest[take..];
-                    if self.header_len == 5 {
-                        let len = u32::from_be_bytes([
-                            self.header[1],
-                            self.header[2],
-                            self.header[3],
-                            self.header[4],
-                        ]);
-                        self.remaining = u64::from(len);
-                        self.header_len = 0;
-                    }
+                    self.tail_len = (self.tail_len + n as u8).min(4);
                 }
             }
+            Boundary::LengthPrefixed => self.update_length_prefixed(data),
             Boundary::Frames => {}
+        }
+    }
+
+    fn update_length_prefixed(&mut self, data: &[u8]) {
+        let mut rest = data;
+        while !rest.is_empty() {
+            if self.remaining > 0 {
+                let skip = (self.remaining.min(rest.len() as u64)) as usize;
+                self.remaining -= skip as u64;
+                rest = &rest[skip..];
+                continue;
+            }
+            let need = 5 - self.header_len as usize;
+            let take = need.min(rest.len());
+            self.header[self.header_len as usize..self.header_len as usize + take]
+                .copy_from_slice(&rest[..take]);
+            self.header_len += take as u8;
+            rest = &rest[take..];
+            if self.header_len == 5 {
+                let len = u32::from_be_bytes([
+                    self.header[1],
+                    self.header[2],
+                    self.header[3],
+                    self.header[4],
+                ]);
+                self.remaining = u64::from(len);
+                self.header_len = 0;
+            }
         }
     }
 
     #[inline]
     pub(crate) fn at_boundary(&self) -> bool {
-        let t = &self.tail[..self.tail_len as usize];
+        let bytes = self.tail.to_be_bytes();
+        let t = &bytes[4 - self.tail_len as usize..];
         match self.kind {
             Boundary::Frames => true,
             Boundary::LengthPrefixed => self.header_len == 0 && self.remaining == 0,
@@ -143,6 +148,16 @@ mod tests {
         assert!(!feed(Boundary::Sse, &[b"data: a\n\n", b"ev"]));
         assert!(!feed(Boundary::Sse, &[b"x\r", b"\n"]));
         assert!(feed(Boundary::Sse, &[b"x", b"\n", b"\n"]));
+        // Short frames shift into the remembered tail; long ones replace it.
+        assert!(feed(Boundary::Sse, &[b"abcdef", b"\r\n", b"\r", b"\n"]));
+        assert!(!feed(Boundary::Sse, &[b"\n\n", b"abcdefgh"]));
+        assert!(feed(
+            Boundary::Sse,
+            &[b"a", b"b", b"c", b"d", b"e", b"\n", b"\n"]
+        ));
+        assert!(feed(Boundary::Sse, &[b"\n", b"\r"]));
+        assert!(!feed(Boundary::Lines, &[b"{}\n", b"{\"a\":1}"]));
+        assert!(feed(Boundary::Lines, &[b"{\"a\":1}", b"\n"]));
     }
 
     #[test]

@@ -50,7 +50,7 @@ struct Reval {
     running: Mutex<Option<CheckFuture>>,
 }
 
-/// Per-stream state of an injecting [`GuardedBody`].
+/// Per-stream state of an injecting [`GuardedBody`], allocated once per stream.
 struct Stream {
     cfg: Arc<Config>,
     id: u64,
@@ -60,6 +60,16 @@ struct Stream {
     gate: Option<FinalGate>,
     jitter: u64,
     trailers: Option<Box<HeaderMap>>,
+    errored: bool,
+    /// Boxed, and only created when a limit is configured (lifetime, idle, heartbeat,
+    /// revalidation): without one, a stream needs no clock and no timer, and is smaller.
+    lim: Option<Box<Limits>>,
+}
+
+/// The timers and checks of a stream with limits.
+struct Limits {
+    /// Created on first use: a `Sleep` is large and shared by all the stream's deadlines.
+    timer: Option<Pin<Box<Sleep>>>,
     lifetime_at: Option<Instant>,
     last_inner: Instant,
     last_output: Instant,
@@ -72,7 +82,6 @@ struct Stream {
     rearm: bool,
     cut_at: Option<Instant>,
     cut: bool,
-    errored: bool,
 }
 
 pin_project! {
@@ -93,16 +102,8 @@ pin_project! {
         watched: Option<(Arc<Config>, RoutePath)>,
         // Boxed: only streaming responses carry the per-stream state, so every other
         // response stays small (responses are moved through every layer).
-        st: Option<Box<Streaming>>,
+        st: Option<Box<Stream>>,
     }
-}
-
-/// The state of an injecting [`GuardedBody`], allocated once per stream.
-struct Streaming {
-    /// Boxed too, and only created when a limit needs a timer (lifetime, idle, heartbeat,
-    /// revalidation): a `Sleep` is large and most streams never need one.
-    timer: Option<Pin<Box<Sleep>>>,
-    st: Stream,
 }
 
 impl<B> Default for GuardedBody<B> {
@@ -140,9 +141,40 @@ impl<B> GuardedBody<B> {
 
     pub(crate) fn stream(inner: B, call: CallState, gate: Option<FinalGate>) -> Self {
         let cfg = call.cfg;
-        let now = Instant::now();
-        let started = call.started.unwrap_or(now);
         let (id, jitter) = cfg.next_stream();
+        let lim = (cfg.max_lifetime.is_some()
+            || cfg.idle_timeout.is_some()
+            || cfg.heartbeat.is_some()
+            || cfg.revalidate.is_some())
+        .then(|| Limits::new(&cfg, call.started, call.parts, jitter));
+        Self {
+            inner: Some(inner),
+            watched: None,
+            st: Some(Box::new(Stream {
+                tracker: Tracker::new(cfg.frame.encoder.boundary()),
+                id,
+                uri: call.uri,
+                step: Step::Streaming,
+                gate,
+                jitter,
+                trailers: None,
+                errored: false,
+                lim,
+                cfg,
+            })),
+        }
+    }
+}
+
+impl Limits {
+    fn new(
+        cfg: &Config,
+        started: Option<Instant>,
+        parts: Option<Box<Parts>>,
+        jitter: u64,
+    ) -> Box<Self> {
+        let now = Instant::now();
+        let started = started.unwrap_or(now);
         // Two independent fractions in [0, 1) from one mixed value.
         let u1 = (jitter >> 11) as f64 / (1u64 << 53) as f64;
         let u2 = (crate::controller::splitmix64(jitter) >> 11) as f64 / (1u64 << 53) as f64;
@@ -156,7 +188,7 @@ impl<B> GuardedBody<B> {
                 Boundary::Lines => Some(LINE_HEARTBEAT),
                 _ => None,
             });
-        let reval = match (&cfg.revalidate, call.parts) {
+        let reval = match (&cfg.revalidate, parts) {
             (Some((every, check)), Some(parts)) => Some(Box::new(Reval {
                 parts: *parts,
                 check: check.clone(),
@@ -167,14 +199,8 @@ impl<B> GuardedBody<B> {
             })),
             _ => None,
         };
-        let mut st = Stream {
-            tracker: Tracker::new(cfg.frame.encoder.boundary()),
-            id,
-            uri: call.uri,
-            step: Step::Streaming,
-            gate,
-            jitter,
-            trailers: None,
+        let mut lim = Box::new(Limits {
+            timer: None,
             lifetime_at,
             last_inner: now,
             last_output: now,
@@ -185,27 +211,18 @@ impl<B> GuardedBody<B> {
             rearm: false,
             cut_at: None,
             cut: false,
-            errored: false,
-            cfg,
-        };
-        let timer = st.next_deadline().map(|d| {
-            st.armed = true;
-            Box::pin(tokio::time::sleep_until(d))
         });
-        Self {
-            inner: Some(inner),
-            watched: None,
-            st: Some(Box::new(Streaming { timer, st })),
+        if let Some(d) = lim.next_deadline(cfg, Step::Streaming) {
+            lim.armed = true;
+            lim.timer = Some(Box::pin(tokio::time::sleep_until(d)));
         }
+        lim
     }
-}
 
-impl Stream {
     /// The earliest moment one of this stream's timers needs attention.
-    fn next_deadline(&self) -> Option<Instant> {
-        match self.step {
+    fn next_deadline(&self, cfg: &Config, step: Step) -> Option<Instant> {
+        match step {
             Step::Streaming => {
-                let cfg = &self.cfg;
                 let idle = cfg.idle_timeout.map(|d| self.last_inner + d);
                 let hb = match (&self.heartbeat, cfg.heartbeat) {
                     (Some(_), Some(d)) if !self.heartbeat_due => Some(self.last_output + d),
@@ -221,20 +238,39 @@ impl Stream {
             _ => None,
         }
     }
+}
+
+impl Stream {
+    /// Whether a heartbeat is due (only with a heartbeat configured).
+    #[inline]
+    fn heartbeat_due(&self) -> bool {
+        self.lim.as_ref().is_some_and(|l| l.heartbeat_due)
+    }
+
+    /// Whether a stream past its limit found no boundary within the grace period.
+    #[inline]
+    fn cut(&self) -> bool {
+        self.lim.as_ref().is_some_and(|l| l.cut)
+    }
 
     fn due(&mut self, kind: FrameKind, now: Instant) {
         self.step = Step::Due(kind);
-        self.cut_at = Some(now + MID_EVENT_GRACE);
-        self.heartbeat_due = false;
+        if let Some(l) = self.lim.as_mut() {
+            l.cut_at = Some(now + MID_EVENT_GRACE);
+            l.heartbeat_due = false;
+        }
     }
 
     /// The shared timer fired at `now`: act on every deadline that has passed.
     fn on_timer(&mut self, now: Instant) {
+        let Some(l) = self.lim.as_mut() else {
+            return;
+        };
         match self.step {
             Step::Streaming => {
                 let cfg = self.cfg.clone();
                 let m = &cfg.frame.shared.metrics;
-                if self.lifetime_at.is_some_and(|t| t <= now) {
+                if l.lifetime_at.is_some_and(|t| t <= now) {
                     m.timeouts_lifetime.increment(1);
                     tracing::debug!(
                         guard.stream = self.id,
@@ -243,7 +279,7 @@ impl Stream {
                     );
                     return self.due(FrameKind::Timeout, now);
                 }
-                if cfg.idle_timeout.is_some_and(|d| self.last_inner + d <= now) {
+                if cfg.idle_timeout.is_some_and(|d| l.last_inner + d <= now) {
                     m.timeouts_idle.increment(1);
                     tracing::debug!(
                         guard.stream = self.id,
@@ -252,12 +288,12 @@ impl Stream {
                     );
                     return self.due(FrameKind::Timeout, now);
                 }
-                if let (Some(_), Some(d)) = (&self.heartbeat, cfg.heartbeat) {
-                    if self.last_output + d <= now {
-                        self.heartbeat_due = true;
+                if let (Some(_), Some(d)) = (&l.heartbeat, cfg.heartbeat) {
+                    if l.last_output + d <= now {
+                        l.heartbeat_due = true;
                     }
                 }
-                if let Some(r) = self.reval.as_mut() {
+                if let Some(r) = l.reval.as_mut() {
                     if r.next_at.is_some_and(|t| t <= now) {
                         r.next_at = None;
                         let fut = (r.check)(&r.parts);
@@ -265,14 +301,14 @@ impl Stream {
                     }
                 }
             }
-            Step::Due(_) if self.cut_at.is_some_and(|t| t <= now) => self.cut = true,
+            Step::Due(_) if l.cut_at.is_some_and(|t| t <= now) => l.cut = true,
             _ => {}
         }
     }
 
     /// Polls a revalidation check in flight; `true` if it finished.
     fn poll_check(&mut self, cx: &mut Context<'_>) -> bool {
-        let Some(r) = self.reval.as_mut() else {
+        let Some(r) = self.lim.as_mut().and_then(|l| l.reval.as_mut()) else {
             return false;
         };
         let running = r.running.get_mut().unwrap_or_else(|e| e.into_inner());
@@ -314,29 +350,43 @@ impl Stream {
     }
 
     /// Polls the revalidation check and the shared timer until neither has news, re-arming the
-    /// timer (`Sleep::reset`) only after one of them changed a deadline.
-    fn poll_timers(&mut self, timer: &mut Option<Pin<Box<Sleep>>>, cx: &mut Context<'_>) {
-        let mut rearm = std::mem::take(&mut self.rearm);
+    /// timer (`Sleep::reset`) only after one of them changed a deadline. Nothing to do (and
+    /// no call) for a stream without limits.
+    #[inline]
+    fn poll_timers(&mut self, cx: &mut Context<'_>) {
+        if self.lim.is_some() {
+            self.poll_limits(cx);
+        }
+    }
+
+    fn poll_limits(&mut self, cx: &mut Context<'_>) {
+        let Some(l) = self.lim.as_mut() else {
+            return;
+        };
+        let mut rearm = std::mem::take(&mut l.rearm);
         loop {
             if self.poll_check(cx) {
                 rearm = true;
             }
+            let Some(l) = self.lim.as_mut() else {
+                return;
+            };
             if rearm {
-                match self.next_deadline() {
+                match l.next_deadline(&self.cfg, self.step) {
                     Some(d) => {
-                        match timer.as_mut() {
+                        match l.timer.as_mut() {
                             Some(t) => t.as_mut().reset(d),
-                            None => *timer = Some(Box::pin(tokio::time::sleep_until(d))),
+                            None => l.timer = Some(Box::pin(tokio::time::sleep_until(d))),
                         }
-                        self.armed = true;
+                        l.armed = true;
                     }
-                    None => self.armed = false,
+                    None => l.armed = false,
                 }
             }
-            if !self.armed {
+            if !l.armed {
                 return;
             }
-            let Some(t) = timer.as_mut() else {
+            let Some(t) = l.timer.as_mut() else {
                 return;
             };
             if t.as_mut().poll(cx).is_pending() {
@@ -409,7 +459,7 @@ where
             }
             return Poll::Ready(res);
         };
-        let Streaming { timer, st } = &mut **boxed;
+        let st = &mut **boxed;
         loop {
             match st.step {
                 Step::Done => return Poll::Ready(None),
@@ -432,7 +482,7 @@ where
                 Step::Streaming | Step::Due(_) => {}
             }
 
-            st.poll_timers(timer, cx);
+            st.poll_timers(cx);
 
             match st.step {
                 Step::Due(kind) => {
@@ -447,7 +497,7 @@ where
                             None => continue,
                         }
                     }
-                    if st.cut {
+                    if st.cut() {
                         tracing::debug!(
                             guard.stream = st.id,
                             path = st.uri.path(),
@@ -457,42 +507,49 @@ where
                         return Poll::Ready(None);
                     }
                 }
-                Step::Streaming if st.heartbeat_due && st.tracker.at_boundary() => {
-                    if let Some(hb) = &st.heartbeat {
-                        st.heartbeat_due = false;
-                        st.rearm = true;
-                        st.last_output = Instant::now();
-                        // A static `Bytes`: allocates nothing.
-                        return Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(hb)))));
+                Step::Streaming if st.heartbeat_due() && st.tracker.at_boundary() => {
+                    if let Some(l) = st.lim.as_mut() {
+                        if let Some(hb) = l.heartbeat {
+                            l.heartbeat_due = false;
+                            l.rearm = true;
+                            l.last_output = Instant::now();
+                            // A static `Bytes`: allocates nothing.
+                            return Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(hb)))));
+                        }
                     }
                 }
                 _ => {}
             }
 
-            let res = ready!(inner.as_mut().poll_frame(cx));
-            return Poll::Ready(match res {
-                Some(Ok(frame)) => {
-                    if let Some(d) = frame.data_ref() {
-                        st.tracker.update(d);
-                    }
-                    if st.cfg.idle_timeout.is_some() || st.heartbeat.is_some() {
+            let res = inner.as_mut().poll_frame(cx);
+            // A forwarded frame is inspected in place and returned as it came (no copy).
+            if let Poll::Ready(Some(Ok(frame))) = &res {
+                if let Some(d) = frame.data_ref() {
+                    st.tracker.update(d);
+                }
+                if let Some(l) = st.lim.as_mut() {
+                    if st.cfg.idle_timeout.is_some() || l.heartbeat.is_some() {
                         let now = Instant::now();
-                        st.last_inner = now;
-                        st.last_output = now;
-                        if std::mem::take(&mut st.heartbeat_due) {
-                            st.rearm = true;
+                        l.last_inner = now;
+                        l.last_output = now;
+                        if std::mem::take(&mut l.heartbeat_due) {
+                            l.rearm = true;
                         }
                     }
-                    // The inner body is finishing on its own (trailers, end of stream, or its
-                    // own final frame went out): add nothing more.
-                    if frame.is_trailers()
-                        || inner.is_end_stream()
-                        || st.gate.as_ref().is_some_and(FinalGate::is_claimed)
-                    {
-                        st.step = Step::Passthrough;
-                    }
-                    Some(Ok(frame))
                 }
+                // The inner body is finishing on its own (trailers, end of stream, or its
+                // own final frame went out): add nothing more.
+                if frame.is_trailers()
+                    || inner.is_end_stream()
+                    || st.gate.as_ref().is_some_and(FinalGate::is_claimed)
+                {
+                    st.step = Step::Passthrough;
+                }
+                return res;
+            }
+            return Poll::Ready(match ready!(res) {
+                // Handled above.
+                Some(Ok(frame)) => Some(Ok(frame)),
                 Some(Err(e)) => {
                     st.record_error(&e);
                     if st.cfg.pass_errors {
@@ -523,7 +580,7 @@ where
         match (&self.inner, &self.st) {
             (None, _) => true,
             (Some(i), None) => i.is_end_stream(),
-            (Some(i), Some(s)) => match s.st.step {
+            (Some(i), Some(s)) => match s.step {
                 Step::Done => true,
                 Step::Passthrough => i.is_end_stream(),
                 _ => false,
@@ -535,7 +592,7 @@ where
         match (&self.inner, &self.st) {
             (None, _) => SizeHint::with_exact(0),
             (Some(i), None) => i.size_hint(),
-            (Some(i), Some(s)) => match s.st.step {
+            (Some(i), Some(s)) => match s.step {
                 Step::Done => SizeHint::with_exact(0),
                 Step::Passthrough => i.size_hint(),
                 _ => {
@@ -552,7 +609,7 @@ impl<B> fmt::Debug for GuardedBody<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("GuardedBody")
             .field("empty", &self.inner.is_none())
-            .field("step", &self.st.as_ref().map(|s| s.st.step))
+            .field("step", &self.st.as_ref().map(|s| s.step))
             .finish_non_exhaustive()
     }
 }
@@ -842,7 +899,7 @@ mod tests {
         let mut ended = Vec::new();
         for (i, b) in bodies.iter_mut().enumerate() {
             b.enter(|_, body| {
-                if body.is_end_stream() || body.st.as_ref().unwrap().st.step != Step::Streaming {
+                if body.is_end_stream() || body.st.as_ref().unwrap().step != Step::Streaming {
                     ended.push(i);
                 }
             });

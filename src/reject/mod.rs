@@ -49,4 +49,6 @@ mod body;
 mod service;
 
 pub use self::body::ResponseBody;
-pub use self::service::{Default503, Reject, RejectLayer, RejectResponse, ResponseFuture};
+pub use self::service::{
+    Default503, Mode, Plain, Reject, RejectLayer, RejectResponse, ResponseFuture, SseRetry,
+};

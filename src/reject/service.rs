@@ -1,11 +1,13 @@
 use std::fmt;
 use std::future::Future;
+use std::marker::PhantomData;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use std::time::{Duration, SystemTime};
 
+use bytes::Bytes;
 use http::request::Parts;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode, Version};
 use pin_project_lite::pin_project;
@@ -173,16 +175,136 @@ fn probe_paths(parts: &Parts) -> bool {
     )
 }
 
+mod sealed {
+    pub trait Sealed {}
+}
+
+/// How a [`Reject`] answers: [`Plain`] (the default) or [`SseRetry`], chosen with
+/// [`RejectLayer::sse_retry`].
+///
+/// The mode is a type, not a flag, so that the default mode costs nothing: a [`Plain`]
+/// `Reject` passes the inner service's response through as it is (same body type, no
+/// wrapping), and only [`SseRetry`], which needs a body of its own for the shutdown frame,
+/// wraps bodies in [`ResponseBody`]. Sealed: no other implementations.
+///
+/// ```
+/// use tower_drain::reject::{Mode, Plain, SseRetry};
+/// fn sse_retry<M: Mode>() -> bool { M::SSE_RETRY }
+/// assert!(!sse_retry::<Plain>());
+/// assert!(sse_retry::<SseRetry>());
+/// ```
+pub trait Mode: sealed::Sealed + Send + Sync + 'static {
+    /// Whether event-stream requests get the shutdown frame instead of the rejection.
+    const SSE_RETRY: bool;
+
+    /// The response body of a [`Reject`] whose inner service answers with `B`.
+    type Body<B>;
+
+    /// Turns the inner service's (or the responder's) response into this mode's.
+    #[doc(hidden)]
+    fn wrap<B>(res: Response<B>) -> Response<Self::Body<B>>;
+
+    /// Polls the inner service's future, giving its result in this mode's type.
+    #[doc(hidden)]
+    fn poll_inner<F, B, E>(
+        fut: Pin<&mut F>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<Response<Self::Body<B>>, E>>
+    where
+        F: Future<Output = Result<Response<B>, E>>;
+
+    /// The shutdown-frame answer; `None` in a mode without one.
+    #[doc(hidden)]
+    fn frame<B>(res: Response<Bytes>) -> Option<Response<Self::Body<B>>>;
+}
+
+/// The default [`Mode`]: every rejected request gets the rejection response, and responses
+/// pass through unchanged.
+///
+/// ```
+/// use tower_drain::reject::{Plain, Reject, RejectLayer};
+/// let drain = tower_drain::DrainController::new();
+/// let layer: RejectLayer<_, Plain> = RejectLayer::new(drain.watch());
+/// # drop(layer);
+/// ```
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Plain;
+
+/// The [`Mode`] of [`RejectLayer::sse_retry`]: event-stream requests get `200` and only the
+/// shutdown frame.
+///
+/// ```
+/// use tower_drain::reject::{RejectLayer, SseRetry};
+/// let drain = tower_drain::DrainController::new();
+/// let layer: RejectLayer<_, SseRetry> = RejectLayer::new(drain.watch()).sse_retry();
+/// # drop(layer);
+/// ```
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SseRetry;
+
+impl sealed::Sealed for Plain {}
+impl sealed::Sealed for SseRetry {}
+
+impl Mode for Plain {
+    const SSE_RETRY: bool = false;
+    type Body<B> = B;
+
+    #[inline(always)]
+    fn wrap<B>(res: Response<B>) -> Response<B> {
+        res
+    }
+
+    #[inline(always)]
+    fn poll_inner<F, B, E>(fut: Pin<&mut F>, cx: &mut Context<'_>) -> Poll<Result<Response<B>, E>>
+    where
+        F: Future<Output = Result<Response<B>, E>>,
+    {
+        // The inner future's own output, untouched.
+        fut.poll(cx)
+    }
+
+    #[inline]
+    fn frame<B>(_res: Response<Bytes>) -> Option<Response<B>> {
+        None
+    }
+}
+
+impl Mode for SseRetry {
+    const SSE_RETRY: bool = true;
+    type Body<B> = ResponseBody<B>;
+
+    #[inline]
+    fn wrap<B>(res: Response<B>) -> Response<ResponseBody<B>> {
+        res.map(ResponseBody::new)
+    }
+
+    #[inline]
+    fn poll_inner<F, B, E>(
+        fut: Pin<&mut F>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<Response<ResponseBody<B>>, E>>
+    where
+        F: Future<Output = Result<Response<B>, E>>,
+    {
+        fut.poll(cx).map(|res| res.map(Self::wrap))
+    }
+
+    #[inline]
+    fn frame<B>(res: Response<Bytes>) -> Option<Response<ResponseBody<B>>> {
+        Some(res.map(ResponseBody::frame))
+    }
+}
+
 /// Rejects new requests while draining. Builds [`Reject`].
 ///
 /// See the [module docs](super) for an example.
 #[must_use]
-pub struct RejectLayer<R = Default503> {
+pub struct RejectLayer<R = Default503, M = Plain> {
     shared: Arc<Shared>,
     response: R,
     exempt: ExemptFn,
     from: Phase,
-    sse_retry: bool,
+    mode: PhantomData<fn() -> M>,
 }
 
 impl RejectLayer<Default503> {
@@ -201,12 +323,12 @@ impl RejectLayer<Default503> {
             response,
             exempt: Arc::new(probe_paths),
             from: Phase::Closing,
-            sse_retry: false,
+            mode: PhantomData,
         }
     }
 }
 
-impl<R> RejectLayer<R> {
+impl<R, M> RejectLayer<R, M> {
     /// Also reject during `Draining` (the propagation delay), not only from `Closing` on.
     /// Off by default: during the propagation delay load balancers may still send traffic,
     /// which should be served.
@@ -243,6 +365,10 @@ impl<R> RejectLayer<R> {
     /// body of only the SSE shutdown frame (its `retry:` line is the controller's jittered
     /// reconnect delay), instead of the rejection response. Off by default.
     ///
+    /// The mode is part of the type ([`SseRetry`] instead of [`Plain`]): only this mode wraps
+    /// response bodies (in [`ResponseBody`], to carry the frame), so the default one costs
+    /// nothing per response.
+    ///
     /// The SSE spec makes any non-`200` answer fatal for an `EventSource`: a browser whose
     /// reconnect lands on a draining server and gets `503` closes for good (`readyState`
     /// `CLOSED`), and only a page reload brings it back. With this mode the browser reads the
@@ -269,7 +395,7 @@ impl<R> RejectLayer<R> {
     ///     .build()
     ///     .unwrap();
     /// let svc = ServiceBuilder::new()
-    ///     .layer(RejectLayer::new(drain.watch()).sse_retry(true))
+    ///     .layer(RejectLayer::new(drain.watch()).sse_retry())
     ///     .service_fn(|_req: Request<()>| async {
     ///         Ok::<_, std::convert::Infallible>(Response::new(Empty::<Bytes>::new()))
     ///     });
@@ -289,46 +415,57 @@ impl<R> RejectLayer<R> {
     /// assert_eq!(res.status(), 503);
     /// # }
     /// ```
-    pub fn sse_retry(mut self, yes: bool) -> Self {
-        self.sse_retry = yes;
-        self
+    pub fn sse_retry(self) -> RejectLayer<R, SseRetry> {
+        RejectLayer {
+            shared: self.shared,
+            response: self.response,
+            exempt: self.exempt,
+            from: self.from,
+            mode: PhantomData,
+        }
     }
 
     /// Answers rejected requests with `response` instead of [`Default503`].
-    pub fn with_response<R2>(self, response: R2) -> RejectLayer<R2> {
+    pub fn with_response<R2>(self, response: R2) -> RejectLayer<R2, M> {
         RejectLayer {
             shared: self.shared,
             response,
             exempt: self.exempt,
             from: self.from,
-            sse_retry: self.sse_retry,
+            mode: PhantomData,
         }
     }
 }
 
-impl<R: Clone> Clone for RejectLayer<R> {
+impl<R: Clone, M> Clone for RejectLayer<R, M> {
     fn clone(&self) -> Self {
         Self {
             shared: self.shared.clone(),
             response: self.response.clone(),
             exempt: self.exempt.clone(),
             from: self.from,
-            sse_retry: self.sse_retry,
+            mode: PhantomData,
         }
     }
 }
 
-impl<R> fmt::Debug for RejectLayer<R> {
+impl<R, M> fmt::Debug for RejectLayer<R, M> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RejectLayer")
             .field("from", &self.from)
-            .field("sse_retry", &self.sse_retry)
+            .field("mode", &mode_name::<M>())
             .finish_non_exhaustive()
     }
 }
 
-impl<S, R: Clone> Layer<S> for RejectLayer<R> {
-    type Service = Reject<S, R>;
+/// `"Plain"` or `"SseRetry"`, for `Debug` output.
+fn mode_name<M>() -> &'static str {
+    let name = std::any::type_name::<M>();
+    name.rsplit("::").next().unwrap_or(name)
+}
+
+impl<S, R: Clone, M> Layer<S> for RejectLayer<R, M> {
+    type Service = Reject<S, R, M>;
 
     fn layer(&self, inner: S) -> Self::Service {
         Reject {
@@ -338,8 +475,8 @@ impl<S, R: Clone> Layer<S> for RejectLayer<R> {
                 response: self.response.clone(),
                 exempt: self.exempt.clone(),
                 from: self.from,
-                sse_retry: self.sse_retry,
             }),
+            mode: PhantomData,
         }
     }
 }
@@ -351,44 +488,48 @@ struct Config<R> {
     response: R,
     exempt: ExemptFn,
     from: Phase,
-    sse_retry: bool,
 }
 
 /// Rejects new requests while draining; see [`RejectLayer`].
-pub struct Reject<S, R = Default503> {
+///
+/// In the default [`Plain`] mode its response is the inner service's, unchanged.
+pub struct Reject<S, R = Default503, M = Plain> {
     inner: S,
     cfg: Arc<Config<R>>,
+    mode: PhantomData<fn() -> M>,
 }
 
-crate::macros::inner_service_accessors!(Reject<S, R>);
+crate::macros::inner_service_accessors!(Reject<S, R, M>);
 
-impl<S: Clone, R> Clone for Reject<S, R> {
+impl<S: Clone, R, M> Clone for Reject<S, R, M> {
     fn clone(&self) -> Self {
         Self {
             inner: self.inner.clone(),
             cfg: self.cfg.clone(),
+            mode: PhantomData,
         }
     }
 }
 
-impl<S: fmt::Debug, R> fmt::Debug for Reject<S, R> {
+impl<S: fmt::Debug, R, M> fmt::Debug for Reject<S, R, M> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Reject")
             .field("inner", &self.inner)
             .field("from", &self.cfg.from)
-            .field("sse_retry", &self.cfg.sse_retry)
+            .field("mode", &mode_name::<M>())
             .finish_non_exhaustive()
     }
 }
 
-impl<S, R, ReqB, ResB> Service<Request<ReqB>> for Reject<S, R>
+impl<S, R, M, ReqB, ResB> Service<Request<ReqB>> for Reject<S, R, M>
 where
     S: Service<Request<ReqB>, Response = Response<ResB>>,
     R: RejectResponse<ResB> + Clone,
+    M: Mode,
 {
-    type Response = Response<ResponseBody<ResB>>;
+    type Response = Response<M::Body<ResB>>;
     type Error = S::Error;
-    type Future = ResponseFuture<S::Future, ResB>;
+    type Future = ResponseFuture<S::Future, ResB, M>;
 
     #[inline]
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
@@ -409,17 +550,19 @@ where
         }
         cfg.shared.count_rejected();
         tracing::debug!(method = %parts.method, path = parts.uri.path(), "draining: request rejected");
-        if cfg.sse_retry && accepts_event_stream(&parts) {
-            return ResponseFuture::rejected(sse_rejection(&cfg.shared, &parts));
+        if M::SSE_RETRY && accepts_event_stream(&parts) {
+            if let Some(res) = M::frame(sse_rejection(&cfg.shared, &parts)) {
+                return ResponseFuture::rejected(res);
+            }
         }
         // The rejection path is rare: a clone of the responder keeps `Reject` one `Arc` wide.
         let mut response = cfg.response.clone();
-        ResponseFuture::rejected(response.response(&parts).map(ResponseBody::new))
+        ResponseFuture::rejected(M::wrap(response.response(&parts)))
     }
 }
 
 /// `200` with only the SSE shutdown frame; see [`RejectLayer::sse_retry`].
-fn sse_rejection<B>(shared: &Shared, parts: &Parts) -> Response<ResponseBody<B>> {
+fn sse_rejection(shared: &Shared, parts: &Parts) -> Response<Bytes> {
     let ctx = FrameContext {
         kind: FrameKind::Shutdown,
         reason: shared.reason().map(|r| r.as_str()),
@@ -429,7 +572,7 @@ fn sse_rejection<B>(shared: &Shared, parts: &Parts) -> Response<ResponseBody<B>>
         timestamp: SystemTime::now(),
     };
     let frame = Sse::new().encode(&ctx).into_parts().0.unwrap_or_default();
-    let mut res = Response::new(ResponseBody::frame(frame));
+    let mut res = Response::new(frame);
     let h = res.headers_mut();
     h.insert(header::CONTENT_TYPE, EVENT_STREAM);
     h.insert(header::CACHE_CONTROL, NO_STORE);
@@ -441,29 +584,35 @@ fn sse_rejection<B>(shared: &Shared, parts: &Parts) -> Response<ResponseBody<B>>
 
 pin_project! {
     /// Response future of [`Reject`].
-    pub struct ResponseFuture<F, B> {
+    pub struct ResponseFuture<F, B, M = Plain>
+    where
+        M: Mode,
+    {
         #[pin]
-        kind: Kind<F, B>,
+        kind: Kind<F, B, M>,
     }
 }
 
 pin_project! {
     #[project = KindProj]
-    enum Kind<F, B> {
+    enum Kind<F, B, M>
+    where
+        M: Mode,
+    {
         Inner { #[pin] fut: F },
         // Boxed: the rare rejection must not make every request's future larger.
-        Rejected { res: Option<Box<Response<ResponseBody<B>>>> },
+        Rejected { res: Option<Box<Response<M::Body<B>>>> },
     }
 }
 
-impl<F, B> ResponseFuture<F, B> {
+impl<F, B, M: Mode> ResponseFuture<F, B, M> {
     fn inner(fut: F) -> Self {
         Self {
             kind: Kind::Inner { fut },
         }
     }
 
-    fn rejected(res: Response<ResponseBody<B>>) -> Self {
+    fn rejected(res: Response<M::Body<B>>) -> Self {
         Self {
             kind: Kind::Rejected {
                 res: Some(Box::new(res)),
@@ -472,17 +621,18 @@ impl<F, B> ResponseFuture<F, B> {
     }
 }
 
-impl<F, B, E> Future for ResponseFuture<F, B>
+impl<F, B, E, M> Future for ResponseFuture<F, B, M>
 where
     F: Future<Output = Result<Response<B>, E>>,
+    M: Mode,
 {
-    type Output = Result<Response<ResponseBody<B>>, E>;
+    type Output = Result<Response<M::Body<B>>, E>;
 
+    #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project().kind.project() {
-            KindProj::Inner { fut } => fut
-                .poll(cx)
-                .map(|res| res.map(|res| res.map(ResponseBody::new))),
+            // In the `Plain` mode the inner result is returned as is.
+            KindProj::Inner { fut } => M::poll_inner(fut, cx),
             KindProj::Rejected { res } => {
                 Poll::Ready(Ok(*res.take().expect("polled after completion")))
             }
@@ -490,7 +640,7 @@ where
     }
 }
 
-impl<F, B> fmt::Debug for ResponseFuture<F, B> {
+impl<F, B, M: Mode> fmt::Debug for ResponseFuture<F, B, M> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ResponseFuture").finish_non_exhaustive()
     }
@@ -538,7 +688,7 @@ mod tests {
             .build()
             .unwrap();
         let svc = RejectLayer::new(drain.watch())
-            .sse_retry(true)
+            .sse_retry()
             .layer(tower::service_fn(|_req: Request<()>| async {
                 Ok::<_, std::convert::Infallible>(Response::new(Empty::<Bytes>::new()))
             }));

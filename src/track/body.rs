@@ -42,9 +42,13 @@ impl<B: Body> Body for TrackedBody<B> {
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         let this = self.project();
         let mut inner = this.inner;
-        let res = std::task::ready!(inner.as_mut().poll_frame(cx));
+        // Inspected in place and returned as it came: no copy of the frame per layer.
+        let res = inner.as_mut().poll_frame(cx);
+        let Poll::Ready(r) = &res else {
+            return res;
+        };
         if let Some(g) = this.guard.as_mut() {
-            match &res {
+            match r {
                 Some(Ok(f)) => {
                     if let Some(d) = f.data_ref() {
                         g.frames += 1;
@@ -57,10 +61,10 @@ impl<B: Body> Body for TrackedBody<B> {
         }
         // Release as soon as the stream is over: some consumers stop polling once
         // `is_end_stream` is true and keep the body around for a while.
-        if res.is_none() || matches!(res, Some(Err(_))) || inner.is_end_stream() {
+        if r.is_none() || matches!(r, Some(Err(_))) || inner.is_end_stream() {
             this.guard.take();
         }
-        Poll::Ready(res)
+        res
     }
 
     #[inline]
