@@ -121,7 +121,9 @@ impl Shared {
 
     /// A ticket for one stream's shutdown frame: how long after `Closing` began it is due
     /// (its share of the spread), and a per-stream number for the reconnect jitter.
-    pub(crate) fn take_slot(&self) -> (Duration, u64) {
+    /// A stream's slot in the drain spread: its delay and its slot number (see
+    /// [`slot_jitter`](Self::slot_jitter)).
+    pub(crate) fn take_slot(&self) -> (Duration, u32) {
         let slot = self.slots.fetch_add(1, Ordering::Relaxed);
         let spread = self.config.drain_spread;
         let total = self.at_drain.load(Ordering::Acquire);
@@ -130,7 +132,12 @@ impl Shared {
         } else {
             spread.mul_f64((slot.min(total - 1)) as f64 / total as f64)
         };
-        (delay, splitmix64(self.seed ^ slot))
+        (delay, slot as u32)
+    }
+
+    /// The jitter seed of drain slot `slot` (recomputed rather than stored per stream).
+    pub(crate) fn slot_jitter(&self, slot: u32) -> u64 {
+        splitmix64(self.seed ^ u64::from(slot))
     }
 
     /// The reconnect delay with this stream's jitter applied, in milliseconds.
@@ -251,7 +258,7 @@ impl Shared {
                 stream.id = id,
                 route = %e.route.path(),
                 key = e.key.as_deref().unwrap_or("-"),
-                age_ms = (now - e.started).as_millis() as u64,
+                age_ms = self.registry.age(e, now).as_millis() as u64,
                 "tower-drain force-closing stream at grace deadline"
             );
         });

@@ -88,7 +88,8 @@ struct Injector {
     tracker: Tracker,
     step: Step,
     run_to_completion: bool,
-    jitter: u64,
+    /// The stream's slot in the drain spread (its jitter seed is derived from it).
+    slot: u32,
     trailers: Option<Box<HeaderMap>>,
     gate: Option<FinalGate>,
 }
@@ -145,7 +146,7 @@ impl<B> FrameBody<B> {
                     tracker,
                     step: Step::Watching,
                     run_to_completion,
-                    jitter: 0,
+                    slot: 0,
                     trailers: None,
                     gate,
                 },
@@ -230,8 +231,8 @@ where
                             // The grace deadline is watched only if this stream has to wait
                             // (spread, run-to-completion, mid-event): see below.
                             signal.set(None);
-                            let (d, jitter) = shared.take_slot();
-                            inj.jitter = jitter;
+                            let (d, slot) = shared.take_slot();
+                            inj.slot = slot;
                             inj.step = if inj.run_to_completion {
                                 Step::Scheduled
                             } else if d.is_zero() {
@@ -270,7 +271,10 @@ where
                     } else {
                         FrameKind::Shutdown
                     };
-                    let (data, trailers) = inj.cfg.encode(kind, inj.jitter).into_parts();
+                    let (data, trailers) = inj
+                        .cfg
+                        .encode(kind, inj.cfg.shared.slot_jitter(inj.slot))
+                        .into_parts();
                     inj.cfg.shared.count_notified();
                     inj.trailers = trailers.map(Box::new);
                     inj.step = Step::Trailers;

@@ -24,22 +24,24 @@ pub enum Boundary {
 #[derive(Clone, Debug)]
 pub(crate) struct Tracker {
     kind: Boundary,
+    tail_len: u8,
+    header_len: u8,
     /// The stream's last (up to) four bytes, the newest in the low byte.
     tail: u32,
-    tail_len: u8,
-    header: [u8; 5],
-    header_len: u8,
-    remaining: u64,
+    /// The length field of a length-prefixed message header read so far.
+    header: u32,
+    /// Bytes left in the current length-prefixed message (gRPC lengths are 32-bit).
+    remaining: u32,
 }
 
 impl Tracker {
     pub(crate) fn new(kind: Boundary) -> Self {
         Self {
             kind,
-            tail: 0,
             tail_len: 0,
-            header: [0; 5],
             header_len: 0,
+            tail: 0,
+            header: 0,
             remaining: 0,
         }
     }
@@ -71,25 +73,19 @@ impl Tracker {
         let mut rest = data;
         while !rest.is_empty() {
             if self.remaining > 0 {
-                let skip = (self.remaining.min(rest.len() as u64)) as usize;
-                self.remaining -= skip as u64;
+                let skip = (self.remaining as usize).min(rest.len());
+                self.remaining -= skip as u32;
                 rest = &rest[skip..];
                 continue;
             }
-            let need = 5 - self.header_len as usize;
-            let take = need.min(rest.len());
-            self.header[self.header_len as usize..self.header_len as usize + take]
-                .copy_from_slice(&rest[..take]);
-            self.header_len += take as u8;
-            rest = &rest[take..];
+            // A header byte: the compression flag (skipped), then the 4-byte big-endian length.
+            if self.header_len > 0 {
+                self.header = (self.header << 8) | u32::from(rest[0]);
+            }
+            rest = &rest[1..];
+            self.header_len += 1;
             if self.header_len == 5 {
-                let len = u32::from_be_bytes([
-                    self.header[1],
-                    self.header[2],
-                    self.header[3],
-                    self.header[4],
-                ]);
-                self.remaining = u64::from(len);
+                self.remaining = std::mem::take(&mut self.header);
                 self.header_len = 0;
             }
         }
@@ -181,5 +177,12 @@ mod tests {
         assert!(feed(Boundary::LengthPrefixed, &[&two]));
         assert!(!feed(Boundary::LengthPrefixed, &[&two[..9]]));
         assert!(feed(Boundary::LengthPrefixed, &[&[0, 0, 0, 0, 0]]));
+        // A multi-byte length (258) after a set compression flag, split inside the header.
+        let mut big = vec![1u8, 0, 0, 1, 2];
+        big.extend(std::iter::repeat_n(b'x', 258));
+        assert!(feed(Boundary::LengthPrefixed, &[&big]));
+        assert!(feed(Boundary::LengthPrefixed, &[&big[..3], &big[3..]]));
+        assert!(!feed(Boundary::LengthPrefixed, &[&big[..big.len() - 1]]));
+        assert!(!feed(Boundary::LengthPrefixed, &[&big[..6]]));
     }
 }

@@ -58,7 +58,6 @@ struct Stream {
     step: Step,
     tracker: Tracker,
     gate: Option<FinalGate>,
-    jitter: u64,
     trailers: Option<Box<HeaderMap>>,
     errored: bool,
     /// Boxed, and only created when a limit is configured (lifetime, idle, heartbeat,
@@ -156,7 +155,6 @@ impl<B> GuardedBody<B> {
                 uri: call.uri,
                 step: Step::Streaming,
                 gate,
-                jitter,
                 trailers: None,
                 errored: false,
                 lim,
@@ -408,7 +406,11 @@ impl Stream {
 
     /// Sends the final frame of `kind`: its data now (if any), its trailers next.
     fn emit(&mut self, kind: FrameKind) -> Option<Frame<Bytes>> {
-        let (data, trailers) = self.cfg.frame.encode(kind, self.jitter).into_parts();
+        let (data, trailers) = self
+            .cfg
+            .frame
+            .encode(kind, self.cfg.jitter_of(self.id))
+            .into_parts();
         self.trailers = trailers.map(Box::new);
         self.step = Step::Trailers;
         data.map(Frame::data)

@@ -47,7 +47,12 @@ impl Config {
     /// A number for a new stream (for logs) and a well-mixed value for its jitter and stagger.
     pub(crate) fn next_stream(&self) -> (u64, u64) {
         let n = self.seq.fetch_add(1, Ordering::Relaxed);
-        (n, splitmix64(self.seed ^ n))
+        (n, self.jitter_of(n))
+    }
+
+    /// The mixed value of stream `n` (recomputed rather than stored per stream).
+    pub(crate) fn jitter_of(&self, n: u64) -> u64 {
+        splitmix64(self.seed ^ n)
     }
 }
 

@@ -55,7 +55,7 @@ impl<B: Body> Body for TrackedBody<B> {
                         g.bytes += d.remaining() as u64;
                     }
                 }
-                Some(Err(_)) => g.errors += 1,
+                Some(Err(_)) => g.errored = true,
                 None => {}
             }
         }

@@ -1,5 +1,7 @@
 use std::sync::Arc;
 
+use std::time::Duration;
+
 use tokio::time::Instant;
 
 use super::registry::Entry;
@@ -13,10 +15,10 @@ use crate::controller::Shared;
 pub(crate) struct StreamGuard {
     shared: Arc<Shared>,
     id: u64,
-    started: Instant,
     pub(crate) frames: u64,
     pub(crate) bytes: u64,
-    pub(crate) errors: u64,
+    /// The body ended in an error (it is released at the first one).
+    pub(crate) errored: bool,
     /// Keyed streams only (they allocate for the key anyway); boxed so that every tracked
     /// body stays small.
     keyed: Option<Box<Keyed>>,
@@ -34,21 +36,15 @@ impl StreamGuard {
         key: Option<Arc<str>>,
         lease: Option<Lease>,
     ) -> Self {
-        let started = Instant::now();
-        let id = shared.registry.register(Entry {
-            route,
-            key: key.clone(),
-            started,
-        });
+        let id = shared.registry.register(Entry::new(route, key.clone()));
         shared.metrics.active_streams.increment(1.0);
         shared.metrics.streams_total.increment(1);
         Self {
             shared,
             id,
-            started,
             frames: 0,
             bytes: 0,
-            errors: 0,
+            errored: false,
             keyed: key.map(|key| Box::new(Keyed { key, _lease: lease })),
         }
     }
@@ -56,10 +52,12 @@ impl StreamGuard {
 
 impl Drop for StreamGuard {
     fn drop(&mut self) {
-        let ended = self.shared.registry.deregister(self.id);
+        // The start time lives in the registry entry only (one copy per stream).
+        let (ended, entry) = self.shared.registry.deregister(self.id);
         let m = &self.shared.metrics;
         m.active_streams.decrement(1.0);
-        let age = self.started.elapsed();
+        let registry = &self.shared.registry;
+        let age = entry.map_or(Duration::ZERO, |e| registry.age(&e, Instant::now()));
         m.stream_duration.record(age.as_secs_f64());
         tracing::debug!(
             stream.id = self.id,
@@ -67,7 +65,7 @@ impl Drop for StreamGuard {
             duration_ms = age.as_millis() as u64,
             frames = self.frames,
             bytes = self.bytes,
-            errors = self.errors,
+            errored = self.errored,
             ended = ?ended,
             panicking = std::thread::panicking(),
             "stream ended"

@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -52,7 +53,19 @@ type Shard = Mutex<HashMap<u64, Entry, BuildHasherDefault<IdHasher>>>;
 pub(crate) struct Entry {
     pub(crate) route: crate::route::RoutePath,
     pub(crate) key: Option<Arc<str>>,
-    pub(crate) started: Instant,
+    /// Nanoseconds from the registry's epoch to the stream's start (8 bytes, not an
+    /// `Instant`'s 16: there is one entry per open stream).
+    started: u64,
+}
+
+impl Entry {
+    pub(crate) fn new(route: crate::route::RoutePath, key: Option<Arc<str>>) -> Self {
+        Self {
+            route,
+            key,
+            started: 0,
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -63,6 +76,7 @@ pub(crate) struct Registry {
     late: AtomicU64,
     idle: Notify,
     shards: Box<[Shard]>,
+    epoch: Instant,
 }
 
 /// How a stream's end counted in the drain accounting.
@@ -85,6 +99,7 @@ impl Registry {
             late: AtomicU64::new(0),
             idle: Notify::new(),
             shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
+            epoch: Instant::now(),
         }
     }
 
@@ -93,7 +108,8 @@ impl Registry {
     }
 
     /// Registers a stream and returns its id.
-    pub(crate) fn register(&self, entry: Entry) -> u64 {
+    pub(crate) fn register(&self, mut entry: Entry) -> u64 {
+        entry.started = (Instant::now() - self.epoch).as_nanos() as u64;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         lock(self.shard(id)).insert(id, entry);
         let prev = self.state.fetch_add(ONE, Ordering::AcqRel);
@@ -104,8 +120,14 @@ impl Registry {
     }
 
     /// Removes a stream. Must be called exactly once per `register`.
-    pub(crate) fn deregister(&self, id: u64) -> Ended {
-        lock(self.shard(id)).remove(&id);
+    /// How long the stream of `entry` has been open at `now`.
+    pub(crate) fn age(&self, entry: &Entry, now: Instant) -> Duration {
+        now.saturating_duration_since(self.epoch + Duration::from_nanos(entry.started))
+    }
+
+    /// Removes a stream; returns how its end counted and its entry.
+    pub(crate) fn deregister(&self, id: u64) -> (Ended, Option<Entry>) {
+        let entry = lock(self.shard(id)).remove(&id);
         let prev = self.state.fetch_sub(ONE, Ordering::AcqRel);
         let ended = if prev & FORCED != 0 {
             Ended::Forced
@@ -118,7 +140,7 @@ impl Registry {
         if prev >> 2 == 1 {
             self.idle.notify_one();
         }
-        ended
+        (ended, entry)
     }
 
     pub(crate) fn active(&self) -> u64 {
@@ -182,11 +204,27 @@ mod tests {
     use super::*;
 
     fn entry() -> Entry {
-        Entry {
-            route: crate::route::RoutePath::new(&http::Uri::from_static("/events")),
-            key: None,
-            started: Instant::now(),
-        }
+        Entry::new(
+            crate::route::RoutePath::new(&http::Uri::from_static("/events")),
+            None,
+        )
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn entries_keep_their_start_and_come_back_on_deregister() {
+        let r = Registry::new();
+        tokio::time::advance(Duration::from_millis(1500)).await;
+        let a = r.register(entry());
+        tokio::time::advance(Duration::from_secs(5)).await;
+        let mut ages = Vec::new();
+        r.for_each(|_, e| ages.push(r.age(e, Instant::now())));
+        assert_eq!(ages, [Duration::from_secs(5)]);
+        let (ended, e) = r.deregister(a);
+        assert_eq!(ended, Ended::BeforeDrain);
+        let e = e.expect("the entry comes back once");
+        assert_eq!(e.route.path(), "/events");
+        assert_eq!(r.age(&e, Instant::now()), Duration::from_secs(5));
+        assert_eq!(r.active(), 0);
     }
 
     #[tokio::test]
@@ -195,14 +233,14 @@ mod tests {
         let a = r.register(entry());
         let b = r.register(entry());
         let c = r.register(entry());
-        assert_eq!(r.deregister(a), Ended::BeforeDrain);
+        assert_eq!(r.deregister(a).0, Ended::BeforeDrain);
         assert_eq!(r.close(), 2);
         let d = r.register(entry());
         assert_eq!(r.late(), 1);
-        assert_eq!(r.deregister(b), Ended::Gracefully);
+        assert_eq!(r.deregister(b).0, Ended::Gracefully);
         assert_eq!(r.force(), 2);
-        assert_eq!(r.deregister(c), Ended::Forced);
-        assert_eq!(r.deregister(d), Ended::Forced);
+        assert_eq!(r.deregister(c).0, Ended::Forced);
+        assert_eq!(r.deregister(d).0, Ended::Forced);
         assert_eq!(r.graceful(), 1);
         assert_eq!(r.active(), 0);
     }
