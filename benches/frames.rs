@@ -14,80 +14,18 @@
 #![allow(missing_docs)]
 
 use std::convert::Infallible;
-use std::pin::Pin;
-use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
-use axum::response::sse::{Event, Sse};
-use axum::response::IntoResponse;
-use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use http::{HeaderValue, Request, Response};
-use http_body::{Body, Frame};
+use http::Request;
+use http_body::Body;
 use tower::{Layer, ServiceExt};
 use tower_drain::{DrainController, DrainStack};
 
-const EVENTS: u32 = 10_000;
-const EVENT: Bytes = Bytes::from_static(b"data: tick\n\n");
+#[path = "support/workloads.rs"]
+mod workloads;
 
-/// `EVENTS` copies of one small SSE event, then the end.
-struct Events(u32);
-
-impl Body for Events {
-    type Data = Bytes;
-    type Error = Infallible;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        _cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        if self.0 == 0 {
-            return Poll::Ready(None);
-        }
-        self.0 -= 1;
-        Poll::Ready(Some(Ok(Frame::data(EVENT))))
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.0 == 0
-    }
-}
-
-fn sse<B>(body: B) -> Response<B> {
-    let mut res = Response::new(body);
-    res.headers_mut().insert(
-        http::header::CONTENT_TYPE,
-        HeaderValue::from_static("text/event-stream"),
-    );
-    res
-}
-
-fn axum_events() -> Response<axum::body::Body> {
-    let events = futures_util::stream::iter(
-        (0..EVENTS).map(|_| Ok::<_, Infallible>(Event::default().data("tick"))),
-    );
-    Sse::new(events).into_response()
-}
-
-/// Polls `body` to its end with a no-op waker; returns the frames seen.
-fn drain_body<B: Body>(body: B) -> u32
-where
-    B::Error: std::fmt::Debug,
-{
-    let mut body = std::pin::pin!(body);
-    let mut cx = Context::from_waker(Waker::noop());
-    let mut n = 0;
-    loop {
-        match body.as_mut().poll_frame(&mut cx) {
-            Poll::Ready(Some(f)) => {
-                std::hint::black_box(f.unwrap());
-                n += 1;
-            }
-            Poll::Ready(None) => return n,
-            Poll::Pending => panic!("the bench bodies are always ready"),
-        }
-    }
-}
+use workloads::{axum_events, drain_body, sse, Events, EVENTS};
 
 /// Times polling bodies made by `make` (untimed) to their end.
 fn time<B, F>(rt: &tokio::runtime::Runtime, iters: u64, mut make: F) -> Duration

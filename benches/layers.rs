@@ -14,18 +14,14 @@
 // `criterion_group!` generates an undocumented public function.
 #![allow(missing_docs)]
 
-use std::convert::Infallible;
-use std::hint::black_box;
 use std::time::Duration;
 
-use bytes::Bytes;
 use criterion::measurement::WallTime;
 use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion};
 use http::{Request, Response, StatusCode};
 use http_body::Body;
-use http_body_util::{BodyExt, Full};
 use tower::limit::ConcurrencyLimitLayer;
-use tower::{Layer, Service, ServiceBuilder, ServiceExt};
+use tower::{Layer, Service, ServiceBuilder};
 use tower_drain::frame::FrameLayer;
 use tower_drain::guard::GuardLayer;
 use tower_drain::reject::RejectLayer;
@@ -33,33 +29,10 @@ use tower_drain::track::TrackLayer;
 use tower_drain::{DrainController, DrainStack};
 use tower_http::timeout::TimeoutLayer;
 
-fn request() -> Request<()> {
-    Request::builder()
-        .uri("/hello")
-        .header("x-client-id", "client-1")
-        .body(())
-        .unwrap()
-}
+#[path = "support/workloads.rs"]
+mod workloads;
 
-async fn hello(_req: Request<()>) -> Result<Response<Full<Bytes>>, Infallible> {
-    Ok(Response::new(Full::new(Bytes::from_static(b"hello"))))
-}
-
-/// One request through a clone of `svc`: ready, call, body polled to its end.
-async fn one<S, B>(mut svc: S)
-where
-    S: Service<Request<()>, Response = Response<B>>,
-    S::Error: std::fmt::Debug,
-    B: Body,
-    B::Error: std::fmt::Debug,
-{
-    let res = svc.ready().await.unwrap().call(request()).await.unwrap();
-    assert_eq!(res.status(), StatusCode::OK);
-    let mut body = std::pin::pin!(res.into_body());
-    while let Some(f) = body.frame().await {
-        black_box(f.unwrap());
-    }
-}
+use workloads::{hello, one};
 
 fn case<S, B>(
     g: &mut BenchmarkGroup<'_, WallTime>,
