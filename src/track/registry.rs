@@ -1,27 +1,36 @@
 //! The set of live streams, shared by every `TrackLayer` of one controller.
 //!
-//! One atomic word holds the count and two flags (`CLOSING`, `FORCED`), so "how many were open
-//! when closing began", "which ended gracefully" and "which were still open at the deadline"
-//! are decided without locks and each stream lands in exactly one bucket (the idea of
-//! tokio-util's `TaskTracker`). Per-stream details live in a sharded map for logging.
+//! Streams are kept in shards, one per worker thread (assigned to a thread on its first
+//! registration), so that registering and ending a request touches only memory the thread
+//! already owns: one uncontended lock of its own shard, no counter shared by every core. A
+//! stream's id carries its shard in the low bits, so it ends in the shard it began in even
+//! when its body is dropped on another thread.
+//!
+//! The drain accounting is exact and lock-step with the shards (the idea of tokio-util's
+//! `TaskTracker`, with the shard's lock as the unit of atomicity): [`close`](Registry::close)
+//! and [`force`](Registry::force) flag each shard under its lock, so every stream lands in
+//! exactly one bucket — ended before `Closing`, ended gracefully, or still open at the
+//! deadline — and the streams counted at the start of `Closing` are exactly those that end
+//! gracefully or are forced. From `Closing` on, one signed counter of the streams still open
+//! (those counted by `close` and those registered later, less those ended since) decides
+//! "closed and empty" in a single atomic word, so `wait_idle` is ABA-safe.
 
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-const CLOSING: u64 = 0b01;
-const FORCED: u64 = 0b10;
-const ONE: u64 = 0b100;
-const SHARDS: usize = 32;
+/// Shards per registry (a power of two; a stream id's low bits name its shard).
+const SHARD_BITS: u32 = 5;
+const SHARDS: usize = 1 << SHARD_BITS;
 
-/// Hashes the registry's keys, unique sequential ids chosen by the registry itself (not by
-/// clients, so no flooding concern): one multiply-fold instead of SipHash on every register
-/// and deregister.
+/// Hashes the registry's keys, unique ids chosen by the registry itself (not by clients, so no
+/// flooding concern): one multiply-fold instead of SipHash on every register and deregister.
 #[derive(Default)]
 pub(crate) struct IdHasher(u64);
 
@@ -34,8 +43,8 @@ impl Hasher for IdHasher {
 
     #[inline]
     fn write_u64(&mut self, id: u64) {
-        // Ids in one shard share their low bits (`id % SHARDS`): fold the full product so
-        // every bit of the id reaches the bits the table uses.
+        // Ids in one shard share their low bits (the shard's number): fold the full product
+        // so every bit of the id reaches the bits the table uses.
         let p = u128::from(id).wrapping_mul(0x9E37_79B9_7F4A_7C15);
         self.0 = (p as u64) ^ ((p >> 64) as u64);
     }
@@ -45,8 +54,6 @@ impl Hasher for IdHasher {
         self.0
     }
 }
-
-type Shard = Mutex<HashMap<u64, Entry, BuildHasherDefault<IdHasher>>>;
 
 /// What the registry keeps of a live stream, for the force-close log.
 #[derive(Debug)]
@@ -68,14 +75,34 @@ impl Entry {
     }
 }
 
+/// One shard: its streams and the drain flags, behind one lock. Aligned to two cache lines
+/// so that shards used by different threads never share one.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+struct Shard(Mutex<ShardState>);
+
+#[derive(Debug, Default)]
+struct ShardState {
+    /// `Closing` has begun (set by [`Registry::close`]).
+    closing: bool,
+    /// The grace deadline has passed (set by [`Registry::force`]).
+    forced: bool,
+    /// The next id's sequence number in this shard.
+    next: u64,
+    live: HashMap<u64, Entry, BuildHasherDefault<IdHasher>>,
+}
+
 #[derive(Debug)]
 pub(crate) struct Registry {
-    state: AtomicU64,
-    next_id: AtomicU64,
+    shards: Box<[Shard]>,
+    /// From `Closing` on: streams counted by `close`, plus those registered later, less those
+    /// ended since. Signed: an end may be subtracted before `close` has added its count.
+    open: AtomicI64,
+    /// Set once `close` has added its count to `open` (so `open` is exact from then on).
+    closed: AtomicBool,
     graceful: AtomicU64,
     late: AtomicU64,
     idle: Notify,
-    shards: Box<[Shard]>,
     epoch: Instant,
 }
 
@@ -90,76 +117,122 @@ pub(crate) enum Ended {
     Forced,
 }
 
+/// The shard of the calling thread: threads take shards in turn on their first registration,
+/// so each worker of a runtime with up to [`SHARDS`] workers has one of its own.
+fn thread_shard() -> usize {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    thread_local! {
+        static SHARD: Cell<u32> = const { Cell::new(u32::MAX) };
+    }
+    SHARD.with(|s| {
+        let mut n = s.get();
+        if n == u32::MAX {
+            n = NEXT.fetch_add(1, Ordering::Relaxed) % SHARDS as u32;
+            s.set(n);
+        }
+        n as usize
+    })
+}
+
 impl Registry {
     pub(crate) fn new() -> Self {
         Self {
-            state: AtomicU64::new(0),
-            next_id: AtomicU64::new(1),
+            shards: (0..SHARDS).map(|_| Shard::default()).collect(),
+            open: AtomicI64::new(0),
+            closed: AtomicBool::new(false),
             graceful: AtomicU64::new(0),
             late: AtomicU64::new(0),
             idle: Notify::new(),
-            shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
             epoch: Instant::now(),
         }
     }
 
-    fn shard(&self, id: u64) -> &Shard {
-        &self.shards[(id as usize) % SHARDS]
+    fn lock(&self, shard: usize) -> MutexGuard<'_, ShardState> {
+        // A panic while holding a shard lock cannot leave it inconsistent (one insert or
+        // remove, flags set by plain stores), so a poisoned lock is still usable; never
+        // panic here, we may be in a Drop.
+        self.shards[shard]
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
     }
 
     /// Registers a stream and returns its id.
     pub(crate) fn register(&self, mut entry: Entry) -> u64 {
         entry.started = (Instant::now() - self.epoch).as_nanos() as u64;
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        lock(self.shard(id)).insert(id, entry);
-        let prev = self.state.fetch_add(ONE, Ordering::AcqRel);
-        if prev & CLOSING != 0 {
+        let shard = thread_shard();
+        let mut s = self.lock(shard);
+        let id = (s.next << SHARD_BITS) | shard as u64;
+        s.next += 1;
+        s.live.insert(id, entry);
+        let late = s.closing;
+        drop(s);
+        if late {
             self.late.fetch_add(1, Ordering::Relaxed);
+            self.open.fetch_add(1, Ordering::AcqRel);
         }
         id
     }
 
-    /// Removes a stream. Must be called exactly once per `register`.
     /// How long the stream of `entry` has been open at `now`.
     pub(crate) fn age(&self, entry: &Entry, now: Instant) -> Duration {
         now.saturating_duration_since(self.epoch + Duration::from_nanos(entry.started))
     }
 
-    /// Removes a stream; returns how its end counted and its entry.
+    /// Removes a stream; returns how its end counted and its entry. Must be called exactly
+    /// once per `register`.
     pub(crate) fn deregister(&self, id: u64) -> (Ended, Option<Entry>) {
-        let entry = lock(self.shard(id)).remove(&id);
-        let prev = self.state.fetch_sub(ONE, Ordering::AcqRel);
-        let ended = if prev & FORCED != 0 {
+        let mut s = self.lock((id as usize) & (SHARDS - 1));
+        let entry = s.live.remove(&id);
+        let (closing, forced) = (s.closing, s.forced);
+        drop(s);
+        if !closing {
+            return (Ended::BeforeDrain, entry);
+        }
+        let ended = if forced {
             Ended::Forced
-        } else if prev & CLOSING != 0 {
+        } else {
             self.graceful.fetch_add(1, Ordering::Relaxed);
             Ended::Gracefully
-        } else {
-            Ended::BeforeDrain
         };
-        if prev >> 2 == 1 {
-            self.idle.notify_one();
+        if self.open.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.idle.notify_waiters();
         }
         (ended, entry)
     }
 
+    /// Streams open now.
     pub(crate) fn active(&self) -> u64 {
-        self.state.load(Ordering::Acquire) >> 2
+        (0..SHARDS).map(|i| self.lock(i).live.len() as u64).sum()
     }
 
-    /// Marks the start of `Closing`; returns the streams open at that instant.
+    /// Marks the start of `Closing`; returns the streams open at that moment (each shard's at
+    /// the moment its flag was set). Called once.
     pub(crate) fn close(&self) -> u64 {
-        let n = self.state.fetch_or(CLOSING, Ordering::AcqRel) >> 2;
-        if n == 0 {
+        let mut n = 0;
+        for i in 0..SHARDS {
+            let mut s = self.lock(i);
+            s.closing = true;
+            n += s.live.len() as u64;
+        }
+        self.open.fetch_add(n as i64, Ordering::AcqRel);
+        self.closed.store(true, Ordering::Release);
+        if self.open.load(Ordering::Acquire) == 0 {
             // Already empty: wake `wait_idle`, which was waiting for the closing flag.
-            self.idle.notify_one();
+            self.idle.notify_waiters();
         }
         n
     }
 
     /// Marks the grace deadline; returns the streams still open (the force-closed ones).
     pub(crate) fn force(&self) -> u64 {
-        self.state.fetch_or(FORCED, Ordering::AcqRel) >> 2
+        let mut n = 0;
+        for i in 0..SHARDS {
+            let mut s = self.lock(i);
+            s.forced = true;
+            n += s.live.len() as u64;
+        }
+        n
     }
 
     pub(crate) fn graceful(&self) -> u64 {
@@ -170,13 +243,22 @@ impl Registry {
         self.late.load(Ordering::Relaxed)
     }
 
-    /// Resolves once the count is zero and closing has begun (checked, not assumed: a stream
-    /// registered after the count first reached zero keeps it waiting).
+    /// Closing has begun and no stream is open: one load of one word (after the flag), so
+    /// a stream registered after the count first reached zero keeps it false.
+    fn is_idle(&self) -> bool {
+        self.closed.load(Ordering::Acquire) && self.open.load(Ordering::Acquire) == 0
+    }
+
+    /// Resolves once closing has begun and no stream is open (checked, not assumed: a stream
+    /// registered after the count first reached zero keeps it waiting). Any number of callers
+    /// may wait at once.
     pub(crate) async fn wait_idle(&self) {
         loop {
             let notified = self.idle.notified();
-            let s = self.state.load(Ordering::Acquire);
-            if s >> 2 == 0 && s & CLOSING != 0 {
+            let mut notified = std::pin::pin!(notified);
+            // Registered before the check, so a wake between the check and the await is kept.
+            notified.as_mut().enable();
+            if self.is_idle() {
                 return;
             }
             notified.await;
@@ -185,18 +267,12 @@ impl Registry {
 
     /// Calls `f` for every live stream (for logging; locks one shard at a time).
     pub(crate) fn for_each(&self, mut f: impl FnMut(u64, &Entry)) {
-        for shard in self.shards.iter() {
-            for (id, e) in lock(shard).iter() {
+        for i in 0..SHARDS {
+            for (id, e) in self.lock(i).live.iter() {
                 f(*id, e);
             }
         }
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // A panic while holding a shard lock cannot leave the map inconsistent (single insert or
-    // remove), so a poisoned lock is still usable; never panic here, we may be in a Drop.
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 #[cfg(test)]
@@ -263,5 +339,83 @@ mod tests {
         r.deregister(b);
         assert!(idle.is_woken());
         tokio_test::assert_ready!(idle.poll());
+    }
+    #[tokio::test]
+    async fn every_waiter_of_wait_idle_wakes() {
+        let r = Arc::new(Registry::new());
+        let a = r.register(entry());
+        let mut waiters: Vec<_> = (0..3)
+            .map(|_| {
+                let r = r.clone();
+                tokio_test::task::spawn(async move { r.wait_idle().await })
+            })
+            .collect();
+        r.close();
+        for w in &mut waiters {
+            tokio_test::assert_pending!(w.poll());
+        }
+        r.deregister(a);
+        for w in &mut waiters {
+            assert!(w.is_woken());
+            tokio_test::assert_ready!(w.poll());
+        }
+    }
+
+    #[test]
+    fn streams_of_many_threads_are_counted_exactly() {
+        // Each thread registers in its own shard and ends some of its streams on other
+        // threads; the buckets still add up stream by stream.
+        let r = Arc::new(Registry::new());
+        let ids: Vec<Vec<u64>> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..8)
+                .map(|_| s.spawn(|| (0..100).map(|_| r.register(entry())).collect::<Vec<_>>()))
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let shards: std::collections::HashSet<u64> =
+            ids.iter().map(|v| v[0] & (SHARDS as u64 - 1)).collect();
+        // Threads take shards in turn (other tests' threads may take some in between).
+        assert!(shards.len() > 1, "threads share one shard: {shards:?}");
+        let all: Vec<u64> = ids.into_iter().flatten().collect();
+        assert_eq!(r.active(), 800);
+        // 200 end before closing, 300 after it (gracefully), 300 are left for the deadline.
+        let (before, rest) = all.split_at(200);
+        let (graceful, forced) = rest.split_at(300);
+        std::thread::scope(|s| {
+            for chunk in before.chunks(50) {
+                let r = &r;
+                s.spawn(move || {
+                    for id in chunk {
+                        assert_eq!(r.deregister(*id).0, Ended::BeforeDrain);
+                    }
+                });
+            }
+        });
+        assert_eq!(r.close(), 600);
+        std::thread::scope(|s| {
+            for chunk in graceful.chunks(75) {
+                let r = &r;
+                s.spawn(move || {
+                    for id in chunk {
+                        assert_eq!(r.deregister(*id).0, Ended::Gracefully);
+                    }
+                });
+            }
+        });
+        let late = std::thread::spawn({
+            let r = r.clone();
+            move || r.register(entry())
+        })
+        .join()
+        .unwrap();
+        assert_eq!((r.late(), r.active()), (1, 301));
+        assert!(!r.is_idle());
+        assert_eq!(r.force(), 301);
+        for id in forced.iter().chain([&late]) {
+            assert_eq!(r.deregister(*id).0, Ended::Forced);
+        }
+        assert_eq!(r.graceful(), 300);
+        assert_eq!(r.active(), 0);
+        assert!(r.is_idle());
     }
 }
