@@ -19,8 +19,8 @@
 //!   notified and ended with the chunked body's last chunk.
 //! - `throughput`: hello-world over HTTP/1.1 keep-alive, bare axum vs the same app under the
 //!   full `DrainStack`, alternating runs, same process.
-//! - `memory`: heap bytes per tracked open stream (counting global allocator; streams held
-//!   in-process without sockets) and the per-request cost with 1,000 vs 100,000 open streams.
+//! - `memory`: heap bytes per tracked open stream (counted by `allocation_counter`'s global
+//!   allocator on this thread; streams held in-process without sockets) and the per-request cost with 1,000 vs 100,000 open streams.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -34,15 +34,16 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response};
 use http_body::{Body, Frame};
-use stats_alloc::{Region, StatsAlloc, INSTRUMENTED_SYSTEM};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tower::{Layer, ServiceExt};
 use tower_drain::frame::{FinalFrame, FrameContext, FrameKind, Sse};
 use tower_drain::{DrainController, DrainReason, DrainStack};
 
-#[global_allocator]
-static GLOBAL: &StatsAlloc<std::alloc::System> = &INSTRUMENTED_SYSTEM;
+// `allocation_counter` is this binary's global allocator: it counts each thread's
+// allocations in thread-local cells, so the socket scenarios (two worker threads) pay no shared
+// counter on every allocation, and `memory` measures what its own thread allocates.
+use allocation_counter::measure;
 
 const FIRST_EVENT: &[u8] = b"data: hello\n\n";
 
@@ -796,10 +797,12 @@ fn throughput_cmd(
 // memory
 // ---------------------------------------------------------------------------------------------
 
-/// Live heap bytes (allocated minus deallocated) since `region` began.
-fn live(region: &Region<'_, std::alloc::System>) -> i64 {
-    let c = region.change();
-    c.bytes_allocated as i64 - c.bytes_deallocated as i64 + c.bytes_reallocated as i64
+/// Runs `fut` to completion on `rt` (a current-thread runtime, so every allocation it makes is
+/// this thread's); returns its output and the heap bytes it left allocated.
+fn held<F: Future>(rt: &tokio::runtime::Runtime, fut: F) -> (F::Output, i64, u64) {
+    let mut out = None;
+    let info = measure(|| out = Some(rt.block_on(fut)));
+    (out.expect("ran"), info.bytes_current, info.count_total)
 }
 
 /// Polls `body` with a no-op waker until it is pending (as a connection task would before
@@ -818,25 +821,25 @@ fn memory_cmd(streams: usize) -> bool {
         .enable_all()
         .build()
         .unwrap();
-    rt.block_on(async move {
-        let inner = tower::service_fn(|_req: Request<()>| async {
-            Ok::<_, Infallible>(sse_response(Quiet(Some(Bytes::from_static(FIRST_EVENT)))))
-        });
-        let drain = DrainController::new();
-        let stack = DrainStack::new(drain.watch()).layer(inner);
+    let inner = tower::service_fn(|_req: Request<()>| async {
+        Ok::<_, Infallible>(sse_response(Quiet(Some(Bytes::from_static(FIRST_EVENT)))))
+    });
+    // Built inside the runtime: the controller registers its metrics there.
+    let drain = rt.block_on(async { DrainController::new() });
+    let stack = DrainStack::new(drain.watch()).layer(inner);
 
-        // Bare: the same responses without the crate. Bodies are kept (as hyper keeps them in
-        // the connection task); the holding vectors are allocated before measuring.
-        let mut bare_bodies = Vec::with_capacity(streams);
-        let region = Region::new(GLOBAL);
+    // Bare: the same responses without the crate. Bodies are kept (as hyper keeps them in the
+    // connection task); the holding vectors are allocated before measuring.
+    let mut bare_bodies = Vec::with_capacity(streams);
+    let ((), bare_heap, _) = held(&rt, async {
         for _ in 0..streams {
             let res = inner.oneshot(request()).await.unwrap();
             bare_bodies.push(res.into_body());
         }
-        let bare_heap = live(&region);
+    });
 
-        let mut stack_bodies = Vec::with_capacity(streams);
-        let region = Region::new(GLOBAL);
+    let mut stack_bodies = Vec::with_capacity(streams);
+    let ((), stack_heap, _) = held(&rt, async {
         for _ in 0..streams {
             let res = stack.clone().oneshot(request()).await.unwrap();
             let mut body = Box::pin(res.into_body());
@@ -844,58 +847,57 @@ fn memory_cmd(streams: usize) -> bool {
             assert_eq!(pump(&mut body), 1);
             stack_bodies.push(body);
         }
-        let stack_heap = live(&region);
-        assert_eq!(drain.active_streams(), streams as u64);
-        drop(bare_bodies);
+    });
+    assert_eq!(drain.active_streams(), streams as u64);
+    drop(bare_bodies);
 
-        // The pinned box of each body is counted in `stack_heap`; the bare bodies are inline.
-        let inline = -(std::mem::size_of::<Quiet>() as i64);
-        let heap_per_stream = (stack_heap - bare_heap) as f64 / streams as f64;
-        let bytes_per_stream = heap_per_stream + inline as f64;
+    // The pinned box of each body is counted in `stack_heap`; the bare bodies are inline.
+    let inline = -(std::mem::size_of::<Quiet>() as i64);
+    let heap_per_stream = (stack_heap - bare_heap) as f64 / streams as f64;
+    let bytes_per_stream = heap_per_stream + inline as f64;
 
-        // Per-request cost (call, first frame, end) with few vs many streams open.
-        let cost = |open: usize, bodies: &mut Vec<_>| {
-            bodies.truncate(open);
+    // Per-request cost (call, first frame, end) with few vs many streams open.
+    let cost = |open: usize, bodies: &mut Vec<_>| {
+        bodies.truncate(open);
+        let rounds = 5;
+        let per_round = 20_000;
+        let mut samples = Vec::new();
+        let mut allocs = 0.0;
+        for _ in 0..rounds {
             let stack = stack.clone();
-            async move {
-                let rounds = 5;
-                let per_round = 20_000;
-                let mut samples = Vec::new();
-                let mut allocs = 0.0;
-                for _ in 0..rounds {
-                    let region = Region::new(GLOBAL);
-                    let start = Instant::now();
-                    for _ in 0..per_round {
-                        let res = stack.clone().oneshot(request()).await.unwrap();
-                        let mut body = Box::pin(res.into_body());
-                        std::hint::black_box(pump(&mut body));
-                    }
-                    samples.push(start.elapsed().as_secs_f64() * 1e9 / per_round as f64);
-                    allocs = region.change().allocations as f64 / per_round as f64;
+            let (elapsed, _, count) = held(&rt, async move {
+                let start = Instant::now();
+                for _ in 0..per_round {
+                    let res = stack.clone().oneshot(request()).await.unwrap();
+                    let mut body = Box::pin(res.into_body());
+                    std::hint::black_box(pump(&mut body));
                 }
-                samples.sort_by(f64::total_cmp);
-                (samples[rounds / 2], allocs)
-            }
-        };
-        let (at_many, _) = cost(streams, &mut stack_bodies).await;
-        let few = 1_000.min(streams);
-        let (at_few, allocs) = cost(few, &mut stack_bodies).await;
-        drop(stack_bodies);
-        let ratio = (at_many / at_few * 100.0).round() / 100.0;
-        println!(
-            "{}",
-            serde_json::json!({
-                "scenario": "memory",
-                "streams": streams,
-                "bytes_per_stream": bytes_per_stream.round(),
-                "overhead_ratio_100k_vs_1k": ratio,
-            })
-        );
-        eprintln!(
-            "memory: {streams} streams; crate heap {heap_per_stream:.0} B/stream + {inline} B inline in the body = {bytes_per_stream:.0} B/stream; per SSE request (call, first event, end) {at_few:.0} ns with {few} open, {at_many:.0} ns with {streams} open (ratio {ratio}), {allocs:.1} allocations each"
-        );
-        drain.active_streams() == 0
-    })
+                start.elapsed()
+            });
+            samples.push(elapsed.as_secs_f64() * 1e9 / per_round as f64);
+            allocs = count as f64 / per_round as f64;
+        }
+        samples.sort_by(f64::total_cmp);
+        (samples[rounds / 2], allocs)
+    };
+    let (at_many, _) = cost(streams, &mut stack_bodies);
+    let few = 1_000.min(streams);
+    let (at_few, allocs) = cost(few, &mut stack_bodies);
+    drop(stack_bodies);
+    let ratio = (at_many / at_few * 100.0).round() / 100.0;
+    println!(
+        "{}",
+        serde_json::json!({
+            "scenario": "memory",
+            "streams": streams,
+            "bytes_per_stream": bytes_per_stream.round(),
+            "overhead_ratio_100k_vs_1k": ratio,
+        })
+    );
+    eprintln!(
+        "memory: {streams} streams; crate heap {heap_per_stream:.0} B/stream + {inline} B inline in the body = {bytes_per_stream:.0} B/stream; per SSE request (call, first event, end) {at_few:.0} ns with {few} open, {at_many:.0} ns with {streams} open (ratio {ratio}), {allocs:.1} allocations each"
+    );
+    drain.active_streams() == 0
 }
 
 fn request() -> Request<()> {
