@@ -127,6 +127,7 @@ where
         self.inner.poll_ready(cx)
     }
 
+    #[inline]
     fn call(&mut self, req: Request<ReqB>) -> Self::Future {
         // Never inject into the (empty) answer to a HEAD request.
         let cfg = (req.method() != Method::HEAD).then(|| self.cfg.clone());
@@ -158,6 +159,7 @@ where
 {
     type Output = Result<Response<FrameBody<ResB>>, E>;
 
+    #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let res = ready!(this.inner.poll(cx))?;

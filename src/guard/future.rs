@@ -76,6 +76,7 @@ pin_project! {
 }
 
 impl<F> ResponseFuture<F> {
+    #[inline]
     pub(crate) fn calling(fut: F, state: CallState) -> Self {
         Self {
             kind: Kind::Calling {
@@ -108,6 +109,7 @@ where
 {
     type Output = Result<Response<GuardedBody<B>>, E>;
 
+    #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut kind = self.project().kind;
         let timed_out = match kind.as_mut().project() {

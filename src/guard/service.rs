@@ -62,6 +62,7 @@ where
         self.inner.poll_ready(cx)
     }
 
+    #[inline]
     fn call(&mut self, req: Request<ReqB>) -> Self::Future {
         let cfg = &self.cfg;
         let probe = match cfg.breaker.as_ref().map(|b| b.admit()) {

@@ -84,6 +84,7 @@ where
         self.inner.poll_ready(cx)
     }
 
+    #[inline]
     fn call(&mut self, req: Request<ReqB>) -> Self::Future {
         let cfg = &self.cfg;
         if cfg.key.is_none() {
@@ -191,6 +192,7 @@ where
 {
     type Output = Result<Response<TrackedBody<ResB>>, S::Error>;
 
+    #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut state = self.project().state;
         loop {
