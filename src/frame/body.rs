@@ -168,26 +168,28 @@ where
     type Data = Bytes;
     type Error = B::Error;
 
-    #[inline]
+    #[inline(always)]
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
-        let mut this = self.project();
+        let this = self.project();
+        let mut inner = this.inner;
         let Some(state) = this.inj.as_mut() else {
-            return this.inner.poll_frame(cx);
+            return inner.poll_frame(cx);
         };
         let state = state.as_mut().project();
-        let (mut signal, delay, inj) = (state.signal, state.delay, state.inj);
+        let (mut signal, inj) = (state.signal, state.inj);
 
-        // Fast path while serving: one atomic load instead of polling the closing signal (a
-        // lock inside the cancellation token) per frame. The signal is polled, and its waker
-        // registered, whenever the inner body is pending, so an idle stream still wakes when
-        // `Closing` begins; a busy one sees the phase change on its next frame (the phase is
-        // set before the signal fires).
+        // Fast path while serving, small enough to inline into the layer around it (the rest
+        // is `poll_slow`, out of line): one atomic load instead of polling the closing signal
+        // (a lock inside the cancellation token) per frame. The signal is polled, and its
+        // waker registered, whenever the inner body is pending, so an idle stream still wakes
+        // when `Closing` begins; a busy one sees the phase change on its next frame (the
+        // phase is set before the signal fires).
         if inj.step == Step::Watching && inj.cfg.shared.phase() < Phase::Closing {
             // The result is inspected in place and returned as it came: no copy per layer.
-            let res = this.inner.as_mut().poll_frame(cx);
+            let res = inner.as_mut().poll_frame(cx);
             match &res {
                 Poll::Ready(Some(Ok(frame))) => {
                     if let Some(d) = frame.data_ref() {
@@ -205,113 +207,11 @@ where
                     if closing != Some(true) {
                         return Poll::Pending;
                     }
-                    // `Closing` began meanwhile: the slow path below takes it from here.
+                    // `Closing` began meanwhile: the slow path takes it from here.
                 }
             }
         }
-        loop {
-            match inj.step {
-                Step::Done => return Poll::Ready(None),
-                Step::Trailers => {
-                    inj.step = Step::Done;
-                    if let Some(t) = inj.trailers.take() {
-                        return Poll::Ready(Some(Ok(Frame::trailers(*t))));
-                    }
-                    continue;
-                }
-                Step::Watching | Step::Scheduled | Step::Due | Step::Forced => {}
-            }
-
-            // Drain signals: first `Closing`, then (same slot, re-armed) the grace deadline.
-            if inj.step != Step::Forced {
-                if let Some(sig) = signal.as_mut().as_pin_mut() {
-                    if sig.poll(cx).is_ready() {
-                        if inj.step == Step::Watching {
-                            let shared = &inj.cfg.shared;
-                            // The grace deadline is watched only if this stream has to wait
-                            // (spread, run-to-completion, mid-event): see below.
-                            signal.set(None);
-                            let (d, slot) = shared.take_slot();
-                            inj.slot = slot;
-                            inj.step = if inj.run_to_completion {
-                                Step::Scheduled
-                            } else if d.is_zero() {
-                                Step::Due
-                            } else {
-                                *delay = Some(Box::pin(tokio::time::sleep(d)));
-                                Step::Scheduled
-                            };
-                            continue;
-                        }
-                        inj.step = Step::Forced;
-                        signal.set(None);
-                        *delay = None;
-                    }
-                }
-            }
-            if inj.step == Step::Scheduled {
-                if let Some(d) = delay.as_mut() {
-                    if d.as_mut().poll(cx).is_ready() {
-                        *delay = None;
-                        inj.step = Step::Due;
-                    }
-                }
-            }
-
-            if matches!(inj.step, Step::Due | Step::Forced) {
-                if inj.tracker.at_boundary() {
-                    if inj.gate.as_ref().is_some_and(|g| !g.claim()) {
-                        // An outer guard already sent this stream's final frame (it then stops
-                        // polling us, so this is defensive): end without a second one.
-                        inj.step = Step::Done;
-                        return Poll::Ready(None);
-                    }
-                    let kind = if inj.step == Step::Forced {
-                        FrameKind::ForcedShutdown
-                    } else {
-                        FrameKind::Shutdown
-                    };
-                    let (data, trailers) = inj
-                        .cfg
-                        .encode(kind, inj.cfg.shared.slot_jitter(inj.slot))
-                        .into_parts();
-                    inj.cfg.shared.count_notified();
-                    inj.trailers = trailers.map(Box::new);
-                    inj.step = Step::Trailers;
-                    if let Some(d) = data {
-                        return Poll::Ready(Some(Ok(Frame::data(d))));
-                    }
-                    continue;
-                }
-                if inj.step == Step::Forced {
-                    // Mid-event at the deadline: end without a frame rather than corrupt the
-                    // event; clients discard an incomplete event.
-                    inj.step = Step::Done;
-                    return Poll::Ready(None);
-                }
-            }
-
-            if signal.is_none() && matches!(inj.step, Step::Scheduled | Step::Due) {
-                // About to wait: watch for the grace deadline now (registering this task's
-                // waker on the next turn of the loop). A stream at a boundary when `Closing`
-                // begins gets its frame above without ever touching the deadline's signal.
-                signal.set(Some(
-                    inj.cfg.shared.forced_token().clone().cancelled_owned(),
-                ));
-                continue;
-            }
-            let res = ready!(this.inner.as_mut().poll_frame(cx));
-            match &res {
-                Some(Ok(frame)) => {
-                    if let Some(d) = frame.data_ref() {
-                        inj.tracker.update(d);
-                    }
-                }
-                Some(Err(_)) => {}
-                None => inj.step = Step::Done,
-            }
-            return Poll::Ready(res);
-        }
+        poll_slow(inner, this.inj, cx)
     }
 
     #[inline]
@@ -332,6 +232,127 @@ where
                 h
             }
         }
+    }
+}
+
+/// Everything but the serving fast path of [`FrameBody::poll_frame`]: the drain signals, the
+/// spread, the final frame and its trailers.
+#[inline(never)]
+fn poll_slow<B>(
+    mut inner: Pin<&mut B>,
+    state: &mut Option<Pin<Box<Injecting>>>,
+    cx: &mut Context<'_>,
+) -> Poll<Option<Result<Frame<Bytes>, B::Error>>>
+where
+    B: Body<Data = Bytes>,
+{
+    let Some(state) = state.as_mut() else {
+        return inner.poll_frame(cx);
+    };
+    let state = state.as_mut().project();
+    let (mut signal, delay, inj) = (state.signal, state.delay, state.inj);
+    loop {
+        match inj.step {
+            Step::Done => return Poll::Ready(None),
+            Step::Trailers => {
+                inj.step = Step::Done;
+                if let Some(t) = inj.trailers.take() {
+                    return Poll::Ready(Some(Ok(Frame::trailers(*t))));
+                }
+                continue;
+            }
+            Step::Watching | Step::Scheduled | Step::Due | Step::Forced => {}
+        }
+
+        // Drain signals: first `Closing`, then (same slot, re-armed) the grace deadline.
+        if inj.step != Step::Forced {
+            if let Some(sig) = signal.as_mut().as_pin_mut() {
+                if sig.poll(cx).is_ready() {
+                    if inj.step == Step::Watching {
+                        let shared = &inj.cfg.shared;
+                        // The grace deadline is watched only if this stream has to wait
+                        // (spread, run-to-completion, mid-event): see below.
+                        signal.set(None);
+                        let (d, slot) = shared.take_slot();
+                        inj.slot = slot;
+                        inj.step = if inj.run_to_completion {
+                            Step::Scheduled
+                        } else if d.is_zero() {
+                            Step::Due
+                        } else {
+                            *delay = Some(Box::pin(tokio::time::sleep(d)));
+                            Step::Scheduled
+                        };
+                        continue;
+                    }
+                    inj.step = Step::Forced;
+                    signal.set(None);
+                    *delay = None;
+                }
+            }
+        }
+        if inj.step == Step::Scheduled {
+            if let Some(d) = delay.as_mut() {
+                if d.as_mut().poll(cx).is_ready() {
+                    *delay = None;
+                    inj.step = Step::Due;
+                }
+            }
+        }
+
+        if matches!(inj.step, Step::Due | Step::Forced) {
+            if inj.tracker.at_boundary() {
+                if inj.gate.as_ref().is_some_and(|g| !g.claim()) {
+                    // An outer guard already sent this stream's final frame (it then stops
+                    // polling us, so this is defensive): end without a second one.
+                    inj.step = Step::Done;
+                    return Poll::Ready(None);
+                }
+                let kind = if inj.step == Step::Forced {
+                    FrameKind::ForcedShutdown
+                } else {
+                    FrameKind::Shutdown
+                };
+                let (data, trailers) = inj
+                    .cfg
+                    .encode(kind, inj.cfg.shared.slot_jitter(inj.slot))
+                    .into_parts();
+                inj.cfg.shared.count_notified();
+                inj.trailers = trailers.map(Box::new);
+                inj.step = Step::Trailers;
+                if let Some(d) = data {
+                    return Poll::Ready(Some(Ok(Frame::data(d))));
+                }
+                continue;
+            }
+            if inj.step == Step::Forced {
+                // Mid-event at the deadline: end without a frame rather than corrupt the
+                // event; clients discard an incomplete event.
+                inj.step = Step::Done;
+                return Poll::Ready(None);
+            }
+        }
+
+        if signal.is_none() && matches!(inj.step, Step::Scheduled | Step::Due) {
+            // About to wait: watch for the grace deadline now (registering this task's
+            // waker on the next turn of the loop). A stream at a boundary when `Closing`
+            // begins gets its frame above without ever touching the deadline's signal.
+            signal.set(Some(
+                inj.cfg.shared.forced_token().clone().cancelled_owned(),
+            ));
+            continue;
+        }
+        let res = ready!(inner.as_mut().poll_frame(cx));
+        match &res {
+            Some(Ok(frame)) => {
+                if let Some(d) = frame.data_ref() {
+                    inj.tracker.update(d);
+                }
+            }
+            Some(Err(_)) => {}
+            None => inj.step = Step::Done,
+        }
+        return Poll::Ready(res);
     }
 }
 

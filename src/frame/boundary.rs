@@ -48,25 +48,34 @@ impl Tracker {
 
     /// Called for every forwarded data frame: a few instructions for text protocols (one load
     /// of the last four bytes, no copy of the frame).
-    #[inline]
+    #[inline(always)]
     pub(crate) fn update(&mut self, data: &Bytes) {
         match self.kind {
             Boundary::Sse | Boundary::Lines => {
-                let n = data.len();
-                if let Some(last) = n.checked_sub(4).and_then(|i| data.get(i..)) {
-                    // `last` is exactly four bytes.
-                    self.tail = u32::from_be_bytes([last[0], last[1], last[2], last[3]]);
-                    self.tail_len = 4;
-                } else {
-                    for &b in data.iter() {
-                        self.tail = (self.tail << 8) | u32::from(b);
+                let last4 = data
+                    .len()
+                    .checked_sub(4)
+                    .and_then(|i| <[u8; 4]>::try_from(&data[i..]).ok());
+                match last4 {
+                    Some(last) => {
+                        self.tail = u32::from_be_bytes(last);
+                        self.tail_len = 4;
                     }
-                    self.tail_len = (self.tail_len + n as u8).min(4);
+                    None => self.update_short(data),
                 }
             }
             Boundary::LengthPrefixed => self.update_length_prefixed(data),
             Boundary::Frames => {}
         }
+    }
+
+    /// A data frame of fewer than four bytes: shift its bytes in.
+    #[cold]
+    fn update_short(&mut self, data: &[u8]) {
+        for &b in data {
+            self.tail = (self.tail << 8) | u32::from(b);
+        }
+        self.tail_len = (self.tail_len + data.len() as u8).min(4);
     }
 
     fn update_length_prefixed(&mut self, data: &[u8]) {

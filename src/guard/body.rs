@@ -416,6 +416,68 @@ impl Stream {
         data.map(Frame::data)
     }
 
+    /// Bookkeeping for a data or trailers frame forwarded from the inner body.
+    #[inline(always)]
+    fn forwarded(&mut self, frame: &Frame<Bytes>, inner_end: bool) {
+        if let Some(d) = frame.data_ref() {
+            self.tracker.update(d);
+        }
+        if let Some(l) = self.lim.as_mut() {
+            if self.cfg.idle_timeout.is_some() || l.heartbeat.is_some() {
+                let now = Instant::now();
+                l.last_inner = now;
+                l.last_output = now;
+                if std::mem::take(&mut l.heartbeat_due) {
+                    l.rearm = true;
+                }
+            }
+        }
+        // The inner body is finishing on its own (trailers, end of stream, or its own final
+        // frame went out): add nothing more.
+        if frame.is_trailers() || inner_end || self.gate.as_ref().is_some_and(FinalGate::is_claimed)
+        {
+            self.step = Step::Passthrough;
+        }
+    }
+
+    /// The inner body ended (`None`) or failed while streaming: an error becomes the final
+    /// error frame at a boundary (or a clean end mid-event), unless errors pass through.
+    #[cold]
+    fn inner_ended<E: fmt::Display>(
+        &mut self,
+        res: Option<Result<Frame<Bytes>, E>>,
+    ) -> Poll<Option<Result<Frame<Bytes>, E>>> {
+        Poll::Ready(match res {
+            // Not an end; the callers forward data frames themselves.
+            Some(Ok(frame)) => Some(Ok(frame)),
+            Some(Err(e)) => {
+                self.record_error(&e);
+                if self.cfg.pass_errors {
+                    self.step = Step::Passthrough;
+                    Some(Err(e))
+                } else if self.tracker.at_boundary() && self.claim() {
+                    match self.emit(FrameKind::Error) {
+                        Some(f) => Some(Ok(f)),
+                        // A frame of trailers only (gRPC): they go out now, then the end.
+                        None => {
+                            self.step = Step::Done;
+                            self.trailers.take().map(|t| Ok(Frame::trailers(*t)))
+                        }
+                    }
+                } else {
+                    // Mid-event (or a final frame already went out): end cleanly; clients
+                    // discard an incomplete event.
+                    self.step = Step::Done;
+                    None
+                }
+            }
+            None => {
+                self.step = Step::Done;
+                None
+            }
+        })
+    }
+
     /// Claims the stream's one final frame (shared with an inner frame body, if any).
     fn claim(&self) -> bool {
         self.gate.as_ref().is_none_or(FinalGate::claim)
@@ -462,119 +524,21 @@ where
             return Poll::Ready(res);
         };
         let st = &mut **boxed;
-        loop {
-            match st.step {
-                Step::Done => return Poll::Ready(None),
-                Step::Trailers => {
-                    st.step = Step::Done;
-                    if let Some(t) = st.trailers.take() {
-                        return Poll::Ready(Some(Ok(Frame::trailers(*t))));
-                    }
-                    continue;
-                }
-                Step::Passthrough => {
-                    let res = ready!(inner.as_mut().poll_frame(cx));
-                    match &res {
-                        Some(Err(e)) => st.record_error(e),
-                        None => st.step = Step::Done,
-                        Some(Ok(_)) => {}
-                    }
-                    return Poll::Ready(res);
-                }
-                Step::Streaming | Step::Due(_) => {}
-            }
-
-            st.poll_timers(cx);
-
-            match st.step {
-                Step::Due(kind) => {
-                    if st.tracker.at_boundary() {
-                        if !st.claim() {
-                            // The inner frame body sent its final frame first.
-                            st.step = Step::Passthrough;
-                            continue;
-                        }
-                        match st.emit(kind) {
-                            Some(f) => return Poll::Ready(Some(Ok(f))),
-                            None => continue,
-                        }
-                    }
-                    if st.cut() {
-                        tracing::debug!(
-                            guard.stream = st.id,
-                            path = st.uri.path(),
-                            "no event boundary within the grace period: ending without a final frame"
-                        );
-                        st.step = Step::Done;
-                        return Poll::Ready(None);
-                    }
-                }
-                Step::Streaming if st.heartbeat_due() && st.tracker.at_boundary() => {
-                    if let Some(l) = st.lim.as_mut() {
-                        if let Some(hb) = l.heartbeat {
-                            l.heartbeat_due = false;
-                            l.rearm = true;
-                            l.last_output = Instant::now();
-                            // A static `Bytes`: allocates nothing.
-                            return Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(hb)))));
-                        }
-                    }
-                }
-                _ => {}
-            }
-
+        // Fast path of a stream without limits (no timers, no heartbeat), small enough to
+        // inline into the layer around it; everything else is `poll_stream`, out of line.
+        if st.step == Step::Streaming && st.lim.is_none() {
             let res = inner.as_mut().poll_frame(cx);
-            // A forwarded frame is inspected in place and returned as it came (no copy).
-            if let Poll::Ready(Some(Ok(frame))) = &res {
-                if let Some(d) = frame.data_ref() {
-                    st.tracker.update(d);
+            match &res {
+                Poll::Ready(Some(Ok(frame))) => {
+                    st.forwarded(frame, inner.is_end_stream());
+                    return res;
                 }
-                if let Some(l) = st.lim.as_mut() {
-                    if st.cfg.idle_timeout.is_some() || l.heartbeat.is_some() {
-                        let now = Instant::now();
-                        l.last_inner = now;
-                        l.last_output = now;
-                        if std::mem::take(&mut l.heartbeat_due) {
-                            l.rearm = true;
-                        }
-                    }
-                }
-                // The inner body is finishing on its own (trailers, end of stream, or its
-                // own final frame went out): add nothing more.
-                if frame.is_trailers()
-                    || inner.is_end_stream()
-                    || st.gate.as_ref().is_some_and(FinalGate::is_claimed)
-                {
-                    st.step = Step::Passthrough;
-                }
-                return res;
+                Poll::Pending => return res,
+                Poll::Ready(_) => {}
             }
-            return Poll::Ready(match ready!(res) {
-                // Handled above.
-                Some(Ok(frame)) => Some(Ok(frame)),
-                Some(Err(e)) => {
-                    st.record_error(&e);
-                    if st.cfg.pass_errors {
-                        st.step = Step::Passthrough;
-                        Some(Err(e))
-                    } else if st.tracker.at_boundary() && st.claim() {
-                        match st.emit(FrameKind::Error) {
-                            Some(f) => Some(Ok(f)),
-                            None => continue,
-                        }
-                    } else {
-                        // Mid-event (or a final frame already went out): end cleanly; clients
-                        // discard an incomplete event.
-                        st.step = Step::Done;
-                        None
-                    }
-                }
-                None => {
-                    st.step = Step::Done;
-                    None
-                }
-            });
+            return st.inner_ended(ready!(res));
         }
+        poll_stream(inner, st, cx)
     }
 
     #[inline]
@@ -604,6 +568,89 @@ where
                 }
             },
         }
+    }
+}
+
+/// Everything but the fast path of [`GuardedBody::poll_frame`]: timers, heartbeats,
+/// revalidation and final frames.
+#[inline(never)]
+fn poll_stream<B>(
+    mut inner: Pin<&mut B>,
+    st: &mut Stream,
+    cx: &mut Context<'_>,
+) -> Poll<Option<Result<Frame<Bytes>, B::Error>>>
+where
+    B: Body<Data = Bytes>,
+    B::Error: fmt::Display,
+{
+    loop {
+        match st.step {
+            Step::Done => return Poll::Ready(None),
+            Step::Trailers => {
+                st.step = Step::Done;
+                if let Some(t) = st.trailers.take() {
+                    return Poll::Ready(Some(Ok(Frame::trailers(*t))));
+                }
+                continue;
+            }
+            Step::Passthrough => {
+                let res = ready!(inner.as_mut().poll_frame(cx));
+                match &res {
+                    Some(Err(e)) => st.record_error(e),
+                    None => st.step = Step::Done,
+                    Some(Ok(_)) => {}
+                }
+                return Poll::Ready(res);
+            }
+            Step::Streaming | Step::Due(_) => {}
+        }
+
+        st.poll_timers(cx);
+
+        match st.step {
+            Step::Due(kind) => {
+                if st.tracker.at_boundary() {
+                    if !st.claim() {
+                        // The inner frame body sent its final frame first.
+                        st.step = Step::Passthrough;
+                        continue;
+                    }
+                    match st.emit(kind) {
+                        Some(f) => return Poll::Ready(Some(Ok(f))),
+                        None => continue,
+                    }
+                }
+                if st.cut() {
+                    tracing::debug!(
+                        guard.stream = st.id,
+                        path = st.uri.path(),
+                        "no event boundary within the grace period: ending without a final frame"
+                    );
+                    st.step = Step::Done;
+                    return Poll::Ready(None);
+                }
+            }
+            Step::Streaming if st.heartbeat_due() && st.tracker.at_boundary() => {
+                if let Some(l) = st.lim.as_mut() {
+                    if let Some(hb) = l.heartbeat {
+                        l.heartbeat_due = false;
+                        l.rearm = true;
+                        l.last_output = Instant::now();
+                        // A static `Bytes`: allocates nothing.
+                        return Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(hb)))));
+                    }
+                }
+            }
+            _ => {}
+        }
+
+        let res = inner.as_mut().poll_frame(cx);
+        // A forwarded frame is inspected in place and returned as it came (no copy).
+        if let Poll::Ready(Some(Ok(frame))) = &res {
+            st.forwarded(frame, inner.is_end_stream());
+            return res;
+        }
+        return st.inner_ended(ready!(res));
     }
 }
 
@@ -850,6 +897,39 @@ mod tests {
         feed.error();
         assert!(matches!(poll(&mut body), Poll::Ready(Some(Err(_)))));
         drop(feed);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_error_mid_event_or_in_grpc_ends_the_stream_the_protocol_way() {
+        let drain = DrainController::new();
+        // Mid-event: no frame (it would corrupt the event), a clean end.
+        let layer = GuardLayer::new(drain.watch());
+        let (feed, res) = sse();
+        let mut body = spawn(through(&layer, Request::new(()), res).await.into_body());
+        feed.data("data: par");
+        feed.error();
+        assert_eq!(text(poll(&mut body)), "data: par");
+        assert!(matches!(poll(&mut body), Poll::Ready(None)));
+        body.enter(|_, b| assert_ended(&*b));
+
+        // gRPC (no limits set): the error travels as trailers only, then the end.
+        let layer = GuardLayer::new(drain.watch()).encoder(Grpc::new());
+        let (feed, res) = streaming("application/grpc");
+        let mut body = spawn(through(&layer, Request::new(()), res).await.into_body());
+        feed.0
+            .try_send(Ok(Frame::data(Bytes::from_static(&[0, 0, 0, 0, 1, 7]))))
+            .unwrap();
+        feed.error();
+        assert!(matches!(poll(&mut body), Poll::Ready(Some(Ok(_)))));
+        match poll(&mut body) {
+            Poll::Ready(Some(Ok(f))) => {
+                let t = f.into_trailers().expect("trailers");
+                assert_ne!(t["grpc-status"], "0");
+            }
+            other => panic!("expected trailers, got {other:?}"),
+        }
+        assert!(matches!(poll(&mut body), Poll::Ready(None)));
+        body.enter(|_, b| assert_ended(&*b));
     }
 
     #[tokio::test(start_paused = true)]
