@@ -417,8 +417,10 @@ impl Stream {
     }
 
     /// Bookkeeping for a data or trailers frame forwarded from the inner body.
+    /// `gate`: also end on the inner frame body's final frame (a stream with limits, which
+    /// could otherwise add a heartbeat after it).
     #[inline(always)]
-    fn forwarded(&mut self, frame: &Frame<Bytes>, inner_end: bool) {
+    fn forwarded(&mut self, frame: &Frame<Bytes>, inner_end: bool, gate: bool) {
         if let Some(d) = frame.data_ref() {
             self.tracker.update(d);
         }
@@ -434,7 +436,9 @@ impl Stream {
         }
         // The inner body is finishing on its own (trailers, end of stream, or its own final
         // frame went out): add nothing more.
-        if frame.is_trailers() || inner_end || self.gate.as_ref().is_some_and(FinalGate::is_claimed)
+        if frame.is_trailers()
+            || inner_end
+            || (gate && self.gate.as_ref().is_some_and(FinalGate::is_claimed))
         {
             self.step = Step::Passthrough;
         }
@@ -530,7 +534,9 @@ where
             let res = inner.as_mut().poll_frame(cx);
             match &res {
                 Poll::Ready(Some(Ok(frame))) => {
-                    st.forwarded(frame, inner.is_end_stream());
+                    // No look at the shared gate here: without limits this body adds a final
+                    // frame only for an error, and that claims the gate first.
+                    st.forwarded(frame, inner.is_end_stream(), false);
                     return res;
                 }
                 Poll::Pending => return res,
@@ -647,7 +653,7 @@ where
         let res = inner.as_mut().poll_frame(cx);
         // A forwarded frame is inspected in place and returned as it came (no copy).
         if let Poll::Ready(Some(Ok(frame))) = &res {
-            st.forwarded(frame, inner.is_end_stream());
+            st.forwarded(frame, inner.is_end_stream(), true);
             return res;
         }
         return st.inner_ended(ready!(res));
