@@ -178,8 +178,8 @@ where
         let Some(state) = this.inj.as_mut() else {
             return inner.poll_frame(cx);
         };
-        let state = state.as_mut().project();
-        let (mut signal, inj) = (state.signal, state.inj);
+        let proj = state.as_mut().project();
+        let (mut signal, inj) = (proj.signal, proj.inj);
 
         // Fast path while serving, small enough to inline into the layer around it (the rest
         // is `poll_slow`, out of line): one atomic load instead of polling the closing signal
@@ -211,7 +211,7 @@ where
                 }
             }
         }
-        poll_slow(inner, this.inj, cx)
+        poll_slow(inner, state.as_mut(), cx)
     }
 
     #[inline]
@@ -240,16 +240,13 @@ where
 #[inline(never)]
 fn poll_slow<B>(
     mut inner: Pin<&mut B>,
-    state: &mut Option<Pin<Box<Injecting>>>,
+    state: Pin<&mut Injecting>,
     cx: &mut Context<'_>,
 ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>>
 where
     B: Body<Data = Bytes>,
 {
-    let Some(state) = state.as_mut() else {
-        return inner.poll_frame(cx);
-    };
-    let state = state.as_mut().project();
+    let state = state.project();
     let (mut signal, delay, inj) = (state.signal, state.delay, state.inj);
     loop {
         match inj.step {

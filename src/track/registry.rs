@@ -209,12 +209,7 @@ impl Registry {
     /// Marks the start of `Closing`; returns the streams open at that moment (each shard's at
     /// the moment its flag was set). Called once.
     pub(crate) fn close(&self) -> u64 {
-        let mut n = 0;
-        for i in 0..SHARDS {
-            let mut s = self.lock(i);
-            s.closing = true;
-            n += s.live.len() as u64;
-        }
+        let n = self.flag_each(|s| s.closing = true);
         self.open.fetch_add(n as i64, Ordering::AcqRel);
         self.closed.store(true, Ordering::Release);
         if self.open.load(Ordering::Acquire) == 0 {
@@ -226,13 +221,19 @@ impl Registry {
 
     /// Marks the grace deadline; returns the streams still open (the force-closed ones).
     pub(crate) fn force(&self) -> u64 {
-        let mut n = 0;
-        for i in 0..SHARDS {
-            let mut s = self.lock(i);
-            s.forced = true;
-            n += s.live.len() as u64;
-        }
-        n
+        self.flag_each(|s| s.forced = true)
+    }
+
+    /// Sets a drain flag in each shard under its lock; returns the streams each shard held at
+    /// that moment.
+    fn flag_each(&self, set: impl Fn(&mut ShardState)) -> u64 {
+        (0..SHARDS)
+            .map(|i| {
+                let mut s = self.lock(i);
+                set(&mut s);
+                s.live.len() as u64
+            })
+            .sum()
     }
 
     pub(crate) fn graceful(&self) -> u64 {
