@@ -5,6 +5,7 @@
 //! cargo run --release --example loadtest -- drain --streams 10000
 //! cargo run --release --example loadtest -- throughput --seconds 3 --connections 32
 //! cargo run --release --example loadtest -- memory --streams 100000
+//! cargo run --release --example loadtest -- frames --rounds 31
 //! ```
 //!
 //! - `drain`: a server process (this binary re-executed with a hidden subcommand) serves N SSE
@@ -19,6 +20,10 @@
 //!   notified and ended with the chunked body's last chunk.
 //! - `throughput`: hello-world over HTTP/1.1 keep-alive, bare axum vs the same app under the
 //!   full `DrainStack`, alternating runs, same process.
+//! - `frames`: per-frame cost of the full stack's body against the raw body (the workloads of
+//!   `benches/frames.rs`), measured as paired rounds in one process: each round times both,
+//!   in alternating order, and the figure is the median of the rounds' ratios, so a machine
+//!   that speeds up or slows down between two criterion runs does not move it.
 //! - `memory`: heap bytes per tracked open stream (counted by `allocation_counter`'s global
 //!   allocator on this thread; streams held in-process without sockets) and the per-request cost with 1,000 vs 100,000 open streams.
 
@@ -45,11 +50,14 @@ use tower_drain::{DrainController, DrainReason, DrainStack};
 // counter on every allocation, and `memory` measures what its own thread allocates.
 use allocation_counter::measure;
 
+#[path = "../benches/support/workloads.rs"]
+mod workloads;
+
 const FIRST_EVENT: &[u8] = b"data: hello\n\n";
 
 fn usage() -> ! {
     eprintln!(
-        "usage: loadtest drain [--streams N] | throughput [--seconds S] [--connections C] [--rounds R] [--layer stack|reject|track|guard|frame|timeout] [--only bare|stack] | memory [--streams N]"
+        "usage: loadtest drain [--streams N] | throughput [--seconds S] [--connections C] [--rounds R] [--layer stack|reject|track|guard|frame|timeout] [--only bare|stack] | memory [--streams N] | frames [--rounds R]"
     );
     std::process::exit(2)
 }
@@ -84,6 +92,7 @@ fn main() {
             str_arg(&args, "--only"),
         ),
         "memory" => memory_cmd(arg(&args, "--streams", 100_000) as usize),
+        "frames" => frames_cmd(arg(&args, "--rounds", 31) as usize),
         "__serve" => {
             serve_cmd(args.get(1).map(String::as_str).unwrap_or("crate"));
             true
@@ -902,4 +911,114 @@ fn memory_cmd(streams: usize) -> bool {
 
 fn request() -> Request<()> {
     Request::get("/events").body(()).unwrap()
+}
+
+// ---------------------------------------------------------------------------------------------
+// frames
+// ---------------------------------------------------------------------------------------------
+
+/// Paired per-frame timing of the full stack's body against the raw body, for the static and
+/// the axum `Sse` workload of `benches/frames.rs`.
+fn frames_cmd(rounds: usize) -> bool {
+    use workloads::{axum_events, drain_body, sse, Events, EVENTS};
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let _enter = rt.enter();
+    let drain = rt.block_on(async { DrainController::new() });
+    let stack = DrainStack::new(drain.watch());
+    let static_svc = stack.layer(tower::service_fn(|_req: Request<()>| async {
+        Ok::<_, Infallible>(sse(Events(EVENTS)))
+    }));
+    let axum_svc = stack.layer(tower::service_fn(|_req: Request<()>| async {
+        Ok::<_, Infallible>(axum_events())
+    }));
+
+    /// Nanoseconds per frame of polling `bodies` bodies made by `make` (untimed) to their end.
+    fn per_frame<B: Body>(bodies: u32, mut make: impl FnMut() -> B) -> f64
+    where
+        B::Error: std::fmt::Debug,
+    {
+        let mut total = Duration::ZERO;
+        for _ in 0..bodies {
+            let body = make();
+            let start = Instant::now();
+            let n = drain_body(body);
+            total += start.elapsed();
+            assert!(n >= EVENTS);
+        }
+        total.as_secs_f64() * 1e9 / f64::from(bodies * EVENTS)
+    }
+
+    /// Median of each round's (raw, stack, stack / raw).
+    fn paired(
+        rounds: usize,
+        mut raw: impl FnMut() -> f64,
+        mut stack: impl FnMut() -> f64,
+    ) -> (f64, f64, f64) {
+        let (mut r, mut s, mut q) = (Vec::new(), Vec::new(), Vec::new());
+        for i in 0..rounds {
+            let (a, b) = if i % 2 == 0 {
+                let a = raw();
+                (a, stack())
+            } else {
+                let b = stack();
+                (raw(), b)
+            };
+            r.push(a);
+            s.push(b);
+            q.push(b / a);
+        }
+        let med = |v: &mut Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        (med(&mut r), med(&mut s), med(&mut q))
+    }
+
+    /// One response's body from `svc` (made outside the timed section).
+    fn body_of<S, B>(rt: &tokio::runtime::Runtime, svc: &S) -> B
+    where
+        S: tower::Service<Request<()>, Response = Response<B>> + Clone,
+        S::Error: std::fmt::Debug,
+    {
+        rt.block_on(svc.clone().oneshot(Request::new(())))
+            .unwrap()
+            .into_body()
+    }
+
+    let rounds = rounds.max(1);
+    // Warm-up: one round of each, not counted.
+    paired(
+        1,
+        || per_frame(20, || axum_events().into_body()),
+        || per_frame(20, || body_of(&rt, &axum_svc)),
+    );
+    let (axum_raw, axum_stack, axum_ratio) = paired(
+        rounds,
+        || per_frame(20, || axum_events().into_body()),
+        || per_frame(20, || body_of(&rt, &axum_svc)),
+    );
+    let (static_raw, static_stack, static_ratio) = paired(
+        rounds,
+        || per_frame(200, || Events(EVENTS)),
+        || per_frame(200, || body_of(&rt, &static_svc)),
+    );
+    let pct = |q: f64| (q - 1.0) * 100.0;
+    eprintln!(
+        "frames ({rounds} paired rounds, medians): axum Sse {axum_raw:.1} -> {axum_stack:.1} ns/frame \
+         ({:+.1} %); static {static_raw:.2} -> {static_stack:.2} ns/frame ({:+.1} %)",
+        pct(axum_ratio),
+        pct(static_ratio)
+    );
+    println!(
+        "{{\"scenario\":\"frames\",\"rounds\":{rounds},\
+         \"axum_sse\":{{\"raw_ns\":{axum_raw:.2},\"stack_ns\":{axum_stack:.2},\"overhead_pct\":{:.2}}},\
+         \"static\":{{\"raw_ns\":{static_raw:.3},\"stack_ns\":{static_stack:.3},\"overhead_pct\":{:.2}}}}}",
+        pct(axum_ratio),
+        pct(static_ratio)
+    );
+    true
 }

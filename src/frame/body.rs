@@ -114,7 +114,7 @@ pin_project! {
 
 pin_project! {
     /// The state of an injecting [`FrameBody`], allocated once per stream.
-    struct Injecting {
+    pub(crate) struct Injecting {
         #[pin]
         signal: Option<WaitForCancellationFutureOwned>,
         // Boxed and created only for a spread drain.
@@ -124,6 +124,11 @@ pin_project! {
 }
 
 impl<B> FrameBody<B> {
+    /// The inner body and the injecting state, for [`DrainBody`](crate::stack::DrainBody).
+    pub(crate) fn into_parts(self) -> (B, Option<Pin<Box<Injecting>>>) {
+        (self.inner, self.inj)
+    }
+
     pub(crate) fn passthrough(inner: B) -> Self {
         Self { inner, inj: None }
     }
@@ -174,64 +179,161 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         let this = self.project();
-        let mut inner = this.inner;
-        let Some(state) = this.inj.as_mut() else {
-            return inner.poll_frame(cx);
-        };
-        let proj = state.as_mut().project();
-        let (mut signal, inj) = (proj.signal, proj.inj);
-
-        // Fast path while serving, small enough to inline into the layer around it (the rest
-        // is `poll_slow`, out of line): one atomic load instead of polling the closing signal
-        // (a lock inside the cancellation token) per frame. The signal is polled, and its
-        // waker registered, whenever the inner body is pending, so an idle stream still wakes
-        // when `Closing` begins; a busy one sees the phase change on its next frame (the
-        // phase is set before the signal fires).
-        if inj.step == Step::Watching && inj.cfg.shared.phase() < Phase::Closing {
-            // The result is inspected in place and returned as it came: no copy per layer.
-            let res = inner.as_mut().poll_frame(cx);
-            match &res {
-                Poll::Ready(Some(Ok(frame))) => {
-                    if let Some(d) = frame.data_ref() {
-                        inj.tracker.update(d);
-                    }
-                    return res;
-                }
-                Poll::Ready(Some(Err(_))) => return res,
-                Poll::Ready(None) => {
-                    inj.step = Step::Done;
-                    return res;
-                }
-                Poll::Pending => {
-                    let closing = signal.as_mut().as_pin_mut().map(|s| s.poll(cx).is_ready());
-                    if closing != Some(true) {
-                        return Poll::Pending;
-                    }
-                    // `Closing` began meanwhile: the slow path takes it from here.
-                }
-            }
-        }
-        poll_slow(inner, state.as_mut(), cx)
+        poll_parts(this.inner, this.inj.as_mut().map(Pin::as_mut), cx)
     }
 
     #[inline]
     fn is_end_stream(&self) -> bool {
-        match &self.inj {
-            None => self.inner.is_end_stream(),
-            Some(s) => s.inj.step == Step::Done,
-        }
+        end_of(&self.inner, self.inj.as_deref())
     }
 
     fn size_hint(&self) -> SizeHint {
-        match &self.inj {
-            None => self.inner.size_hint(),
-            Some(s) if s.inj.step == Step::Done => SizeHint::with_exact(0),
-            Some(_) => {
-                let mut h = SizeHint::new();
-                h.set_lower(self.inner.size_hint().lower());
-                h
+        hint_of(&self.inner, self.inj.as_deref())
+    }
+}
+
+/// [`FrameBody::poll_frame`] over an inner body and an injecting state held apart, so that
+/// [`DrainBody`](crate::stack::DrainBody) can run it without owning a `FrameBody`.
+#[inline(always)]
+pub(crate) fn poll_parts<B>(
+    mut inner: Pin<&mut B>,
+    state: Option<Pin<&mut Injecting>>,
+    cx: &mut Context<'_>,
+) -> Poll<Option<Result<Frame<Bytes>, B::Error>>>
+where
+    B: Body<Data = Bytes>,
+{
+    let Some(mut state) = state else {
+        return inner.poll_frame(cx);
+    };
+    let proj = state.as_mut().project();
+    let (mut signal, inj) = (proj.signal, proj.inj);
+
+    // Fast path while serving, small enough to inline into the layer around it (the rest
+    // is `poll_slow`, out of line): one atomic load instead of polling the closing signal
+    // (a lock inside the cancellation token) per frame. The signal is polled, and its
+    // waker registered, whenever the inner body is pending, so an idle stream still wakes
+    // when `Closing` begins; a busy one sees the phase change on its next frame (the
+    // phase is set before the signal fires).
+    if inj.step == Step::Watching && inj.cfg.shared.phase() < Phase::Closing {
+        // The result is inspected in place and returned as it came: no copy per layer.
+        let res = inner.as_mut().poll_frame(cx);
+        match &res {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(d) = frame.data_ref() {
+                    inj.tracker.update(d);
+                }
+                return res;
+            }
+            Poll::Ready(Some(Err(_))) => return res,
+            Poll::Ready(None) => {
+                inj.step = Step::Done;
+                return res;
+            }
+            Poll::Pending => {
+                let closing = signal.as_mut().as_pin_mut().map(|s| s.poll(cx).is_ready());
+                if closing != Some(true) {
+                    return Poll::Pending;
+                }
+                // `Closing` began meanwhile: the slow path takes it from here.
             }
         }
+    }
+    poll_slow(inner, state, cx)
+}
+
+/// [`FrameBody::is_end_stream`] over parts held apart.
+#[inline]
+pub(crate) fn end_of<B: Body>(inner: &B, state: Option<&Injecting>) -> bool {
+    match state {
+        None => inner.is_end_stream(),
+        Some(s) => s.inj.step == Step::Done,
+    }
+}
+
+/// [`FrameBody::size_hint`] over parts held apart.
+pub(crate) fn hint_of<B: Body>(inner: &B, state: Option<&Injecting>) -> SizeHint {
+    match state {
+        None => inner.size_hint(),
+        Some(s) if s.inj.step == Step::Done => SizeHint::with_exact(0),
+        Some(_) => {
+            let mut h = SizeHint::new();
+            h.set_lower(inner.size_hint().lower());
+            h
+        }
+    }
+}
+
+/// A [`FrameBody`] taken apart: its inner body pinned where its owner keeps it, its state
+/// borrowed. What [`DrainBody`](crate::stack::DrainBody) hands to the guard's logic as the
+/// guard's inner body.
+pub(crate) struct FrameView<'a, B> {
+    pub(crate) inner: Pin<&'a mut B>,
+    pub(crate) state: Option<Pin<&'a mut Injecting>>,
+}
+
+impl<B> Body for FrameView<'_, B>
+where
+    B: Body<Data = Bytes>,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    #[inline(always)]
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let this = self.get_mut();
+        poll_parts(
+            this.inner.as_mut(),
+            this.state.as_mut().map(Pin::as_mut),
+            cx,
+        )
+    }
+
+    #[inline]
+    fn is_end_stream(&self) -> bool {
+        end_of(&*self.inner, self.state.as_deref())
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        hint_of(&*self.inner, self.state.as_deref())
+    }
+}
+
+impl Injecting {
+    /// Whether the fused fast path of [`DrainBody`](crate::stack::DrainBody) may forward a
+    /// frame for this stream: nothing to add yet (watching, and still serving).
+    #[inline(always)]
+    pub(crate) fn serving(&self) -> bool {
+        self.inj.step == Step::Watching && self.inj.cfg.shared.phase() < Phase::Closing
+    }
+
+    /// Records a data frame forwarded by the fused fast path.
+    #[inline(always)]
+    pub(crate) fn forwarded(self: Pin<&mut Self>, data: &Bytes) {
+        self.project().inj.tracker.update(data);
+    }
+
+    /// The fused fast path's inner body is pending: registers for `Closing`; `true` if it
+    /// began (the full logic takes over).
+    #[inline]
+    pub(crate) fn poll_closing(self: Pin<&mut Self>, cx: &mut Context<'_>) -> bool {
+        let proj = self.project();
+        proj.signal
+            .as_pin_mut()
+            .is_some_and(|s| s.poll(cx).is_ready())
+    }
+
+    /// The fused fast path's inner body ended.
+    pub(crate) fn ended(self: Pin<&mut Self>) {
+        self.project().inj.step = Step::Done;
+    }
+
+    /// The boundary tracker (the fused fast path keeps only this one up to date).
+    pub(crate) fn tracker(&self) -> &Tracker {
+        &self.inj.tracker
     }
 }
 

@@ -51,7 +51,7 @@
 //! # }
 //! ```
 
-mod body;
+pub(crate) mod body;
 mod boundary;
 mod encoder;
 mod service;

@@ -51,7 +51,7 @@ struct Reval {
 }
 
 /// Per-stream state of an injecting [`GuardedBody`], allocated once per stream.
-struct Stream {
+pub(crate) struct Stream {
     cfg: Arc<Config>,
     id: u64,
     uri: RoutePath,
@@ -98,7 +98,7 @@ pin_project! {
     pub struct GuardedBody<B> {
         #[pin]
         inner: Option<B>,
-        watched: Option<(Arc<Config>, RoutePath)>,
+        watched: Watched,
         // Boxed: only streaming responses carry the per-stream state, so every other
         // response stays small (responses are moved through every layer).
         st: Option<Box<Stream>>,
@@ -488,7 +488,7 @@ impl Stream {
     }
 }
 
-fn record_error(cfg: &Config, id: Option<u64>, uri: &RoutePath, e: &dyn fmt::Display) {
+pub(crate) fn record_error(cfg: &Config, id: Option<u64>, uri: &RoutePath, e: &dyn fmt::Display) {
     cfg.frame.shared.metrics.stream_errors.increment(1);
     if let Some(b) = &cfg.breaker {
         b.failure();
@@ -514,66 +514,183 @@ where
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
-        let mut this = self.project();
-        let Some(mut inner) = this.inner.as_mut().as_pin_mut() else {
-            return Poll::Ready(None);
-        };
-        let Some(boxed) = this.st.as_mut() else {
-            let res = ready!(inner.poll_frame(cx));
-            if let Some(Err(e)) = &res {
-                if let Some((cfg, uri)) = this.watched.take() {
-                    record_error(&cfg, None, &uri, e);
-                }
-            }
-            return Poll::Ready(res);
-        };
-        let st = &mut **boxed;
-        // Fast path of a stream without limits (no timers, no heartbeat), small enough to
-        // inline into the layer around it; everything else is `poll_stream`, out of line.
-        if st.step == Step::Streaming && st.lim.is_none() {
-            let res = inner.as_mut().poll_frame(cx);
-            match &res {
-                Poll::Ready(Some(Ok(frame))) => {
-                    // No look at the shared gate here: without limits this body adds a final
-                    // frame only for an error, and that claims the gate first.
-                    st.forwarded(frame, inner.is_end_stream(), false);
-                    return res;
-                }
-                Poll::Pending => return res,
-                Poll::Ready(_) => {}
-            }
-            return st.inner_ended(ready!(res));
-        }
-        poll_stream(inner, st, cx)
+        let this = self.project();
+        poll_parts(
+            this.inner.as_pin_mut(),
+            this.watched,
+            this.st.as_deref_mut(),
+            cx,
+        )
     }
 
     #[inline]
     fn is_end_stream(&self) -> bool {
-        match (&self.inner, &self.st) {
-            (None, _) => true,
-            (Some(i), None) => i.is_end_stream(),
-            (Some(i), Some(s)) => match s.step {
-                Step::Done => true,
-                Step::Passthrough => i.is_end_stream(),
-                _ => false,
-            },
-        }
+        end_of(
+            self.inner.as_ref().map(|i| || i.is_end_stream()),
+            self.st.as_deref(),
+        )
     }
 
     fn size_hint(&self) -> SizeHint {
-        match (&self.inner, &self.st) {
-            (None, _) => SizeHint::with_exact(0),
-            (Some(i), None) => i.size_hint(),
-            (Some(i), Some(s)) => match s.step {
-                Step::Done => SizeHint::with_exact(0),
-                Step::Passthrough => i.size_hint(),
-                _ => {
-                    let mut h = SizeHint::new();
-                    h.set_lower(i.size_hint().lower());
-                    h
-                }
-            },
+        hint_of(
+            self.inner.as_ref().map(|i| || i.size_hint()),
+            self.st.as_deref(),
+        )
+    }
+}
+
+/// [`GuardedBody::poll_frame`] over parts held apart, so that
+/// [`DrainBody`](crate::stack::DrainBody) can run it without owning a `GuardedBody`.
+#[inline(always)]
+pub(crate) fn poll_parts<B>(
+    inner: Option<Pin<&mut B>>,
+    watched: &mut Option<(Arc<Config>, RoutePath)>,
+    st: Option<&mut Stream>,
+    cx: &mut Context<'_>,
+) -> Poll<Option<Result<Frame<Bytes>, B::Error>>>
+where
+    B: Body<Data = Bytes>,
+    B::Error: fmt::Display,
+{
+    let Some(mut inner) = inner else {
+        return Poll::Ready(None);
+    };
+    let Some(st) = st else {
+        let res = ready!(inner.poll_frame(cx));
+        if let Some(Err(e)) = &res {
+            if let Some((cfg, uri)) = watched.take() {
+                record_error(&cfg, None, &uri, e);
+            }
         }
+        return Poll::Ready(res);
+    };
+    // Fast path of a stream without limits (no timers, no heartbeat), small enough to
+    // inline into the layer around it; everything else is `poll_stream`, out of line.
+    if st.step == Step::Streaming && st.lim.is_none() {
+        let res = inner.as_mut().poll_frame(cx);
+        match &res {
+            Poll::Ready(Some(Ok(frame))) => {
+                // No look at the shared gate here: without limits this body adds a final
+                // frame only for an error, and that claims the gate first.
+                st.forwarded(frame, inner.is_end_stream(), false);
+                return res;
+            }
+            Poll::Pending => return res,
+            Poll::Ready(_) => {}
+        }
+        return st.inner_ended(ready!(res));
+    }
+    poll_stream(inner, st, cx)
+}
+
+/// [`GuardedBody::is_end_stream`] over parts held apart; `inner` tells the inner body's.
+#[inline]
+pub(crate) fn end_of(inner: Option<impl FnOnce() -> bool>, st: Option<&Stream>) -> bool {
+    match (inner, st) {
+        (None, _) => true,
+        (Some(i), None) => i(),
+        (Some(i), Some(s)) => match s.step {
+            Step::Done => true,
+            Step::Passthrough => i(),
+            _ => false,
+        },
+    }
+}
+
+/// [`GuardedBody::size_hint`] over parts held apart; `inner` tells the inner body's.
+pub(crate) fn hint_of(inner: Option<impl FnOnce() -> SizeHint>, st: Option<&Stream>) -> SizeHint {
+    match (inner, st) {
+        (None, _) => SizeHint::with_exact(0),
+        (Some(i), None) => i(),
+        (Some(i), Some(s)) => match s.step {
+            Step::Done => SizeHint::with_exact(0),
+            Step::Passthrough => i(),
+            _ => {
+                let mut h = SizeHint::new();
+                h.set_lower(i().lower());
+                h
+            }
+        },
+    }
+}
+
+/// What the guard keeps around a body, taken apart (see [`GuardedBody::into_parts`]).
+pub(crate) type Watched = Option<(Arc<Config>, RoutePath)>;
+
+impl<B> GuardedBody<B> {
+    /// The inner body (none for the guard's own answers), the breaker watch of a plain
+    /// response, and a stream's state, for [`DrainBody`](crate::stack::DrainBody).
+    pub(crate) fn into_parts(self) -> (Option<B>, Watched, Option<Box<Stream>>) {
+        (self.inner, self.watched, self.st)
+    }
+}
+
+/// A [`GuardedBody`] taken apart, its inner body (itself a view) borrowed.
+pub(crate) struct GuardView<'a, B> {
+    pub(crate) inner: Pin<&'a mut B>,
+    pub(crate) watched: &'a mut Watched,
+    pub(crate) st: Option<&'a mut Stream>,
+}
+
+impl<B> Body for GuardView<'_, B>
+where
+    B: Body<Data = Bytes>,
+    B::Error: fmt::Display,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    #[inline(always)]
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let this = self.get_mut();
+        poll_parts(
+            Some(this.inner.as_mut()),
+            this.watched,
+            this.st.as_deref_mut(),
+            cx,
+        )
+    }
+
+    #[inline]
+    fn is_end_stream(&self) -> bool {
+        end_of(Some(|| self.inner.is_end_stream()), self.st.as_deref())
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        hint_of(Some(|| self.inner.size_hint()), self.st.as_deref())
+    }
+}
+
+impl Stream {
+    /// Whether the fused fast path of [`DrainBody`](crate::stack::DrainBody) may forward
+    /// frames for this stream without the guard's own bookkeeping: streaming, and no limits
+    /// (no timers, no heartbeats), so this body adds a frame only when the inner one fails.
+    pub(crate) fn fusable(&self) -> bool {
+        self.step == Step::Streaming && self.lim.is_none()
+    }
+
+    /// Catches up with frames the fused fast path forwarded: until either body adds a frame,
+    /// the guard has seen exactly what the frame body saw.
+    pub(crate) fn sync_tracker(&mut self, t: &Tracker) {
+        self.tracker = t.clone();
+    }
+
+    /// One result of the inner body as [`poll_parts`]'s fast path treats it, for a stream
+    /// whose tracker is up to date; `inner_end` is the inner body's `is_end_stream` after it.
+    #[inline]
+    pub(crate) fn handle<E: fmt::Display>(
+        &mut self,
+        res: Option<Result<Frame<Bytes>, E>>,
+        inner_end: bool,
+    ) -> Poll<Option<Result<Frame<Bytes>, E>>> {
+        if let Some(Ok(frame)) = &res {
+            self.forwarded(frame, inner_end, false);
+            return Poll::Ready(res);
+        }
+        self.inner_ended(res)
     }
 }
 

@@ -80,7 +80,7 @@
 //! # }
 //! ```
 
-mod body;
+pub(crate) mod body;
 mod breaker;
 mod future;
 mod layer;

@@ -216,6 +216,10 @@ pub trait Mode: sealed::Sealed + Send + Sync + 'static {
     /// The shutdown-frame answer; `None` in a mode without one.
     #[doc(hidden)]
     fn frame<B>(res: Response<Bytes>) -> Option<Response<Self::Body<B>>>;
+
+    /// This mode's body taken apart: the inner body, or the shutdown frame's bytes.
+    #[doc(hidden)]
+    fn into_parts<B>(body: Self::Body<B>) -> Result<B, Option<Bytes>>;
 }
 
 /// The default [`Mode`]: every rejected request gets the rejection response, and responses
@@ -267,6 +271,11 @@ impl Mode for Plain {
     fn frame<B>(_res: Response<Bytes>) -> Option<Response<B>> {
         None
     }
+
+    #[inline(always)]
+    fn into_parts<B>(body: B) -> Result<B, Option<Bytes>> {
+        Ok(body)
+    }
 }
 
 impl Mode for SseRetry {
@@ -292,6 +301,11 @@ impl Mode for SseRetry {
     #[inline]
     fn frame<B>(res: Response<Bytes>) -> Option<Response<ResponseBody<B>>> {
         Some(res.map(ResponseBody::frame))
+    }
+
+    #[inline]
+    fn into_parts<B>(body: ResponseBody<B>) -> Result<B, Option<Bytes>> {
+        body.into_parts()
     }
 }
 

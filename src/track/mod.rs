@@ -41,8 +41,8 @@
 //! # }
 //! ```
 
-mod body;
-mod guard;
+pub(crate) mod body;
+pub(crate) mod guard;
 mod layer;
 pub(crate) mod registry;
 mod service;

@@ -44,15 +44,21 @@
 //! # drop(stack);
 //! ```
 
+mod body;
+mod service;
+
+pub use self::body::DrainBody;
+pub use self::service::{DrainService, ResponseFuture};
+
 use std::time::Duration;
 
 use http::request::Parts;
 use tower_layer::Layer;
 
-use crate::frame::{FinalFrame, Frame, FrameLayer};
-use crate::guard::{Breaker, Guard, GuardLayer};
-use crate::reject::{Default503, Plain, Reject, RejectLayer, SseRetry};
-use crate::track::{ConnectionStore, MemoryStore, StoreFailure, Track, TrackLayer};
+use crate::frame::{FinalFrame, FrameLayer};
+use crate::guard::{Breaker, GuardLayer};
+use crate::reject::{Default503, Plain, RejectLayer, SseRetry};
+use crate::track::{ConnectionStore, MemoryStore, StoreFailure, TrackLayer};
 use crate::{ConfigError, DrainWatch};
 
 /// Configures and composes `Reject → Track → Guard → Frame`; see the [module docs](self).
@@ -279,11 +285,13 @@ impl<St, M> DrainStack<St, M> {
 }
 
 impl<S, St: Clone, M> Layer<S> for DrainStack<St, M> {
-    type Service = Reject<Track<Guard<Frame<S>>, St>, Default503, M>;
+    type Service = DrainService<S, St, M>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        self.reject
-            .layer(self.track.layer(self.guard.layer(self.frame.layer(inner))))
+        DrainService::new(
+            self.reject
+                .layer(self.track.layer(self.guard.layer(self.frame.layer(inner)))),
+        )
     }
 }
 
