@@ -1,5 +1,5 @@
 //! Per-frame cost of streaming 10,000 small SSE events through the full `DrainStack`'s body
-//! wrappers (`TrackedBody<GuardedBody<FrameBody<_>>>`) against the raw body.
+//! body ([`DrainBody`](tower_drain::stack::DrainBody)) against the raw body.
 //!
 //! Two raw bodies: `static` hands out the same pre-built `Bytes` (the cheapest possible SSE
 //! body, a floor), `axum_sse` is axum's `Sse` over a stream of `Event`s (what an application

@@ -589,6 +589,14 @@ impl DrainController {
     }
 }
 
+#[cfg(test)]
+impl DrainController {
+    /// Streams notified so far (the report has it only once stopped).
+    pub(crate) fn notified_so_far(&self) -> u64 {
+        self.shared.notified.load(Ordering::Relaxed)
+    }
+}
+
 observe!(DrainController);
 observe!(DrainWatch);
 

@@ -92,6 +92,9 @@ struct Injector {
     slot: u32,
     trailers: Option<Box<HeaderMap>>,
     gate: Option<FinalGate>,
+    /// Driven by [`DrainBody`](crate::stack::DrainBody)'s fused fast path (kept here, in the
+    /// stream's allocation, rather than in every body).
+    fused: bool,
 }
 
 pin_project! {
@@ -154,6 +157,7 @@ impl<B> FrameBody<B> {
                     slot: 0,
                     trailers: None,
                     gate,
+                    fused: false,
                 },
             })),
         }
@@ -324,6 +328,17 @@ impl Injecting {
         proj.signal
             .as_pin_mut()
             .is_some_and(|s| s.poll(cx).is_ready())
+    }
+
+    /// Whether [`DrainBody`](crate::stack::DrainBody)'s fused fast path drives this stream.
+    #[inline(always)]
+    pub(crate) fn is_fused(&self) -> bool {
+        self.inj.fused
+    }
+
+    /// Puts the stream on (`true`) or takes it off the fused fast path for good.
+    pub(crate) fn set_fused(self: Pin<&mut Self>, fused: bool) {
+        self.project().inj.fused = fused;
     }
 
     /// The fused fast path's inner body ended.

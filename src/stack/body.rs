@@ -43,7 +43,6 @@ pin_project! {
     pub struct DrainBody<B> {
         #[pin]
         inner: Inner<B>,
-        fast: Fast,
         inj: Option<Pin<Box<Injecting>>>,
         watched: Watched,
         st: Option<Box<Stream>>,
@@ -62,20 +61,6 @@ pin_project! {
     }
 }
 
-/// Which fast path a body may take, decided once when it is put together.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Fast {
-    /// A stream with a final frame to inject and a guard without limits: forwarded with the
-    /// frame body's boundary tracker only (the guard's catches up when the path is left), for
-    /// as long as the controller serves. Left for good at the first result other than data.
-    Stream,
-    /// Neither the guard nor the frame layer add anything: forwarded with the registration's
-    /// bookkeeping and the breaker's error count.
-    Plain,
-    /// The layers' logic, one after another.
-    Off,
-}
-
 impl<B> DrainBody<B> {
     /// Takes the stack's nested bodies apart (nothing has polled them yet, so nothing is
     /// pinned) and keeps their parts side by side.
@@ -91,15 +76,18 @@ impl<B> DrainBody<B> {
         let Some(framed) = framed else {
             return Self::frame(None, watched, st, track);
         };
-        let (body, inj) = framed.into_parts();
-        let fast = match (&st, &inj) {
-            (Some(s), Some(_)) if s.fusable() => Fast::Stream,
-            (None, None) => Fast::Plain,
-            _ => Fast::Off,
-        };
+        let (body, mut inj) = framed.into_parts();
+        // The fused stream path: a stream with a final frame to inject, and a guard without
+        // limits. It forwards with the frame body's boundary tracker only (the guard's catches
+        // up when the path is left), for as long as the controller serves, and is left for
+        // good at the first result other than data.
+        if let (Some(s), Some(i)) = (&st, &mut inj) {
+            if s.fusable() {
+                i.as_mut().set_fused(true);
+            }
+        }
         Self {
             inner: Inner::Body { body },
-            fast,
             inj,
             watched,
             st,
@@ -115,7 +103,6 @@ impl<B> DrainBody<B> {
     ) -> Self {
         Self {
             inner: Inner::Frame { frame },
-            fast: Fast::Off,
             inj: None,
             watched,
             st,
@@ -159,46 +146,32 @@ where
                 return Poll::Ready(r);
             }
         };
-        match *this.fast {
-            Fast::Stream => {
-                // Both states are there by construction.
-                if let (Some(inj), Some(st)) = (this.inj.as_mut(), this.st.as_deref_mut()) {
-                    if inj.serving() {
-                        // Each layer's fast path in one: the frame layer's boundary tracker, the
-                        // registration's counts; the guard only forwards here.
-                        let res = inner.as_mut().poll_frame(cx);
-                        match &res {
-                            Poll::Ready(Some(Ok(frame))) => {
-                                if let Some(d) = frame.data_ref() {
-                                    inj.as_mut().forwarded(d);
-                                    if let Some(g) = this.track.as_mut() {
-                                        g.frames += 1;
-                                        g.bytes += d.len() as u64;
-                                    }
-                                    return res;
-                                }
-                            }
-                            Poll::Pending => {
-                                if !inj.as_mut().poll_closing(cx) {
-                                    return Poll::Pending;
-                                }
-                            }
-                            Poll::Ready(_) => {}
+        match this.inj.as_mut() {
+            Some(inj) if inj.is_fused() => {
+                if !inj.serving() {
+                    // `Closing` began: the layers' logic from here on.
+                    inj.as_mut().set_fused(false);
+                    sync(this.inj, this.st);
+                    return poll_layers(inner, this.inj, this.watched, this.st, this.track, cx);
+                }
+                // Each layer's fast path in one: the frame layer's boundary tracker, the
+                // registration's counts; the guard only forwards here.
+                let res = inner.as_mut().poll_frame(cx);
+                if let Poll::Ready(Some(Ok(frame))) = &res {
+                    if let Some(d) = frame.data_ref() {
+                        inj.as_mut().forwarded(d);
+                        if let Some(g) = this.track.as_mut() {
+                            g.frames += 1;
+                            g.bytes += d.len() as u64;
                         }
-                        *this.fast = Fast::Off;
-                        st.sync_tracker(inj.tracker());
-                        if let Poll::Ready(r) = res {
-                            return leave_stream(inner.as_ref(), inj.as_mut(), st, this.track, r);
-                        }
-                        // `Closing` began while the inner body was pending: the layers' logic
-                        // takes over from here.
-                    } else {
-                        *this.fast = Fast::Off;
-                        st.sync_tracker(inj.tracker());
+                        return res;
                     }
                 }
+                leave_stream(inner, this.inj, this.watched, this.st, this.track, res, cx)
             }
-            Fast::Plain => {
+            // Neither the guard nor the frame layer add anything: the registration's
+            // bookkeeping and the breaker's error count.
+            None if this.st.is_none() => {
                 let res = inner.as_mut().poll_frame(cx);
                 if let Poll::Ready(r) = &res {
                     if let Some(Err(e)) = r {
@@ -208,11 +181,10 @@ where
                     }
                     track_body::account(this.track, r, || inner.is_end_stream());
                 }
-                return res;
+                res
             }
-            Fast::Off => {}
+            _ => poll_layers(inner, this.inj, this.watched, this.st, this.track, cx),
         }
-        poll_layers(inner, this.inj, this.watched, this.st, this.track, cx)
     }
 
     #[inline]
@@ -239,30 +211,56 @@ where
     }
 }
 
-/// The fused stream path met a result other than data (trailers, an error, the end): each
-/// layer takes it as its own fast path would have, innermost first.
+/// Leaving the fused stream path for good: the guard's tracker catches up with the frame
+/// body's.
+fn sync(inj: &Option<Pin<Box<Injecting>>>, st: &mut Option<Box<Stream>>) {
+    if let (Some(inj), Some(st)) = (inj, st) {
+        st.sync_tracker(inj.tracker());
+    }
+}
+
+/// The fused stream path met a result other than data: trailers, an error or the end (each
+/// layer takes it as its own fast path would have, innermost first), or a pending inner body
+/// (the frame layer watches for `Closing`, and if it began, the layers' logic takes over).
 #[cold]
 #[inline(never)]
-fn leave_stream<B, E: fmt::Display>(
-    inner: Pin<&B>,
-    mut inj: Pin<&mut Injecting>,
-    st: &mut Stream,
+fn leave_stream<B>(
+    inner: Pin<&mut B>,
+    inj: &mut Option<Pin<Box<Injecting>>>,
+    watched: &mut Watched,
+    st: &mut Option<Box<Stream>>,
     track: &mut Option<StreamGuard>,
-    r: Option<Result<Frame<Bytes>, E>>,
-) -> Poll<Option<Result<Frame<Bytes>, E>>>
+    res: Poll<Option<Result<Frame<Bytes>, B::Error>>>,
+    cx: &mut Context<'_>,
+) -> Poll<Option<Result<Frame<Bytes>, B::Error>>>
 where
-    B: Body,
+    B: Body<Data = Bytes>,
+    B::Error: fmt::Display,
 {
+    let (Some(state), Some(stream)) = (inj.as_mut(), st.as_deref_mut()) else {
+        // Not a fused stream after all (never so by construction): no result is lost.
+        return res;
+    };
+    let Poll::Ready(r) = res else {
+        if !state.as_mut().poll_closing(cx) {
+            return Poll::Pending;
+        }
+        state.as_mut().set_fused(false);
+        sync(inj, st);
+        return poll_layers(inner, inj, watched, st, track, cx);
+    };
+    state.as_mut().set_fused(false);
+    stream.sync_tracker(state.tracker());
     if r.is_none() {
-        inj.as_mut().ended();
+        state.as_mut().ended();
     }
-    let frame_end = frame_body::end_of(inner.get_ref(), Some(&*inj));
-    let out = st.handle(r, frame_end);
+    let frame_end = frame_body::end_of(&*inner, Some(&**state));
+    let out = stream.handle(r, frame_end);
     if let Poll::Ready(o) = &out {
         track_body::account(track, o, || {
             guard_body::end_of(
-                Some(|| frame_body::end_of(inner.get_ref(), Some(&*inj))),
-                Some(&*st),
+                Some(|| frame_body::end_of(&*inner, Some(&**state))),
+                Some(&*stream),
             )
         });
     }

@@ -45,6 +45,8 @@
 //! ```
 
 mod body;
+#[cfg(test)]
+mod fused_tests;
 mod service;
 
 pub use self::body::DrainBody;
@@ -281,6 +283,22 @@ impl<St, M> DrainStack<St, M> {
     /// ```
     pub fn breaker(&self) -> Option<Breaker> {
         self.guard.breaker()
+    }
+}
+
+#[cfg(test)]
+impl<St: Clone, M> DrainStack<St, M> {
+    /// The same layers without the fused body: what [`DrainBody`] is checked against.
+    pub(crate) fn nested<S>(
+        &self,
+        inner: S,
+    ) -> crate::reject::Reject<
+        crate::track::Track<crate::guard::Guard<crate::frame::Frame<S>>, St>,
+        Default503,
+        M,
+    > {
+        self.reject
+            .layer(self.track.layer(self.guard.layer(self.frame.layer(inner))))
     }
 }
 
