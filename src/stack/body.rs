@@ -146,7 +146,9 @@ where
                 return Poll::Ready(r);
             }
         };
-        match this.inj.as_mut() {
+        // Both fast paths share one call of the inner body, so that the frame it writes is
+        // where the caller reads it: no copy of the ~100-byte result in between.
+        let fused = match this.inj.as_mut() {
             Some(inj) if inj.is_fused() => {
                 if !inj.serving() {
                     // `Closing` began: the layers' logic from here on.
@@ -154,37 +156,40 @@ where
                     sync(this.inj, this.st);
                     return poll_layers(inner, this.inj, this.watched, this.st, this.track, cx);
                 }
-                // Each layer's fast path in one: the frame layer's boundary tracker, the
-                // registration's counts; the guard only forwards here.
-                let res = inner.as_mut().poll_frame(cx);
-                if let Poll::Ready(Some(Ok(frame))) = &res {
-                    if let Some(d) = frame.data_ref() {
+                true
+            }
+            None if this.st.is_none() => false,
+            _ => return poll_layers(inner, this.inj, this.watched, this.st, this.track, cx),
+        };
+        let res = inner.as_mut().poll_frame(cx);
+        if fused {
+            // Each layer's fast path in one: the frame layer's boundary tracker, the
+            // registration's counts; the guard only forwards here.
+            if let Poll::Ready(Some(Ok(frame))) = &res {
+                if let Some(d) = frame.data_ref() {
+                    if let Some(inj) = this.inj.as_mut() {
                         inj.as_mut().forwarded(d);
-                        if let Some(g) = this.track.as_mut() {
-                            g.frames += 1;
-                            g.bytes += d.len() as u64;
-                        }
-                        return res;
                     }
-                }
-                leave_stream(inner, this.inj, this.watched, this.st, this.track, res, cx)
-            }
-            // Neither the guard nor the frame layer add anything: the registration's
-            // bookkeeping and the breaker's error count.
-            None if this.st.is_none() => {
-                let res = inner.as_mut().poll_frame(cx);
-                if let Poll::Ready(r) = &res {
-                    if let Some(Err(e)) = r {
-                        if let Some((cfg, uri)) = this.watched.take() {
-                            guard_body::record_error(&cfg, None, &uri, e);
-                        }
+                    if let Some(g) = this.track.as_mut() {
+                        g.frames += 1;
+                        g.bytes += d.len() as u64;
                     }
-                    track_body::account(this.track, r, || inner.is_end_stream());
+                    return res;
                 }
-                res
             }
-            _ => poll_layers(inner, this.inj, this.watched, this.st, this.track, cx),
+            return leave_stream(inner, this.inj, this.watched, this.st, this.track, res, cx);
         }
+        // Neither the guard nor the frame layer add anything: the registration's bookkeeping
+        // and the breaker's error count.
+        if let Poll::Ready(r) = &res {
+            if let Some(Err(e)) = r {
+                if let Some((cfg, uri)) = this.watched.take() {
+                    guard_body::record_error(&cfg, None, &uri, e);
+                }
+            }
+            track_body::account(this.track, r, || inner.is_end_stream());
+        }
+        res
     }
 
     #[inline]
