@@ -6,6 +6,7 @@
 //! cargo run --release --example loadtest -- throughput --seconds 3 --connections 32
 //! cargo run --release --example loadtest -- memory --streams 100000
 //! cargo run --release --example loadtest -- frames --rounds 31
+//! cargo run --release --example loadtest -- requests --rounds 31
 //! ```
 //!
 //! - `drain`: a server process (this binary re-executed with a hidden subcommand) serves N SSE
@@ -24,6 +25,10 @@
 //!   `benches/frames.rs`), measured as paired rounds in one process: each round times both,
 //!   in alternating order, and the figure is the median of the rounds' ratios, so a machine
 //!   that speeds up or slows down between two criterion runs does not move it.
+//! - `requests`: per-request cost (call, body to its end) of bare, `RejectLayer`, tower's
+//!   `ConcurrencyLimitLayer`, tower-http `TimeoutLayer` + `ConcurrencyLimitLayer`, and the full
+//!   stack (the workloads of `benches/layers.rs`), measured like `frames`: paired rounds in
+//!   rotating order, medians of each round's differences to bare.
 //! - `memory`: heap bytes per tracked open stream (counted by `allocation_counter`'s global
 //!   allocator on this thread; streams held in-process without sockets) and the per-request cost with 1,000 vs 100,000 open streams.
 
@@ -57,7 +62,7 @@ const FIRST_EVENT: &[u8] = b"data: hello\n\n";
 
 fn usage() -> ! {
     eprintln!(
-        "usage: loadtest drain [--streams N] | throughput [--seconds S] [--connections C] [--rounds R] [--layer stack|reject|track|guard|frame|timeout] [--only bare|stack] | memory [--streams N] | frames [--rounds R]"
+        "usage: loadtest drain [--streams N] | throughput [--seconds S] [--connections C] [--rounds R] [--layer stack|reject|track|guard|frame|timeout] [--only bare|stack] | memory [--streams N] | frames [--rounds R] | requests [--rounds R]"
     );
     std::process::exit(2)
 }
@@ -93,6 +98,7 @@ fn main() {
         ),
         "memory" => memory_cmd(arg(&args, "--streams", 100_000) as usize),
         "frames" => frames_cmd(arg(&args, "--rounds", 31) as usize),
+        "requests" => requests_cmd(arg(&args, "--rounds", 31) as usize),
         "__serve" => {
             serve_cmd(args.get(1).map(String::as_str).unwrap_or("crate"));
             true
@@ -1019,6 +1025,114 @@ fn frames_cmd(rounds: usize) -> bool {
          \"static\":{{\"raw_ns\":{static_raw:.3},\"stack_ns\":{static_stack:.3},\"overhead_pct\":{:.2}}}}}",
         pct(axum_ratio),
         pct(static_ratio)
+    );
+    true
+}
+
+// ---------------------------------------------------------------------------------------------
+// requests
+// ---------------------------------------------------------------------------------------------
+
+/// Paired per-request timing of bare, `RejectLayer`, the peers and the full stack.
+fn requests_cmd(rounds: usize) -> bool {
+    use tower::limit::ConcurrencyLimitLayer;
+    use tower::ServiceBuilder;
+    use tower_http::timeout::TimeoutLayer;
+    use workloads::{hello, one};
+
+    const PER_ROUND: u32 = 5_000;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let drain = rt.block_on(async { DrainController::new() });
+
+    /// Nanoseconds per request of `PER_ROUND` requests, each through a clone of `svc`.
+    fn timed<S, B>(rt: &tokio::runtime::Runtime, svc: &S) -> f64
+    where
+        S: tower::Service<Request<()>, Response = Response<B>> + Clone,
+        S::Error: std::fmt::Debug,
+        B: Body,
+        B::Error: std::fmt::Debug,
+    {
+        rt.block_on(async {
+            let start = Instant::now();
+            for _ in 0..PER_ROUND {
+                one(svc.clone()).await;
+            }
+            start.elapsed().as_secs_f64() * 1e9 / f64::from(PER_ROUND)
+        })
+    }
+
+    let bare = tower::service_fn(hello);
+    let reject = tower_drain::reject::RejectLayer::new(drain.watch()).layer(bare);
+    let climit = ConcurrencyLimitLayer::new(1024).layer(bare);
+    // A layer that does nothing but wrap the future (tower's `MapResponse` with the identity):
+    // what any layer with a future of its own costs here.
+    let noop = tower::util::MapResponseLayer::new(|r: Response<_>| r).layer(bare);
+    let peers = ServiceBuilder::new()
+        .layer(TimeoutLayer::with_status_code(
+            http::StatusCode::REQUEST_TIMEOUT,
+            Duration::from_secs(30),
+        ))
+        .layer(ConcurrencyLimitLayer::new(1024))
+        .service(bare);
+    let stack = DrainStack::new(drain.watch()).layer(bare);
+    let mut variants: Vec<Box<dyn FnMut() -> f64>> = vec![
+        Box::new(|| timed(&rt, &bare)),
+        Box::new(|| timed(&rt, &reject)),
+        Box::new(|| timed(&rt, &climit)),
+        Box::new(|| timed(&rt, &peers)),
+        Box::new(|| timed(&rt, &stack)),
+        Box::new(|| timed(&rt, &noop)),
+    ];
+    let n = variants.len();
+    // Warm-up round, not counted.
+    for v in variants.iter_mut() {
+        v();
+    }
+    let mut per: Vec<Vec<f64>> = vec![Vec::new(); n];
+    let (mut reject_d, mut climit_d, mut noop_d, mut ratio) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for r in 0..rounds.max(1) {
+        let mut t = vec![0.0; n];
+        for k in 0..n {
+            // Rotating order: each variant runs first, second, … equally often.
+            let i = (r + k) % n;
+            t[i] = variants[i]();
+        }
+        for (i, x) in t.iter().enumerate() {
+            per[i].push(*x);
+        }
+        reject_d.push(t[1] - t[0]);
+        climit_d.push(t[2] - t[0]);
+        noop_d.push(t[5] - t[0]);
+        ratio.push((t[4] - t[0]) / (t[3] - t[0]));
+    }
+    let med = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let m: Vec<f64> = per.iter_mut().map(med).collect();
+    let (reject_ns, climit_ns, noop_ns, stack_vs_peers) = (
+        med(&mut reject_d),
+        med(&mut climit_d),
+        med(&mut noop_d),
+        med(&mut ratio),
+    );
+    eprintln!(
+        "requests ({rounds} paired rounds of {PER_ROUND}, medians): bare {:.1} ns, reject {:.1} \
+         ({reject_ns:+.1}), concurrency limit {:.1} ({climit_ns:+.1}), identity map_response \
+         {:.1} ({noop_ns:+.1}), peers {:.1}, stack {:.1}; stack / peers overhead \
+         {stack_vs_peers:.2}",
+        m[0], m[1], m[2], m[5], m[3], m[4]
+    );
+    println!(
+        "{{\"scenario\":\"requests\",\"rounds\":{rounds},\"bare_ns\":{:.1},\"reject_ns\":{:.1},\
+         \"climit_ns\":{:.1},\"map_response_ns\":{:.1},\"peers_ns\":{:.1},\"stack_ns\":{:.1},\
+         \"reject_overhead_ns\":{reject_ns:.1},\"climit_overhead_ns\":{climit_ns:.1},\
+         \"map_response_overhead_ns\":{noop_ns:.1},\"stack_vs_peers\":{stack_vs_peers:.2}}}",
+        m[0], m[1], m[2], m[5], m[3], m[4]
     );
     true
 }
