@@ -6,6 +6,13 @@
 //!  closing)      per key)       breaker)      at a boundary)
 //! ```
 //!
+//! The layers are the same as when stacked by hand, with one difference in what comes out:
+//! [`DrainService`] answers with one [`DrainBody`] instead of the four layers' nested bodies.
+//! It holds the inner body once, with each layer's per-stream state beside it, runs the
+//! layers' own logic in the same order, and forwards an ordinary frame of a stream (serving,
+//! no guard limits) in one pass instead of one per layer, which is what a body polled for
+//! every event of a long stream needs.
+//!
 //! # Example
 //!
 //! ```
