@@ -28,7 +28,10 @@
 //! Workloads: `bare`, `reject`, `climit` (tower `ConcurrencyLimitLayer`), `peers`
 //! (tower-http `TimeoutLayer` + `ConcurrencyLimitLayer`), `stack` (`DrainStack`);
 //! `bare_ref` / `reject_ref` (the same requests through `&mut` of one service, no clone);
-//! `frames_raw` / `frames_stack` (a static SSE body), `axum_raw` / `axum_stack` (axum's `Sse`).
+//! `frames_raw` / `frames_stack` (a static SSE body), `axum_raw` / `axum_stack` (axum's `Sse`);
+//! `router_bare` / `router_noop` / `router_stack` (`loadtest throughput`'s axum app, in
+//! process: `Router` with the hello-world route, bare, under an identity `MapResponseLayer`, or
+//! under `Router::layer(DrainStack)`).
 
 use std::convert::Infallible;
 use std::hint::black_box;
@@ -139,6 +142,32 @@ fn main() {
                     |_: Request<()>| async { Ok::<_, Infallible>(axum_events()) },
                 ));
                 black_box(bodies(svc, streams).await);
+            }
+            "router_bare" | "router_noop" | "router_stack" => {
+                // What `loadtest throughput` serves, without the sockets: axum's `Router`
+                // with the hello-world route, bare or under `Router::layer(DrainStack)`.
+                let app = axum::Router::new()
+                    .route("/", axum::routing::get(|| async { "Hello, World!" }));
+                let app = match workload.as_str() {
+                    "router_stack" => app.layer(DrainStack::new(drain.watch())),
+                    // What any layer costs under `Router::layer`: an identity `MapResponse`.
+                    "router_noop" => app.layer(tower::util::MapResponseLayer::new(
+                        |r: Response<axum::body::Body>| r,
+                    )),
+                    _ => app,
+                };
+                // What `axum::serve` does once per connection: handlers become routes (with
+                // the layer applied) here, not on every request.
+                let app = app.with_state::<()>(());
+                for _ in 0..n {
+                    let req = Request::builder()
+                        .uri("/")
+                        .body(axum::body::Body::empty())
+                        .unwrap();
+                    let res = app.clone().oneshot(req).await.unwrap();
+                    assert_eq!(res.status(), StatusCode::OK);
+                    black_box(drain_body(res.into_body()));
+                }
             }
             other => panic!("unknown workload {other:?}; see the file's docs"),
         }

@@ -173,16 +173,16 @@ pub trait FinalFrame: Send + Sync + 'static {
 }
 
 fn content_type_starts_with(headers: &HeaderMap, prefixes: &[&str]) -> bool {
-    headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .map(|ct| {
-            let ct = ct.trim_start();
-            prefixes.iter().any(|p| {
-                ct.len() >= p.len() && ct.as_bytes()[..p.len()].eq_ignore_ascii_case(p.as_bytes())
-            })
-        })
-        .unwrap_or(false)
+    // On the raw bytes: every response passes here (twice in `DrainStack`), and a prefix of
+    // ASCII letters needs no UTF-8 or visible-ASCII check of the whole value first.
+    let Some(ct) = headers.get(header::CONTENT_TYPE) else {
+        return false;
+    };
+    let ct = ct.as_bytes();
+    let ct = &ct[ct.iter().take_while(|b| b.is_ascii_whitespace()).count()..];
+    prefixes
+        .iter()
+        .any(|p| ct.len() >= p.len() && ct[..p.len()].eq_ignore_ascii_case(p.as_bytes()))
 }
 
 #[derive(Serialize)]

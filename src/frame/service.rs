@@ -185,9 +185,11 @@ pub(crate) fn should_inject<B>(res: &Response<B>, encoder: &dyn FinalFrame) -> b
     if status.is_informational()
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED
-        || res.headers().contains_key(header::CONTENT_ENCODING)
     {
         return false;
     }
-    res.extensions().get::<Inject>().is_some() || encoder.applies(res.headers())
+    // The content type first: most responses are not streams and stop here, before the
+    // second header lookup.
+    (encoder.applies(res.headers()) || res.extensions().get::<Inject>().is_some())
+        && !res.headers().contains_key(header::CONTENT_ENCODING)
 }
