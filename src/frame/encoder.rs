@@ -613,6 +613,16 @@ mod tests {
         assert!(NdJson::new().applies(&h("application/x-ndjson")));
         assert!(Grpc::new().applies(&h("application/grpc+proto")));
         assert!(!Grpc::new().applies(&h("application/grpc-web")));
+        assert!(!Grpc::new().applies(&h("application/grpc-web+proto")));
+        assert!(!Sse::new().applies(&h("text/event")));
+        assert!(!Sse::new().applies(&h("")));
+        // Leading whitespace is skipped; bytes outside visible ASCII after the type (allowed in
+        // a header value) do not hide it.
+        assert!(Sse::new().applies(&h(" \ttext/event-stream")));
+        let mut m = HeaderMap::new();
+        let v = HeaderValue::from_bytes(b"text/event-stream; x=\xe9").unwrap();
+        m.insert(header::CONTENT_TYPE, v);
+        assert!(Sse::new().applies(&m));
     }
 
     /// A spec-following SSE parser (CR, LF and CRLF end lines; a blank line dispatches).
