@@ -13,7 +13,6 @@
 // `criterion_group!` generates an undocumented public function.
 #![allow(missing_docs)]
 
-use std::convert::Infallible;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
@@ -25,7 +24,7 @@ use tower_drain::{DrainController, DrainStack};
 #[path = "support/workloads.rs"]
 mod workloads;
 
-use workloads::{axum_events, drain_body, sse, Events, EVENTS};
+use workloads::{axum_events, drain_body, Events, EVENTS};
 
 /// Times polling bodies made by `make` (untimed) to their end.
 fn time<B, F>(rt: &tokio::runtime::Runtime, iters: u64, mut make: F) -> Duration
@@ -53,12 +52,8 @@ fn frames(c: &mut Criterion) {
         .unwrap();
     let drain = rt.block_on(async { DrainController::new() });
     let stack = DrainStack::new(drain.watch());
-    let static_svc = stack.layer(tower::service_fn(|_req: Request<()>| async {
-        Ok::<_, Infallible>(sse(Events(EVENTS)))
-    }));
-    let axum_svc = stack.layer(tower::service_fn(|_req: Request<()>| async {
-        Ok::<_, Infallible>(axum_events())
-    }));
+    let static_svc = stack.layer(workloads::static_events_service());
+    let axum_svc = stack.layer(workloads::axum_events_service());
 
     let mut g = c.benchmark_group("frames");
     g.measurement_time(Duration::from_secs(3))

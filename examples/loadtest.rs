@@ -926,7 +926,7 @@ fn request() -> Request<()> {
 /// Paired per-frame timing of the full stack's body against the raw body, for the static and
 /// the axum `Sse` workload of `benches/frames.rs`.
 fn frames_cmd(rounds: usize) -> bool {
-    use workloads::{axum_events, drain_body, sse, Events, EVENTS};
+    use workloads::{axum_events, drain_body, Events, EVENTS};
 
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -935,12 +935,8 @@ fn frames_cmd(rounds: usize) -> bool {
     let _enter = rt.enter();
     let drain = rt.block_on(async { DrainController::new() });
     let stack = DrainStack::new(drain.watch());
-    let static_svc = stack.layer(tower::service_fn(|_req: Request<()>| async {
-        Ok::<_, Infallible>(sse(Events(EVENTS)))
-    }));
-    let axum_svc = stack.layer(tower::service_fn(|_req: Request<()>| async {
-        Ok::<_, Infallible>(axum_events())
-    }));
+    let static_svc = stack.layer(workloads::static_events_service());
+    let axum_svc = stack.layer(workloads::axum_events_service());
 
     /// Nanoseconds per frame of polling `bodies` bodies made by `make` (untimed) to their end.
     fn per_frame<B: Body>(bodies: u32, mut make: impl FnMut() -> B) -> f64

@@ -95,6 +95,18 @@ pub(crate) fn axum_events() -> Response<axum::body::Body> {
     Sse::new(events).into_response()
 }
 
+/// A service answering every request with `EVENTS` static events (`Events`) as an SSE response.
+pub(crate) fn static_events_service(
+) -> impl Service<Request<()>, Response = Response<Events>, Error = Infallible> + Clone {
+    tower::service_fn(|_req: Request<()>| async { Ok::<_, Infallible>(sse(Events(EVENTS))) })
+}
+
+/// A service answering every request with axum's `Sse` over `EVENTS` events.
+pub(crate) fn axum_events_service(
+) -> impl Service<Request<()>, Response = Response<axum::body::Body>, Error = Infallible> + Clone {
+    tower::service_fn(|_req: Request<()>| async { Ok::<_, Infallible>(axum_events()) })
+}
+
 /// Polls `body` to its end with a no-op waker; returns the frames seen.
 #[inline(never)]
 pub(crate) fn drain_body<B: Body>(body: B) -> u32
