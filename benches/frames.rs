@@ -13,7 +13,7 @@
 // `criterion_group!` generates an undocumented public function.
 #![allow(missing_docs)]
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use http::Request;
@@ -24,25 +24,15 @@ use tower_drain::{DrainController, DrainStack};
 #[path = "support/workloads.rs"]
 mod workloads;
 
-use workloads::{axum_events, drain_body, Events, EVENTS};
+use workloads::{axum_events, time_bodies, Events, EVENTS};
 
 /// Times polling bodies made by `make` (untimed) to their end.
-fn time<B, F>(rt: &tokio::runtime::Runtime, iters: u64, mut make: F) -> Duration
+fn time<B: Body>(rt: &tokio::runtime::Runtime, iters: u64, make: impl FnMut() -> B) -> Duration
 where
-    F: FnMut() -> B,
-    B: Body,
     B::Error: std::fmt::Debug,
 {
     let _enter = rt.enter();
-    let mut total = Duration::ZERO;
-    for _ in 0..iters {
-        let body = make();
-        let start = Instant::now();
-        let n = drain_body(body);
-        total += start.elapsed();
-        assert!(n >= EVENTS);
-    }
-    total
+    time_bodies(iters, make)
 }
 
 fn frames(c: &mut Criterion) {

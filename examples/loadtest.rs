@@ -926,7 +926,7 @@ fn request() -> Request<()> {
 /// Paired per-frame timing of the full stack's body against the raw body, for the static and
 /// the axum `Sse` workload of `benches/frames.rs`.
 fn frames_cmd(rounds: usize) -> bool {
-    use workloads::{axum_events, drain_body, Events, EVENTS};
+    use workloads::{axum_events, Events, EVENTS};
 
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -939,18 +939,11 @@ fn frames_cmd(rounds: usize) -> bool {
     let axum_svc = stack.layer(workloads::axum_events_service());
 
     /// Nanoseconds per frame of polling `bodies` bodies made by `make` (untimed) to their end.
-    fn per_frame<B: Body>(bodies: u32, mut make: impl FnMut() -> B) -> f64
+    fn per_frame<B: Body>(bodies: u32, make: impl FnMut() -> B) -> f64
     where
         B::Error: std::fmt::Debug,
     {
-        let mut total = Duration::ZERO;
-        for _ in 0..bodies {
-            let body = make();
-            let start = Instant::now();
-            let n = drain_body(body);
-            total += start.elapsed();
-            assert!(n >= EVENTS);
-        }
+        let total = workloads::time_bodies(u64::from(bodies), make);
         total.as_secs_f64() * 1e9 / f64::from(bodies * EVENTS)
     }
 

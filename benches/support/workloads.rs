@@ -107,6 +107,22 @@ pub(crate) fn axum_events_service(
     tower::service_fn(|_req: Request<()>| async { Ok::<_, Infallible>(axum_events()) })
 }
 
+/// Time spent polling `bodies` bodies made by `make` (untimed) to their end.
+pub(crate) fn time_bodies<B: Body>(bodies: u64, mut make: impl FnMut() -> B) -> std::time::Duration
+where
+    B::Error: std::fmt::Debug,
+{
+    let mut total = std::time::Duration::ZERO;
+    for _ in 0..bodies {
+        let body = make();
+        let start = std::time::Instant::now();
+        let n = drain_body(body);
+        total += start.elapsed();
+        assert!(n >= EVENTS);
+    }
+    total
+}
+
 /// Polls `body` to its end with a no-op waker; returns the frames seen.
 #[inline(never)]
 pub(crate) fn drain_body<B: Body>(body: B) -> u32

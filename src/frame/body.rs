@@ -210,33 +210,29 @@ where
     let Some(mut state) = state else {
         return inner.poll_frame(cx);
     };
-    let proj = state.as_mut().project();
-    let (mut signal, inj) = (proj.signal, proj.inj);
-
     // Fast path while serving, small enough to inline into the layer around it (the rest
     // is `poll_slow`, out of line): one atomic load instead of polling the closing signal
     // (a lock inside the cancellation token) per frame. The signal is polled, and its
     // waker registered, whenever the inner body is pending, so an idle stream still wakes
     // when `Closing` begins; a busy one sees the phase change on its next frame (the
     // phase is set before the signal fires).
-    if inj.step == Step::Watching && inj.cfg.shared.phase() < Phase::Closing {
+    if state.serving() {
         // The result is inspected in place and returned as it came: no copy per layer.
         let res = inner.as_mut().poll_frame(cx);
         match &res {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(d) = frame.data_ref() {
-                    inj.tracker.update(d);
+                    state.as_mut().forwarded(d);
                 }
                 return res;
             }
             Poll::Ready(Some(Err(_))) => return res,
             Poll::Ready(None) => {
-                inj.step = Step::Done;
+                state.as_mut().ended();
                 return res;
             }
             Poll::Pending => {
-                let closing = signal.as_mut().as_pin_mut().map(|s| s.poll(cx).is_ready());
-                if closing != Some(true) {
+                if !state.as_mut().poll_closing(cx) {
                     return Poll::Pending;
                 }
                 // `Closing` began meanwhile: the slow path takes it from here.
@@ -307,21 +303,22 @@ where
 }
 
 impl Injecting {
-    /// Whether the fused fast path of [`DrainBody`](crate::stack::DrainBody) may forward a
-    /// frame for this stream: nothing to add yet (watching, and still serving).
+    /// Whether a forwarded frame needs nothing else than a tracker update (the fast paths of
+    /// [`FrameBody`] and of [`DrainBody`](crate::stack::DrainBody)): watching, and still
+    /// serving.
     #[inline(always)]
     pub(crate) fn serving(&self) -> bool {
         self.inj.step == Step::Watching && self.inj.cfg.shared.phase() < Phase::Closing
     }
 
-    /// Records a data frame forwarded by the fused fast path.
+    /// Records a data frame forwarded by a fast path.
     #[inline(always)]
     pub(crate) fn forwarded(self: Pin<&mut Self>, data: &Bytes) {
         self.project().inj.tracker.update(data);
     }
 
-    /// The fused fast path's inner body is pending: registers for `Closing`; `true` if it
-    /// began (the full logic takes over).
+    /// A fast path's inner body is pending: registers for `Closing`; `true` if it began (the
+    /// full logic takes over).
     #[inline]
     pub(crate) fn poll_closing(self: Pin<&mut Self>, cx: &mut Context<'_>) -> bool {
         let proj = self.project();
@@ -341,7 +338,8 @@ impl Injecting {
         self.project().inj.fused = fused;
     }
 
-    /// The fused fast path's inner body ended.
+    /// A fast path's inner body ended.
+    #[inline]
     pub(crate) fn ended(self: Pin<&mut Self>) {
         self.project().inj.step = Step::Done;
     }

@@ -488,7 +488,7 @@ impl Stream {
     }
 }
 
-pub(crate) fn record_error(cfg: &Config, id: Option<u64>, uri: &RoutePath, e: &dyn fmt::Display) {
+fn record_error(cfg: &Config, id: Option<u64>, uri: &RoutePath, e: &dyn fmt::Display) {
     cfg.frame.shared.metrics.stream_errors.increment(1);
     if let Some(b) = &cfg.breaker {
         b.failure();
@@ -556,13 +556,11 @@ where
         return Poll::Ready(None);
     };
     let Some(st) = st else {
-        let res = ready!(inner.poll_frame(cx));
-        if let Some(Err(e)) = &res {
-            if let Some((cfg, uri)) = watched.take() {
-                record_error(&cfg, None, &uri, e);
-            }
+        let res = inner.poll_frame(cx);
+        if let Poll::Ready(r) = &res {
+            watch(watched, r);
         }
-        return Poll::Ready(res);
+        return res;
     };
     // Fast path of a stream without limits (no timers, no heartbeat), small enough to
     // inline into the layer around it; everything else is `poll_stream`, out of line.
@@ -581,6 +579,16 @@ where
         return st.inner_ended(ready!(res));
     }
     poll_stream(inner, st, cx)
+}
+
+/// A plain response's result: an error counts for the breaker (once).
+#[inline]
+pub(crate) fn watch<E: fmt::Display>(watched: &mut Watched, r: &Option<Result<Frame<Bytes>, E>>) {
+    if let Some(Err(e)) = r {
+        if let Some((cfg, uri)) = watched.take() {
+            record_error(&cfg, None, &uri, e);
+        }
+    }
 }
 
 /// [`GuardedBody::is_end_stream`] over parts held apart; `inner` tells the inner body's.

@@ -182,11 +182,7 @@ where
         // Neither the guard nor the frame layer add anything: the registration's bookkeeping
         // and the breaker's error count.
         if let Poll::Ready(r) = &res {
-            if let Some(Err(e)) = r {
-                if let Some((cfg, uri)) = this.watched.take() {
-                    guard_body::record_error(&cfg, None, &uri, e);
-                }
-            }
+            guard_body::watch(this.watched, r);
             track_body::account(this.track, r, || inner.is_end_stream());
         }
         res

@@ -293,17 +293,10 @@ impl<St, M> DrainStack<St, M> {
     }
 }
 
-#[cfg(test)]
 impl<St: Clone, M> DrainStack<St, M> {
-    /// The same layers without the fused body: what [`DrainBody`] is checked against.
-    pub(crate) fn nested<S>(
-        &self,
-        inner: S,
-    ) -> crate::reject::Reject<
-        crate::track::Track<crate::guard::Guard<crate::frame::Frame<S>>, St>,
-        Default503,
-        M,
-    > {
+    /// The four layers around `inner`, nested as when stacked by hand ([`DrainService`] wraps
+    /// them; the tests check [`DrainBody`] against them).
+    fn nested<S>(&self, inner: S) -> service::Layers<S, St, M> {
         self.reject
             .layer(self.track.layer(self.guard.layer(self.frame.layer(inner))))
     }
@@ -313,10 +306,7 @@ impl<S, St: Clone, M> Layer<S> for DrainStack<St, M> {
     type Service = DrainService<S, St, M>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        DrainService::new(
-            self.reject
-                .layer(self.track.layer(self.guard.layer(self.frame.layer(inner)))),
-        )
+        DrainService::new(self.nested(inner))
     }
 }
 

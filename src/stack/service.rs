@@ -14,7 +14,7 @@ use crate::reject::{Default503, Mode, Plain, Reject};
 use crate::track::{MemoryStore, Track, TrackedBody};
 
 /// The inner service stack of a [`DrainService`].
-type Layers<S, St, M> = Reject<Track<Guard<Frame<S>>, St>, Default503, M>;
+pub(super) type Layers<S, St, M> = Reject<Track<Guard<Frame<S>>, St>, Default503, M>;
 
 /// The service built by [`DrainStack`](super::DrainStack): `Reject → Track → Guard → Frame`
 /// around `S`, answering with one fused [`DrainBody`] instead of four nested bodies.
