@@ -61,7 +61,7 @@ pub(crate) use self::body::{FinalGate, FrameConfig};
 pub use self::boundary::Boundary;
 pub(crate) use self::boundary::Tracker;
 pub use self::encoder::{Final, FinalFrame, FnFrame, FrameContext, FrameKind, Grpc, NdJson, Sse};
-pub(crate) use self::service::should_inject;
+pub(crate) use self::service::{respond, should_inject};
 pub use self::service::{Frame, FrameLayer, Inject, ResponseFuture, RunToCompletion};
 
 #[cfg(test)]

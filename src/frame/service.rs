@@ -163,18 +163,31 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let res = ready!(this.inner.poll(cx))?;
-        let cfg = this.cfg.take();
-        Poll::Ready(Ok(match cfg {
-            Some(cfg) if should_inject(&res, &*cfg.encoder) => {
-                let rtc = res.extensions().get::<RunToCompletion>().is_some();
-                // Shared with an outer `GuardedBody`: one final frame per stream.
-                let gate = FinalGate::new();
-                let mut res = res;
-                res.extensions_mut().insert(gate.clone());
-                res.map(|b| FrameBody::inject(b, cfg, rtc, Some(gate)))
-            }
-            _ => res.map(FrameBody::passthrough),
-        }))
+        let cfg = this
+            .cfg
+            .take()
+            .filter(|cfg| should_inject(&res, &*cfg.encoder));
+        Poll::Ready(Ok(respond(cfg, res)))
+    }
+}
+
+/// The frame layer's step after the inner call: `cfg` when `res` gets a final frame (see
+/// [`should_inject`]), else `None` for a passthrough body.
+#[inline]
+pub(crate) fn respond<B>(
+    cfg: Option<Arc<FrameConfig>>,
+    res: Response<B>,
+) -> Response<FrameBody<B>> {
+    match cfg {
+        Some(cfg) => {
+            let rtc = res.extensions().get::<RunToCompletion>().is_some();
+            // Shared with an outer `GuardedBody`: one final frame per stream.
+            let gate = FinalGate::new();
+            let mut res = res;
+            res.extensions_mut().insert(gate.clone());
+            res.map(|b| FrameBody::inject(b, cfg, rtc, Some(gate)))
+        }
+        None => res.map(FrameBody::passthrough),
     }
 }
 

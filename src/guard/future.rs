@@ -124,14 +124,8 @@ where
                     kind.set(Kind::Done);
                     return Poll::Ready(finish(st, res));
                 }
-                let st = state.as_mut().expect("polled after completion");
-                let Some(deadline) = st.deadline else {
-                    return Poll::Pending;
-                };
-                // Created on first poll, so `call` works outside a runtime too.
-                let sleep =
-                    timeout.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
-                if sleep.as_mut().poll(cx).is_pending() {
+                let st = state.as_ref().expect("polled after completion");
+                if poll_timeout(timeout, st, cx).is_pending() {
                     return Poll::Pending;
                 }
                 state.take().expect("polled after completion")
@@ -140,11 +134,7 @@ where
                 status,
                 retry_after,
             } => {
-                let mut res = Response::new(GuardedBody::empty());
-                *res.status_mut() = *status;
-                res.headers_mut()
-                    .insert(header::RETRY_AFTER, retry_after_secs(*retry_after));
-                let res = Ok(res);
+                let res = Ok(rejection(*status, *retry_after));
                 kind.set(Kind::Done);
                 return Poll::Ready(res);
             }
@@ -152,40 +142,94 @@ where
         };
         // Drop the inner future now, then answer.
         kind.set(Kind::Done);
-        let mut st = timed_out;
-        st.cfg.frame.shared.metrics.timeouts_response.increment(1);
-        tracing::warn!(
-            path = st.uri.path(),
-            timeout_ms = st.cfg.response_timeout.unwrap_or_default().as_millis() as u64,
-            "response timeout: inner future dropped"
-        );
-        st.outcome(false);
-        let mut res = Response::new(GuardedBody::empty());
-        *res.status_mut() = st.cfg.timeout_status;
-        Poll::Ready(Ok(res))
+        Poll::Ready(Ok(timed_out_response(timed_out)))
     }
 }
 
-fn finish<B, E>(
-    mut st: CallState,
-    res: Result<Response<B>, E>,
-) -> Result<Response<GuardedBody<B>>, E> {
-    let res = match res {
-        Ok(res) => res,
-        Err(e) => {
-            st.outcome(false);
-            return Err(e);
-        }
+/// The answer to a request the circuit breaker turned away.
+pub(crate) fn rejection<B>(status: StatusCode, retry_after: Duration) -> Response<GuardedBody<B>> {
+    let mut res = Response::new(GuardedBody::empty());
+    *res.status_mut() = status;
+    res.headers_mut()
+        .insert(header::RETRY_AFTER, retry_after_secs(retry_after));
+    res
+}
+
+/// Polls the response timeout of a call whose inner future is pending: `Ready` once it has
+/// fired, `Pending` (forever) without one. The timer is created on the first poll, so `call`
+/// works outside a runtime too.
+#[inline]
+pub(crate) fn poll_timeout(
+    timeout: &mut Option<Pin<Box<Sleep>>>,
+    st: &CallState,
+    cx: &mut Context<'_>,
+) -> Poll<()> {
+    let Some(deadline) = st.deadline else {
+        return Poll::Pending;
     };
+    timeout
+        .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)))
+        .as_mut()
+        .poll(cx)
+}
+
+/// The answer once the response timeout has fired (the inner future already dropped):
+/// counts it, logs it and reports the failure to the breaker.
+#[cold]
+pub(crate) fn timed_out_response<B>(mut st: CallState) -> Response<GuardedBody<B>> {
+    st.cfg.frame.shared.metrics.timeouts_response.increment(1);
+    tracing::warn!(
+        path = st.uri.path(),
+        timeout_ms = st.cfg.response_timeout.unwrap_or_default().as_millis() as u64,
+        "response timeout: inner future dropped"
+    );
+    st.outcome(false);
+    let mut res = Response::new(GuardedBody::empty());
+    *res.status_mut() = st.cfg.timeout_status;
+    res
+}
+
+/// Whether the guard treats `res` as a stream that gets a final frame: never the answer to a
+/// `HEAD`, else the same decision as the frame layer's.
+#[inline]
+pub(crate) fn injects<B>(st: &CallState, res: &Response<B>) -> bool {
+    !st.head && should_inject(res, &*st.cfg.frame.encoder)
+}
+
+fn finish<B, E>(st: CallState, res: Result<Response<B>, E>) -> Result<Response<GuardedBody<B>>, E> {
+    match res {
+        Ok(res) => {
+            let inject = injects(&st, &res);
+            Ok(finish_ok(st, res, inject))
+        }
+        Err(e) => Err(finish_err(st, e)),
+    }
+}
+
+/// An inner error: a failure for the breaker, passed on.
+#[inline]
+pub(crate) fn finish_err<E>(mut st: CallState, e: E) -> E {
+    st.outcome(false);
+    e
+}
+
+/// A response: its status reported to the breaker, its body guarded (`inject` as decided by
+/// [`injects`]).
+#[inline]
+pub(crate) fn finish_ok<B>(
+    mut st: CallState,
+    res: Response<B>,
+    inject: bool,
+) -> Response<GuardedBody<B>> {
     let ok = !(st.cfg.is_failure)(res.status());
     st.outcome(ok);
-    if !st.head && should_inject(&res, &*st.cfg.frame.encoder) {
+    if inject {
         let gate = res.extensions().get::<FinalGate>().cloned();
-        Ok(res.map(|b| GuardedBody::stream(b, st, gate)))
+        res.map(|b| GuardedBody::stream(b, st, gate))
     } else if st.cfg.breaker.is_some() {
-        Ok(res.map(|b| GuardedBody::watched(b, st.cfg, st.uri)))
+        res.map(|b| GuardedBody::watched(b, st.cfg, st.uri))
     } else {
-        Ok(res.map(GuardedBody::passthrough))
+        res.map(GuardedBody::passthrough)
     }
 }
 

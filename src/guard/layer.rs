@@ -423,6 +423,11 @@ impl GuardLayer {
         self
     }
 
+    /// Whether this layer's final frames come from `frame` (the same configuration).
+    pub(crate) fn shares_frame_config(&self, frame: &Arc<FrameConfig>) -> bool {
+        Arc::ptr_eq(&self.cfg.frame, frame)
+    }
+
     /// The circuit breaker shared by every service this layer builds, or `None` when it is off.
     /// Configure first: changing the breaker's settings replaces it.
     ///

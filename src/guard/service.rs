@@ -64,6 +64,38 @@ where
 
     #[inline]
     fn call(&mut self, req: Request<ReqB>) -> Self::Future {
+        let (req, parts) = match &self.cfg.revalidate {
+            Some(_) => {
+                let (parts, body) = req.into_parts();
+                let copy = Box::new(parts.clone());
+                (Request::from_parts(parts, body), Some(copy))
+            }
+            None => (req, None),
+        };
+        match self.before(&req, parts) {
+            Ok(state) => ResponseFuture::calling(self.inner.call(req), state),
+            Err((status, retry)) => ResponseFuture::rejected(status, retry),
+        }
+    }
+}
+
+impl<S> Guard<S> {
+    /// Whether [`before`](Self::before) can run without the request's parts (no
+    /// revalidation), as the fused [`DrainService`](crate::stack::DrainService) needs.
+    #[inline]
+    pub(crate) fn needs_parts(&self) -> bool {
+        self.cfg.revalidate.is_some()
+    }
+
+    /// The guard's step before the inner call: the breaker's decision (`Err` with the status
+    /// and retry delay of a rejection), then what the call carries to the response. `parts`
+    /// is the request's copy for revalidation, when it is on.
+    #[inline]
+    pub(crate) fn before<ReqB>(
+        &self,
+        req: &Request<ReqB>,
+        parts: Option<Box<http::request::Parts>>,
+    ) -> Result<CallState, (http::StatusCode, std::time::Duration)> {
         let cfg = &self.cfg;
         let probe = match cfg.breaker.as_ref().map(|b| b.admit()) {
             None | Some(Admit::Pass) => None,
@@ -75,7 +107,7 @@ where
                     path = req.uri().path(),
                     "circuit open: request rejected"
                 );
-                return ResponseFuture::rejected(cfg.breaker_status, retry);
+                return Err((cfg.breaker_status, retry));
             }
         };
         // The clock is read only when a setting needs the call's start.
@@ -83,15 +115,7 @@ where
             || cfg.max_lifetime.is_some()
             || cfg.revalidate.is_some())
         .then(Instant::now);
-        let (req, parts) = match &cfg.revalidate {
-            Some(_) => {
-                let (parts, body) = req.into_parts();
-                let copy = Box::new(parts.clone());
-                (Request::from_parts(parts, body), Some(copy))
-            }
-            None => (req, None),
-        };
-        let state = CallState {
+        Ok(CallState {
             cfg: cfg.clone(),
             probe,
             started,
@@ -99,8 +123,7 @@ where
             head: req.method() == Method::HEAD,
             uri: RoutePath::new(req.uri()),
             parts,
-        };
-        ResponseFuture::calling(self.inner.call(req), state)
+        })
     }
 }
 

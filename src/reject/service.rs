@@ -554,10 +554,10 @@ where
 
     #[inline]
     fn call(&mut self, req: Request<ReqB>) -> Self::Future {
-        let cfg = &*self.cfg;
-        if cfg.shared.phase() < cfg.from {
+        if self.serving() {
             return ResponseFuture::inner(self.inner.call(req));
         }
+        let cfg = &*self.cfg;
         let (parts, body) = req.into_parts();
         if (cfg.exempt)(&parts) {
             return ResponseFuture::inner(self.inner.call(Request::from_parts(parts, body)));
@@ -572,6 +572,15 @@ where
         // The rejection path is rare: a clone of the responder keeps `Reject` one `Arc` wide.
         let mut response = cfg.response.clone();
         ResponseFuture::rejected(M::wrap(response.response(&parts)))
+    }
+}
+
+impl<S, R, M> Reject<S, R, M> {
+    /// Whether a request arriving now passes without a look at it: the controller has not
+    /// reached the phase this layer rejects from.
+    #[inline]
+    pub(crate) fn serving(&self) -> bool {
+        self.cfg.shared.phase() < self.cfg.from
     }
 }
 

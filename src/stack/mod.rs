@@ -13,6 +13,14 @@
 //! no guard limits) in one pass instead of one per layer, which is what a body polled for
 //! every event of a long stream needs.
 //!
+//! Its call is fused the same way: while the controller serves, and unless the request
+//! waits for a per-key lease or the guard revalidates streams, the layers' steps before the
+//! inner call run in `call`, the inner service's future is held once in
+//! [`ResponseFuture`] (not moved into four futures nested around it), and the layers'
+//! steps after it run when it is ready, deciding once for the frame layer and the guard
+//! whether the response is a stream. Other requests go through the nested layers as they
+//! are; the answers are the same either way.
+//!
 //! # Example
 //!
 //! ```
@@ -53,6 +61,8 @@
 
 mod body;
 #[cfg(test)]
+mod call_tests;
+#[cfg(test)]
 mod fused_tests;
 mod service;
 
@@ -91,11 +101,14 @@ impl DrainStack<MemoryStore> {
     /// # drop(stack);
     /// ```
     pub fn new(watch: DrainWatch) -> Self {
+        let frame = FrameLayer::new(watch.clone());
         Self {
             reject: RejectLayer::new(watch.clone()),
             track: TrackLayer::new(watch.clone()),
-            guard: GuardLayer::new(watch.clone()),
-            frame: FrameLayer::new(watch.clone()),
+            // The guard and the frame layer share one encoder: `DrainService` decides once
+            // per response whether it is a stream, for both.
+            guard: GuardLayer::new(watch.clone()).frame_config(frame.cfg.clone()),
+            frame,
             watch,
         }
     }
@@ -306,6 +319,7 @@ impl<S, St: Clone, M> Layer<S> for DrainStack<St, M> {
     type Service = DrainService<S, St, M>;
 
     fn layer(&self, inner: S) -> Self::Service {
+        debug_assert!(self.guard.shares_frame_config(&self.frame.cfg));
         DrainService::new(self.nested(inner))
     }
 }

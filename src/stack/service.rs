@@ -2,16 +2,18 @@ use std::future::Future;
 use std::marker::PhantomData;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
+use std::time::Duration;
 
-use http::{Request, Response};
+use http::{Request, Response, StatusCode};
 use pin_project_lite::pin_project;
+use tokio::time::Sleep;
 use tower_service::Service;
 
 use super::body::DrainBody;
-use crate::frame::{Frame, FrameBody};
-use crate::guard::{Guard, GuardedBody};
+use crate::frame::{self, Frame, FrameBody};
+use crate::guard::{self, CallState, Guard, GuardedBody};
 use crate::reject::{Default503, Mode, Plain, Reject};
-use crate::track::{MemoryStore, Track, TrackedBody};
+use crate::track::{MemoryStore, StreamGuard, Track, TrackedBody};
 
 /// The inner service stack of a [`DrainService`].
 pub(super) type Layers<S, St, M> = Reject<Track<Guard<Frame<S>>, St>, Default503, M>;
@@ -66,24 +68,68 @@ where
     Layers<S, St, M>: Service<
         Request<ReqB>,
         Response = Response<M::Body<TrackedBody<GuardedBody<FrameBody<B>>>>>,
+        Error = S::Error,
     >,
 {
     type Response = Response<DrainBody<B>>;
-    type Error = <Layers<S, St, M> as Service<Request<ReqB>>>::Error;
-    type Future = ResponseFuture<<Layers<S, St, M> as Service<Request<ReqB>>>::Future, B, M>;
+    type Error = S::Error;
+    type Future =
+        ResponseFuture<<Layers<S, St, M> as Service<Request<ReqB>>>::Future, S::Future, B, M>;
 
     #[inline]
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
     }
 
+    /// While serving, and unless a request waits for a per-key lease or the guard
+    /// revalidates, the four layers' steps before the inner call run here, in their order,
+    /// and the inner future is held once (their steps after it run when it is ready); else
+    /// the request goes through the nested layers.
     #[inline]
     fn call(&mut self, req: Request<ReqB>) -> Self::Future {
+        let fused = {
+            let track = self.inner.get_ref();
+            self.inner.serving() && !track.is_keyed() && !track.get_ref().needs_parts()
+        };
+        if !fused {
+            return ResponseFuture {
+                kind: Kind::Nested {
+                    fut: self.inner.call(req),
+                    _types: PhantomData,
+                },
+            };
+        }
+        let track = self.inner.get_mut();
+        let stream = track.register(&req);
+        let guard = track.get_mut();
+        let call = match guard.before(&req, None) {
+            Ok(call) => call,
+            Err((status, retry_after)) => {
+                return ResponseFuture {
+                    kind: Kind::Rejected {
+                        status,
+                        retry_after,
+                        stream: Some(stream),
+                    },
+                }
+            }
+        };
+        // The frame layer's own step (`HEAD` gets no frame) is the guard's `head`.
+        let fut = guard.get_mut().get_mut().call(req);
         ResponseFuture {
-            inner: self.inner.call(req),
-            _types: PhantomData,
+            kind: Kind::Fused {
+                fut,
+                timeout: None,
+                state: Some(Fused { stream, call }),
+            },
         }
     }
+}
+
+/// What a fused call carries from `call` to the response.
+struct Fused {
+    stream: StreamGuard,
+    call: CallState,
 }
 
 pin_project! {
@@ -98,33 +144,119 @@ pin_project! {
     /// let mut svc = DrainStack::new(drain.watch()).layer(tower::service_fn(|_req: Request<()>| async {
     ///     Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from("hi"))))
     /// }));
-    /// let fut: tower_drain::stack::ResponseFuture<_, _, _> =
+    /// let fut: tower_drain::stack::ResponseFuture<_, _, _, _> =
     ///     svc.ready().await.unwrap().call(Request::new(()));
     /// assert_eq!(fut.await.unwrap().status(), 200);
     /// # }
     /// ```
-    pub struct ResponseFuture<F, B, M> {
+    pub struct ResponseFuture<N, F, B, M> {
         #[pin]
-        inner: F,
-        _types: PhantomData<fn() -> (B, M)>,
+        kind: Kind<N, F, B, M>,
     }
 }
 
-impl<F, B, M, E> Future for ResponseFuture<F, B, M>
+pin_project! {
+    #[project = KindProj]
+    enum Kind<N, F, B, M> {
+        // The inner service's future, held once.
+        Fused {
+            #[pin]
+            fut: F,
+            // As in the guard's future: boxed, and only once a response timeout is polled.
+            timeout: Option<Pin<Box<Sleep>>>,
+            state: Option<Fused>,
+        },
+        // The nested layers' future.
+        Nested {
+            #[pin]
+            fut: N,
+            _types: PhantomData<fn() -> (B, M)>,
+        },
+        // Turned away by the circuit breaker.
+        Rejected {
+            status: StatusCode,
+            retry_after: Duration,
+            stream: Option<StreamGuard>,
+        },
+        Done,
+    }
+}
+
+impl<N, F, B, M, E> Future for ResponseFuture<N, F, B, M>
 where
-    F: Future<Output = Result<Response<M::Body<TrackedBody<GuardedBody<FrameBody<B>>>>>, E>>,
+    N: Future<Output = Result<Response<M::Body<TrackedBody<GuardedBody<FrameBody<B>>>>>, E>>,
+    F: Future<Output = Result<Response<B>, E>>,
     M: Mode,
 {
     type Output = Result<Response<DrainBody<B>>, E>;
 
     #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let res = ready!(self.project().inner.poll(cx));
-        Poll::Ready(res.map(|res| res.map(|b| DrainBody::fuse(M::into_parts(b)))))
+        let mut kind = self.project().kind;
+        let (stream, res) = match kind.as_mut().project() {
+            KindProj::Fused {
+                fut,
+                timeout,
+                state,
+            } => {
+                // The inner future first: a response ready at the deadline wins the tie.
+                if let Poll::Ready(res) = fut.poll(cx) {
+                    let Fused { stream, call } = state.take().expect("polled after completion");
+                    kind.set(Kind::Done);
+                    return Poll::Ready(respond(stream, call, res));
+                }
+                let st = state.as_ref().expect("polled after completion");
+                if guard::poll_timeout(timeout, &st.call, cx).is_pending() {
+                    return Poll::Pending;
+                }
+                let Fused { stream, call } = state.take().expect("polled after completion");
+                // Drop the inner future now, then answer.
+                kind.set(Kind::Done);
+                (stream, guard::timed_out_response(call))
+            }
+            KindProj::Nested { fut, .. } => {
+                let res = ready!(fut.poll(cx));
+                return Poll::Ready(res.map(|res| res.map(|b| DrainBody::fuse(M::into_parts(b)))));
+            }
+            KindProj::Rejected {
+                status,
+                retry_after,
+                stream,
+            } => {
+                let stream = stream.take().expect("polled after completion");
+                let res = guard::rejection(*status, *retry_after);
+                kind.set(Kind::Done);
+                (stream, res)
+            }
+            KindProj::Done => panic!("ResponseFuture polled after completion"),
+        };
+        Poll::Ready(Ok(
+            res.map(|b| DrainBody::fuse(Ok(TrackedBody::new(b, Some(stream)))))
+        ))
     }
 }
 
-impl<F, B, M> std::fmt::Debug for ResponseFuture<F, B, M> {
+/// The inner call's result through the layers' steps after it, innermost first, as the
+/// nested layers would: frame, guard, track. The stream decision is made once for both
+/// the frame and the guard (they share the encoder).
+#[inline]
+fn respond<B, E>(
+    stream: StreamGuard,
+    call: CallState,
+    res: Result<Response<B>, E>,
+) -> Result<Response<DrainBody<B>>, E> {
+    let res = match res {
+        Ok(res) => res,
+        // `stream` is dropped after the breaker heard of the error, as in the nested layers.
+        Err(e) => return Err(guard::finish_err(call, e)),
+    };
+    let inject = guard::injects(&call, &res);
+    let res = frame::respond(inject.then(|| call.cfg.frame.clone()), res);
+    let res = guard::finish_ok(call, res, inject);
+    Ok(res.map(|b| DrainBody::fuse(Ok(TrackedBody::new(b, Some(stream))))))
+}
+
+impl<N, F, B, M> std::fmt::Debug for ResponseFuture<N, F, B, M> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ResponseFuture").finish_non_exhaustive()
     }

@@ -49,6 +49,7 @@ mod service;
 mod store;
 
 pub use self::body::TrackedBody;
+pub(crate) use self::guard::StreamGuard;
 pub use self::layer::TrackLayer;
 pub use self::service::{ResponseFuture, Track};
 #[cfg(feature = "redis")]

@@ -89,7 +89,7 @@ where
         let cfg = &self.cfg;
         if cfg.key.is_none() {
             // No key, so no limit: register and call, moving the request only once.
-            let guard = StreamGuard::new(cfg.shared.clone(), RoutePath::new(req.uri()), None, None);
+            let guard = self.register(&req);
             return ResponseFuture {
                 state: State::Calling {
                     fut: self.inner.call(req),
@@ -135,6 +135,26 @@ where
                 }
             }
         }
+    }
+}
+
+impl<S, St> Track<S, St> {
+    /// Whether requests get a key (and so may wait for a lease) before the inner call.
+    #[inline]
+    pub(crate) fn is_keyed(&self) -> bool {
+        self.cfg.key.is_some()
+    }
+
+    /// Registers an unkeyed request: the track layer's step before the inner call when
+    /// [`is_keyed`](Self::is_keyed) is false.
+    #[inline]
+    pub(crate) fn register<ReqB>(&self, req: &Request<ReqB>) -> StreamGuard {
+        StreamGuard::new(
+            self.cfg.shared.clone(),
+            RoutePath::new(req.uri()),
+            None,
+            None,
+        )
     }
 }
 
