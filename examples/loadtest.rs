@@ -62,7 +62,7 @@ const FIRST_EVENT: &[u8] = b"data: hello\n\n";
 
 fn usage() -> ! {
     eprintln!(
-        "usage: loadtest drain [--streams N] | throughput [--seconds S] [--connections C] [--rounds R] [--layer stack|reject|track|guard|frame|timeout] [--only bare|stack] | memory [--streams N] | frames [--rounds R] | requests [--rounds R]"
+        "usage: loadtest drain [--streams N] | throughput [--seconds S] [--connections C] [--rounds R] [--layer stack|identity|reject|track|guard|frame|timeout] [--only bare|stack] | memory [--streams N] | frames [--rounds R] | requests [--rounds R]"
     );
     std::process::exit(2)
 }
@@ -751,6 +751,10 @@ fn throughput_cmd(
             "track" => hello_app().layer(tower_drain::track::TrackLayer::new(w)),
             "guard" => hello_app().layer(tower_drain::guard::GuardLayer::new(w)),
             "frame" => hello_app().layer(tower_drain::frame::FrameLayer::new(w)),
+            // The floor of any layer under `Router::layer`: one that does nothing.
+            "identity" => hello_app().layer(tower::util::MapResponseLayer::new(
+                |res: axum::response::Response| res,
+            )),
             "timeout" => hello_app().layer(tower_http::timeout::TimeoutLayer::with_status_code(
                 http::StatusCode::REQUEST_TIMEOUT,
                 Duration::from_secs(30),

@@ -105,6 +105,16 @@ pub struct Frame<S> {
 
 crate::macros::inner_service_accessors!(Frame<S>);
 
+impl<S> Frame<S> {
+    /// The same layer around `inner`.
+    pub(crate) fn with_inner<T>(&self, inner: T) -> Frame<T> {
+        Frame {
+            inner,
+            cfg: self.cfg.clone(),
+        }
+    }
+}
+
 impl<S: fmt::Debug> fmt::Debug for Frame<S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Frame")

@@ -27,6 +27,16 @@ impl<S> Guard<S> {
 
 crate::macros::inner_service_accessors!(Guard<S>);
 
+impl<S> Guard<S> {
+    /// The same layer around `inner`.
+    pub(crate) fn with_inner<T>(&self, inner: T) -> Guard<T> {
+        Guard {
+            inner,
+            cfg: self.cfg.clone(),
+        }
+    }
+}
+
 // No readiness state of its own: the breaker is consulted in `call`, so a clone is a plain
 // clone.
 impl<S: Clone> Clone for Guard<S> {

@@ -515,6 +515,17 @@ pub struct Reject<S, R = Default503, M = Plain> {
 
 crate::macros::inner_service_accessors!(Reject<S, R, M>);
 
+impl<S, R, M> Reject<S, R, M> {
+    /// The same layer around `inner`.
+    pub(crate) fn with_inner<T>(&self, inner: T) -> Reject<T, R, M> {
+        Reject {
+            inner,
+            cfg: self.cfg.clone(),
+            mode: PhantomData,
+        }
+    }
+}
+
 impl<S: Clone, R, M> Clone for Reject<S, R, M> {
     fn clone(&self) -> Self {
         Self {

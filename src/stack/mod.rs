@@ -320,7 +320,7 @@ impl<S, St: Clone, M> Layer<S> for DrainStack<St, M> {
 
     fn layer(&self, inner: S) -> Self::Service {
         debug_assert!(self.guard.shares_frame_config(&self.frame.cfg));
-        DrainService::new(self.nested(inner))
+        DrainService::new(inner, self.nested(()))
     }
 }
 

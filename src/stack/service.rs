@@ -1,6 +1,7 @@
 use std::future::Future;
 use std::marker::PhantomData;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
@@ -35,22 +36,34 @@ pub(super) type Layers<S, St, M> = Reject<Track<Guard<Frame<S>>, St>, Default503
 /// # }
 /// ```
 pub struct DrainService<S, St = MemoryStore, M = Plain> {
-    inner: Layers<S, St, M>,
+    inner: S,
+    // The four layers' configurations, held once: a clone of the service (axum and tower
+    // clone it per request) touches one reference count, not one per layer.
+    layers: Arc<Layers<(), St, M>>,
 }
 
 impl<S, St, M> DrainService<S, St, M> {
-    pub(crate) fn new(inner: Layers<S, St, M>) -> Self {
-        Self { inner }
+    pub(crate) fn new(inner: S, layers: Layers<(), St, M>) -> Self {
+        Self {
+            inner,
+            layers: Arc::new(layers),
+        }
     }
 }
 
-impl<S, St, M> Clone for DrainService<S, St, M>
-where
-    Layers<S, St, M>: Clone,
-{
+/// The four layers of `layers` around `inner`.
+fn nested<S, St, M>(layers: &Layers<(), St, M>, inner: S) -> Layers<S, St, M> {
+    let track = layers.get_ref();
+    let guard = track.get_ref();
+    let frame = guard.get_ref();
+    layers.with_inner(track.with_inner(guard.with_inner(frame.with_inner(inner))))
+}
+
+impl<S: Clone, St, M> Clone for DrainService<S, St, M> {
     fn clone(&self) -> Self {
         Self {
             inner: self.inner.clone(),
+            layers: self.layers.clone(),
         }
     }
 }
@@ -63,7 +76,7 @@ impl<S, St, M> std::fmt::Debug for DrainService<S, St, M> {
 
 impl<S, St, M, ReqB, B> Service<Request<ReqB>> for DrainService<S, St, M>
 where
-    S: Service<Request<ReqB>, Response = Response<B>>,
+    S: Service<Request<ReqB>, Response = Response<B>> + Clone,
     M: Mode,
     Layers<S, St, M>: Service<
         Request<ReqB>,
@@ -78,6 +91,7 @@ where
 
     #[inline]
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        // None of the four layers has readiness of its own.
         self.inner.poll_ready(cx)
     }
 
@@ -87,21 +101,21 @@ where
     /// the request goes through the nested layers.
     #[inline]
     fn call(&mut self, req: Request<ReqB>) -> Self::Future {
-        let fused = {
-            let track = self.inner.get_ref();
-            self.inner.serving() && !track.is_keyed() && !track.get_ref().needs_parts()
-        };
-        if !fused {
+        let reject = &*self.layers;
+        let track = reject.get_ref();
+        let guard = track.get_ref();
+        if !reject.serving() || track.is_keyed() || guard.needs_parts() {
+            // The service polled ready goes into the nested layers; a clone takes its place.
+            let clone = self.inner.clone();
+            let ready = std::mem::replace(&mut self.inner, clone);
             return ResponseFuture {
                 kind: Kind::Nested {
-                    fut: self.inner.call(req),
+                    fut: nested(reject, ready).call(req),
                     _types: PhantomData,
                 },
             };
         }
-        let track = self.inner.get_mut();
         let stream = track.register(&req);
-        let guard = track.get_mut();
         let call = match guard.before(&req, None) {
             Ok(call) => call,
             Err((status, retry_after)) => {
@@ -115,7 +129,7 @@ where
             }
         };
         // The frame layer's own step (`HEAD` gets no frame) is the guard's `head`.
-        let fut = guard.get_mut().get_mut().call(req);
+        let fut = self.inner.call(req);
         ResponseFuture {
             kind: Kind::Fused {
                 fut,

@@ -50,6 +50,16 @@ impl<S, St: Clone> Track<S, St> {
 
 crate::macros::inner_service_accessors!(Track<S, St>);
 
+impl<S, St> Track<S, St> {
+    /// The same layer around `inner`.
+    pub(crate) fn with_inner<T>(&self, inner: T) -> Track<T, St> {
+        Track {
+            inner,
+            cfg: self.cfg.clone(),
+        }
+    }
+}
+
 impl<S: Clone, St> Clone for Track<S, St> {
     fn clone(&self) -> Self {
         Self {
