@@ -205,17 +205,14 @@ struct ErrorData {
 
 /// The JSON object of a final frame; `serde_json` escapes every control character, so the
 /// result never contains a raw CR or LF.
-fn json(ctx: &FrameContext<'_>, extra_retry_ms: bool) -> Vec<u8> {
-    let mut v = Vec::with_capacity(256);
-    json_into(ctx, &mut v);
-    if extra_retry_ms {
-        // Splice `"retry_ms":N` into the object (NDJSON has no retry field of its own).
-        v.pop();
-        v.extend_from_slice(b",\"retry_ms\":");
-        push_u128(&mut v, ctx.retry.as_millis());
-        v.push(b'}');
-    }
-    v
+/// Appends the JSON object of a final frame with `"retry_ms":N` spliced in (NDJSON has no
+/// retry field of its own).
+fn json_with_retry_into(ctx: &FrameContext<'_>, v: &mut Vec<u8>) {
+    json_into(ctx, v);
+    v.pop();
+    v.extend_from_slice(b",\"retry_ms\":");
+    push_u128(v, ctx.retry.as_millis());
+    v.push(b'}');
 }
 
 fn serialize(ctx: &FrameContext<'_>) -> Vec<u8> {
@@ -299,8 +296,56 @@ fn json_into(ctx: &FrameContext<'_>, out: &mut Vec<u8>) {
     })
 }
 
+thread_local! {
+    /// Where [`exact`] writes a frame before copying it out.
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The bytes `write` appends to an empty buffer, in one allocation of their exact size: a
+/// `Vec` with spare capacity would become a `Bytes` with a second allocation for its shared
+/// header (one frame per stream at a drain: ten thousand of each at once).
+fn exact(write: impl Fn(&mut Vec<u8>)) -> Bytes {
+    let scratch = SCRATCH.try_with(|cell| {
+        let mut buf = cell.try_borrow_mut().ok()?;
+        buf.clear();
+        write(&mut buf);
+        let out = Bytes::copy_from_slice(&buf);
+        if buf.capacity() > 4096 {
+            // An unusually long message: do not keep its buffer for the thread's lifetime.
+            *buf = Vec::new();
+        }
+        Some(out)
+    });
+    scratch.ok().flatten().unwrap_or_else(|| {
+        // Re-entered (an encoder inside an encoder) or at thread exit: a buffer of its own.
+        let mut buf = Vec::new();
+        write(&mut buf);
+        Bytes::from(buf.into_boxed_slice())
+    })
+}
+
 /// Appends `n` in decimal (no `format!` and its allocation).
-fn push_u128(out: &mut Vec<u8>, mut n: u128) {
+fn push_u128(out: &mut Vec<u8>, n: u128) {
+    // Milliseconds fit in 64 bits for 584 million years; 64-bit division is several times
+    // cheaper than 128-bit, one per digit.
+    let Ok(mut n) = u64::try_from(n) else {
+        return push_u128_wide(out, n);
+    };
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[i..]);
+}
+
+#[cold]
+fn push_u128_wide(out: &mut Vec<u8>, mut n: u128) {
     let mut digits = [0u8; 40];
     let mut i = digits.len();
     loop {
@@ -367,15 +412,15 @@ impl FinalFrame for Sse {
         } else {
             "error"
         };
-        let mut out = Vec::with_capacity(320);
-        out.extend_from_slice(b"event: ");
-        out.extend_from_slice(event.as_bytes());
-        out.extend_from_slice(b"\ndata: ");
-        json_into(ctx, &mut out);
-        out.extend_from_slice(b"\nretry: ");
-        push_u128(&mut out, ctx.retry.as_millis());
-        out.extend_from_slice(b"\n\n");
-        Final::data(out)
+        Final::data(exact(|out| {
+            out.extend_from_slice(b"event: ");
+            out.extend_from_slice(event.as_bytes());
+            out.extend_from_slice(b"\ndata: ");
+            json_into(ctx, out);
+            out.extend_from_slice(b"\nretry: ");
+            push_u128(out, ctx.retry.as_millis());
+            out.extend_from_slice(b"\n\n");
+        }))
     }
 }
 
@@ -423,9 +468,10 @@ impl FinalFrame for NdJson {
     }
 
     fn encode(&self, ctx: &FrameContext<'_>) -> Final {
-        let mut line = json(ctx, true);
-        line.push(b'\n');
-        Final::data(line)
+        Final::data(exact(|out| {
+            json_with_retry_into(ctx, out);
+            out.push(b'\n');
+        }))
     }
 }
 
@@ -580,6 +626,39 @@ impl<F> fmt::Debug for FnFrame<F> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn numbers_are_written_in_decimal_at_any_width() {
+        for n in [
+            0,
+            9,
+            10,
+            27_431,
+            u128::from(u64::MAX),
+            u128::from(u64::MAX) + 1,
+            u128::MAX,
+        ] {
+            let mut out = b"x".to_vec();
+            push_u128(&mut out, n);
+            assert_eq!(out, format!("x{n}").into_bytes());
+        }
+    }
+
+    #[test]
+    fn frames_do_not_depend_on_a_previous_frame() {
+        // The scratch buffer is reused: a long message then a short one.
+        let mut ctx = FrameContext::new(FrameKind::Shutdown);
+        let long = "m".repeat(10_000);
+        ctx.message = &long;
+        let first = Sse::new().encode(&ctx);
+        assert!(first.data_ref().unwrap().len() > 10_000);
+        ctx.message = "short";
+        let second = NdJson::new().encode(&ctx);
+        let line = second.data_ref().unwrap();
+        let v: serde_json::Value = serde_json::from_slice(line).unwrap();
+        assert_eq!(v["message"], "short");
+        assert!(line.ends_with(b"}\n"));
+    }
 
     #[test]
     fn sse_shutdown_frame_is_exact() {
