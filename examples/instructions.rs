@@ -31,7 +31,10 @@
 //! `frames_raw` / `frames_stack` (a static SSE body), `axum_raw` / `axum_stack` (axum's `Sse`);
 //! `router_bare` / `router_noop` / `router_stack` (`loadtest throughput`'s axum app, in
 //! process: `Router` with the hello-world route, bare, under an identity `MapResponseLayer`, or
-//! under `Router::layer(DrainStack)`).
+//! under `Router::layer(DrainStack)`); `open_hand` / `drain_hand` / `open_stack` /
+//! `drain_stack` (`count` SSE streams opened, then dropped or drained: the difference between
+//! `drain_*` and `open_*`, divided by `count`, is one stream's share of a drain, for the
+//! loadtest's hand-written hyper-floor body and for `DrainStack`'s).
 
 use std::convert::Infallible;
 use std::hint::black_box;
@@ -49,6 +52,65 @@ use tower_http::timeout::TimeoutLayer;
 mod workloads;
 
 use workloads::{axum_events, drain_body, hello, one, sse, Events, EVENTS};
+
+/// An SSE body: one event, then quiet (pending) for ever.
+struct Quiet(Option<bytes::Bytes>);
+
+impl Body for Quiet {
+    type Data = bytes::Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Infallible>>> {
+        match self.0.take() {
+            Some(b) => std::task::Poll::Ready(Some(Ok(http_body::Frame::data(b)))),
+            None => std::task::Poll::Pending,
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A draining SSE body written by hand (the loadtest's hyper floor): the first event,
+    /// then on the token the shutdown frame and the end.
+    struct HandDrained {
+        first: Option<bytes::Bytes>,
+        last: Option<bytes::Bytes>,
+        #[pin]
+        signal: tokio_util::sync::WaitForCancellationFutureOwned,
+    }
+}
+
+impl HandDrained {
+    fn new(token: &tokio_util::sync::CancellationToken, last: bytes::Bytes) -> Self {
+        Self {
+            first: Some(workloads::EVENT),
+            last: Some(last),
+            signal: token.clone().cancelled_owned(),
+        }
+    }
+}
+
+impl Body for HandDrained {
+    type Data = bytes::Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Infallible>>> {
+        let this = self.project();
+        if let Some(b) = this.first.take() {
+            return std::task::Poll::Ready(Some(Ok(http_body::Frame::data(b))));
+        }
+        if this.last.is_none() {
+            return std::task::Poll::Ready(None);
+        }
+        std::task::ready!(std::future::Future::poll(this.signal, cx));
+        std::task::Poll::Ready(this.last.take().map(|b| Ok(http_body::Frame::data(b))))
+    }
+}
 
 /// `n` requests, each through a fresh clone of `svc` (as axum and tower do).
 async fn requests<S, B>(svc: S, n: usize)
@@ -168,6 +230,48 @@ fn main() {
                     assert_eq!(res.status(), StatusCode::OK);
                     black_box(drain_body(res.into_body()));
                 }
+            }
+            "open_hand" | "drain_hand" | "open_stack" | "drain_stack" => {
+                // `n` SSE streams opened (first event, then quiet), then either dropped or
+                // drained: each one's final frame and end. The difference between `drain_*`
+                // and `open_*`, divided by `n`, is one stream's share of a drain.
+                let token = tokio_util::sync::CancellationToken::new();
+                let frame = bytes::Bytes::from_static(b"event: shutdown\ndata: {}\n\n");
+                let mut hand = Vec::new();
+                let mut stacked = Vec::new();
+                let stack = DrainStack::new(drain.watch()).layer(tower::service_fn(
+                    |_: Request<()>| async {
+                        Ok::<_, Infallible>(sse(Quiet(Some(workloads::EVENT))))
+                    },
+                ));
+                let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+                for _ in 0..n {
+                    if workload.ends_with("hand") {
+                        let mut b = Box::pin(HandDrained::new(&token, frame.clone()));
+                        assert!(b.as_mut().poll_frame(&mut cx).is_ready());
+                        assert!(b.as_mut().poll_frame(&mut cx).is_pending());
+                        hand.push(b);
+                    } else {
+                        let res = stack.clone().oneshot(Request::new(())).await.unwrap();
+                        let mut b = Box::pin(res.into_body());
+                        assert!(b.as_mut().poll_frame(&mut cx).is_ready());
+                        assert!(b.as_mut().poll_frame(&mut cx).is_pending());
+                        stacked.push(b);
+                    }
+                }
+                if workload.starts_with("drain") {
+                    token.cancel();
+                    drain.drain(tower_drain::DrainReason::Manual);
+                    drain.closing().await;
+                    for b in &mut hand {
+                        assert!(black_box(drain_body(b.as_mut())) == 1);
+                    }
+                    for b in &mut stacked {
+                        assert!(black_box(drain_body(b.as_mut())) == 1);
+                    }
+                }
+                drop(hand);
+                drop(stacked);
             }
             other => panic!("unknown workload {other:?}; see the file's docs"),
         }

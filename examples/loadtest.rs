@@ -2,7 +2,7 @@
 //! a human summary on stderr, and exits non-zero when its run was not clean.
 //!
 //! ```text
-//! cargo run --release --example loadtest -- drain --streams 10000
+//! cargo run --release --example loadtest -- drain --streams 10000 --rounds 3
 //! cargo run --release --example loadtest -- throughput --seconds 3 --connections 32
 //! cargo run --release --example loadtest -- memory --streams 100000
 //! cargo run --release --example loadtest -- frames --rounds 31
@@ -17,8 +17,12 @@
 //!   per socket writing the same frame bytes on the same trigger, no crate code; and for the
 //!   hyper floor: the same hyper server with a hand-written draining body (`hyper_floor_ms`,
 //!   `ratio_max_vs_hyper`). Every run uses separate server and client processes (the
-//!   open-file limit is per process). Exits non-zero unless every stream of every run was
-//!   notified and ended with the chunked body's last chunk.
+//!   open-file limit is per process). `--rounds R` (default 3) repeats the three runs R times,
+//!   in an order that rotates from round to round; each percentile printed is its median over
+//!   the rounds, and `ratio_max` is the median of the rounds' own ratios (listed in
+//!   `ratio_max_rounds`), since two maxima measured a few seconds apart on a shared machine
+//!   move with it. Exits non-zero unless every stream of every run was notified and ended
+//!   with the chunked body's last chunk.
 //! - `throughput`: hello-world over HTTP/1.1 keep-alive, bare axum vs the same app under the
 //!   full `DrainStack`, alternating runs, same process.
 //! - `frames`: per-frame cost of the full stack's body against the raw body (the workloads of
@@ -62,7 +66,7 @@ const FIRST_EVENT: &[u8] = b"data: hello\n\n";
 
 fn usage() -> ! {
     eprintln!(
-        "usage: loadtest drain [--streams N] | throughput [--seconds S] [--connections C] [--rounds R] [--layer stack|identity|reject|track|guard|frame|timeout] [--only bare|stack] | memory [--streams N] | frames [--rounds R] | requests [--rounds R]"
+        "usage: loadtest drain [--streams N] [--rounds R] | throughput [--seconds S] [--connections C] [--rounds R] [--layer stack|identity|reject|track|guard|frame|timeout] [--only bare|stack] | memory [--streams N] | frames [--rounds R] | requests [--rounds R]"
     );
     std::process::exit(2)
 }
@@ -88,7 +92,10 @@ fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let Some(cmd) = args.first() else { usage() };
     let ok = match cmd.as_str() {
-        "drain" => drain_cmd(arg(&args, "--streams", 10_000) as usize),
+        "drain" => drain_cmd(
+            arg(&args, "--streams", 10_000) as usize,
+            arg(&args, "--rounds", 3) as usize,
+        ),
         "throughput" => throughput_cmd(
             arg(&args, "--seconds", 3),
             arg(&args, "--connections", 32) as usize,
@@ -609,72 +616,109 @@ fn run_drain(
     })
 }
 
-fn drain_cmd(streams: usize) -> bool {
+fn drain_cmd(streams: usize, rounds: usize) -> bool {
     let limit = raise_nofile();
     if (limit as usize) < streams + 64 {
         eprintln!("open-file limit {limit} is too low for {streams} streams");
         return false;
     }
+    let rounds = rounds.max(1);
     let rt = multi_thread();
-    let run = |mode: &str| match run_drain(&rt, streams, mode) {
-        Ok(r) => Some(r),
-        Err(e) => {
-            eprintln!("{mode} run failed: {e}");
-            None
-        }
-    };
-    let Some(crate_run) = run("crate") else {
-        return false;
-    };
-    let Some(raw_run) = run("raw") else {
-        return false;
-    };
-    let Some(hyper_run) = run("hyper") else {
-        return false;
-    };
-    let fanout = pct(crate_run.latencies_ms.clone());
-    let floor = pct(raw_run.latencies_ms.clone());
-    let hyper_floor = pct(hyper_run.latencies_ms.clone());
     let r2 = |x: f64| (x * 100.0).round() / 100.0;
-    let ratio_max = r2(fanout.max / floor.max);
+    // Each round serves the three in turn, in an order that rotates from round to round, so
+    // a machine that slows down or speeds up during the run weighs on all three alike.
+    const MODES: [&str; 3] = ["crate", "raw", "hyper"];
+    let mut runs: Vec<[Option<Pct>; 3]> = Vec::new();
+    let (mut notified, mut clean_ends, mut all_clean) = (streams, streams, true);
+    for round in 0..rounds {
+        let mut got: [Option<Pct>; 3] = [None; 3];
+        for k in 0..3 {
+            let m = (round + k) % 3;
+            let r = match run_drain(&rt, streams, MODES[m]) {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("{} run failed: {e}", MODES[m]);
+                    return false;
+                }
+            };
+            all_clean &= r.notified == streams && r.clean_ends == streams;
+            if m == 0 {
+                // The crate's counts: the worst round's.
+                notified = notified.min(r.notified);
+                clean_ends = clean_ends.min(r.clean_ends);
+            }
+            let p = pct(r.latencies_ms);
+            eprintln!(
+                "drain round {round}, {}: {}/{streams} notified, {}/{streams} clean ends, p50 {} ms p99 {} ms max {} ms{}",
+                MODES[m],
+                r.notified,
+                r.clean_ends,
+                p.p50,
+                p.p99,
+                p.max,
+                if r.server.is_empty() { String::new() } else { format!(" (server: {})", r.server) },
+            );
+            got[m] = Some(p);
+        }
+        runs.push(got);
+    }
+    let of = |m: usize| -> Vec<Pct> { runs.iter().map(|r| r[m].unwrap()).collect() };
+    let (fanout, floor, hyper) = (of(0), of(1), of(2));
+    let ratios: Vec<f64> = fanout
+        .iter()
+        .zip(&floor)
+        .map(|(c, f)| c.max / f.max)
+        .collect();
+    let ratios_hyper: Vec<f64> = fanout
+        .iter()
+        .zip(&hyper)
+        .map(|(c, h)| c.max / h.max)
+        .collect();
+    let ratio_max = r2(median(ratios.clone()));
+    let ratio_max_vs_hyper = r2(median(ratios_hyper));
     println!(
         "{}",
         serde_json::json!({
             "scenario": "drain",
             "streams": streams,
-            "notified": crate_run.notified,
-            "clean_ends": crate_run.clean_ends,
-            "fanout_ms": fanout,
-            "raw_floor_ms": floor,
+            "rounds": rounds,
+            "notified": notified,
+            "clean_ends": clean_ends,
+            "fanout_ms": median_pct(&fanout),
+            "raw_floor_ms": median_pct(&floor),
             "ratio_max": ratio_max,
-            "hyper_floor_ms": hyper_floor,
-            "ratio_max_vs_hyper": r2(fanout.max / hyper_floor.max),
+            "ratio_max_rounds": ratios.iter().map(|r| r2(*r)).collect::<Vec<_>>(),
+            "hyper_floor_ms": median_pct(&hyper),
+            "ratio_max_vs_hyper": ratio_max_vs_hyper,
         })
     );
+    let (c, f, h) = (median_pct(&fanout), median_pct(&floor), median_pct(&hyper));
     eprintln!(
-        "drain: {streams} streams; crate: {}/{streams} notified, {}/{streams} clean ends, fan-out p50 {} ms p99 {} ms max {} ms (server: {}); raw floor: {}/{streams} notified, p50 {} ms p99 {} ms max {} ms; hyper floor (hand-written body): {}/{streams} notified, p50 {} ms p99 {} ms max {} ms; ratio of maxima {ratio_max} (vs raw), {} (vs hyper)",
-        crate_run.notified,
-        crate_run.clean_ends,
-        fanout.p50,
-        fanout.p99,
-        fanout.max,
-        crate_run.server,
-        raw_run.notified,
-        floor.p50,
-        floor.p99,
-        floor.max,
-        hyper_run.notified,
-        hyper_floor.p50,
-        hyper_floor.p99,
-        hyper_floor.max,
-        r2(fanout.max / hyper_floor.max),
+        "drain: {streams} streams, {rounds} rounds (medians over rounds); crate: {notified}/{streams} notified, {clean_ends}/{streams} clean ends (worst round), fan-out p50 {} ms p99 {} ms max {} ms; raw floor: p50 {} ms p99 {} ms max {} ms; hyper floor (hand-written body): p50 {} ms p99 {} ms max {} ms; ratio of maxima {ratio_max} (vs raw, median of the rounds' ratios), {ratio_max_vs_hyper} (vs hyper)",
+        c.p50, c.p99, c.max, f.p50, f.p99, f.max, h.p50, h.p99, h.max,
     );
-    crate_run.notified == streams
-        && crate_run.clean_ends == streams
-        && raw_run.notified == streams
-        && raw_run.clean_ends == streams
-        && hyper_run.notified == streams
-        && hyper_run.clean_ends == streams
+    all_clean
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// Each percentile's median over the rounds.
+fn median_pct(runs: &[Pct]) -> Pct {
+    let r = |x: f64| (x * 1000.0).round() / 1000.0;
+    let of = |f: fn(&Pct) -> f64| r(median(runs.iter().map(f).collect()));
+    Pct {
+        p50: of(|p| p.p50),
+        p99: of(|p| p.p99),
+        max: of(|p| p.max),
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
