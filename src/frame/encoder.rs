@@ -324,7 +324,7 @@ fn exact(write: impl Fn(&mut Vec<u8>)) -> Bytes {
     })
 }
 
-/// Appends `n` in decimal (no `format!` and its allocation).
+/// Appends `n` in decimal (no `format!` and its allocation below `u64::MAX`).
 fn push_u128(out: &mut Vec<u8>, n: u128) {
     // Milliseconds fit in 64 bits for 584 million years; 64-bit division is several times
     // cheaper than 128-bit, one per digit.
@@ -345,18 +345,8 @@ fn push_u128(out: &mut Vec<u8>, n: u128) {
 }
 
 #[cold]
-fn push_u128_wide(out: &mut Vec<u8>, mut n: u128) {
-    let mut digits = [0u8; 40];
-    let mut i = digits.len();
-    loop {
-        i -= 1;
-        digits[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(&digits[i..]);
+fn push_u128_wide(out: &mut Vec<u8>, n: u128) {
+    out.extend_from_slice(n.to_string().as_bytes());
 }
 
 /// Server-Sent Events (the default): for a shutdown,

@@ -217,32 +217,20 @@ where
             .build()
             .unwrap()
     };
-    let drain = controller();
-    let alive = Arc::new(AtomicUsize::new(0));
-    let s = stack(drain.watch());
-    let breaker = s.breaker();
-    let fused = trace(
-        s.layer(inner(alive.clone())),
-        &drain,
-        breaker,
-        &alive,
-        steps,
-    )
-    .await;
-
-    let drain = controller();
-    let alive = Arc::new(AtomicUsize::new(0));
-    let s = stack(drain.watch());
-    let breaker = s.breaker();
-    let nested = trace(
-        s.nested(inner(alive.clone())),
-        &drain,
-        breaker,
-        &alive,
-        steps,
-    )
-    .await;
-    (fused, nested)
+    let stack = &stack;
+    let run = |nested: bool| async move {
+        let drain = controller();
+        let alive = Arc::new(AtomicUsize::new(0));
+        let s = stack(drain.watch());
+        let breaker = s.breaker();
+        let svc = inner(alive.clone());
+        if nested {
+            trace(s.nested(svc), &drain, breaker, &alive, steps).await
+        } else {
+            trace(s.layer(svc), &drain, breaker, &alive, steps).await
+        }
+    };
+    (run(false).await, run(true).await)
 }
 
 fn guarded(w: DrainWatch) -> DrainStack {
