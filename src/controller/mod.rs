@@ -159,7 +159,11 @@ impl Shared {
     /// Walks the phases after `drain()`; runs as one spawned task per controller.
     async fn run(self: Arc<Self>, started: Instant) {
         let cfg = &self.config;
-        tokio::time::sleep_until(started + cfg.propagation_delay).await;
+        if !cfg.propagation_delay.is_zero() {
+            // Without a delay, close at once: a timer due now still waits for the time
+            // driver's next turn (up to a millisecond) before streams hear of the drain.
+            tokio::time::sleep_until(started + cfg.propagation_delay).await;
+        }
 
         let closing_at = Instant::now();
         let at_drain = self.registry.close();
@@ -644,3 +648,31 @@ impl fmt::Display for DrainTimeout {
 }
 
 impl std::error::Error for DrainTimeout {}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    /// Without a propagation delay, streams hear of the drain as soon as the controller's
+    /// task first runs: not a timer's turn later (the time driver runs only when the
+    /// runtime parks, a millisecond or more on a busy one).
+    #[tokio::test]
+    async fn without_a_propagation_delay_closing_needs_no_timer() {
+        let drain = DrainController::builder()
+            .propagation_delay(Duration::ZERO)
+            .build()
+            .unwrap();
+        drain.drain(DrainReason::Manual);
+        // Keep the runtime busy (never parked, so no timer can fire) while the controller's
+        // task gets its turns.
+        for _ in 0..16 {
+            tokio::task::yield_now().await;
+            if drain.phase() >= Phase::Closing {
+                return;
+            }
+        }
+        panic!("still {:?} after 16 turns of the scheduler", drain.phase());
+    }
+}
