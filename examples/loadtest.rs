@@ -669,13 +669,13 @@ fn drain_cmd(streams: usize, rounds: usize) -> bool {
         .zip(&floor)
         .map(|(c, f)| c.max / f.max)
         .collect();
-    let ratios_hyper: Vec<f64> = fanout
+    let mut ratios_hyper: Vec<f64> = fanout
         .iter()
         .zip(&hyper)
         .map(|(c, h)| c.max / h.max)
         .collect();
-    let ratio_max = r2(median(ratios.clone()));
-    let ratio_max_vs_hyper = r2(median(ratios_hyper));
+    let ratio_max = r2(median(&mut ratios.clone()));
+    let ratio_max_vs_hyper = r2(median(&mut ratios_hyper));
     println!(
         "{}",
         serde_json::json!({
@@ -700,20 +700,16 @@ fn drain_cmd(streams: usize, rounds: usize) -> bool {
     all_clean
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+/// The middle value (the upper one of an even count); sorts `v`.
+fn median(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
+    v[v.len() / 2]
 }
 
 /// Each percentile's median over the rounds.
 fn median_pct(runs: &[Pct]) -> Pct {
     let r = |x: f64| (x * 1000.0).round() / 1000.0;
-    let of = |f: fn(&Pct) -> f64| r(median(runs.iter().map(f).collect()));
+    let of = |f: fn(&Pct) -> f64| r(median(&mut runs.iter().map(f).collect::<Vec<_>>()));
     Pct {
         p50: of(|p| p.p50),
         p99: of(|p| p.p99),
@@ -831,15 +827,11 @@ fn throughput_cmd(
                 bare[round], stack[round]
             );
         }
-        let median = |mut v: Vec<f64>| {
-            v.sort_by(f64::total_cmp);
-            v[v.len() / 2]
-        };
         // Each round's pair ran back to back: the median of the paired ratios is steadier on a
         // shared machine than the ratio of the medians.
-        let ratios: Vec<f64> = bare.iter().zip(&stack).map(|(b, s)| s / b).collect();
-        let ratio = (median(ratios) * 1000.0).round() / 1000.0;
-        let (b, s) = (median(bare), median(stack));
+        let mut ratios: Vec<f64> = bare.iter().zip(&stack).map(|(b, s)| s / b).collect();
+        let ratio = (median(&mut ratios) * 1000.0).round() / 1000.0;
+        let (b, s) = (median(&mut bare), median(&mut stack));
         println!(
             "{}",
             serde_json::json!({
@@ -940,8 +932,7 @@ fn memory_cmd(streams: usize) -> bool {
             samples.push(elapsed.as_secs_f64() * 1e9 / per_round as f64);
             allocs = count as f64 / per_round as f64;
         }
-        samples.sort_by(f64::total_cmp);
-        (samples[rounds / 2], allocs)
+        (median(&mut samples), allocs)
     };
     let (at_many, _) = cost(streams, &mut stack_bodies);
     let few = 1_000.min(streams);
@@ -1014,11 +1005,7 @@ fn frames_cmd(rounds: usize) -> bool {
             s.push(b);
             q.push(b / a);
         }
-        let med = |v: &mut Vec<f64>| {
-            v.sort_by(f64::total_cmp);
-            v[v.len() / 2]
-        };
-        (med(&mut r), med(&mut s), med(&mut q))
+        (median(&mut r), median(&mut s), median(&mut q))
     }
 
     /// One response's body from `svc` (made outside the timed section).
@@ -1146,10 +1133,7 @@ fn requests_cmd(rounds: usize) -> bool {
         noop_d.push(t[5] - t[0]);
         ratio.push((t[4] - t[0]) / (t[3] - t[0]));
     }
-    let med = |v: &mut Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
+    let med = |v: &mut Vec<f64>| median(v);
     let m: Vec<f64> = per.iter_mut().map(med).collect();
     let (reject_ns, climit_ns, noop_ns, stack_vs_peers) = (
         med(&mut reject_d),

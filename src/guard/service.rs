@@ -23,11 +23,7 @@ impl<S> Guard<S> {
     pub(crate) fn from_config(inner: S, cfg: Arc<Config>) -> Self {
         Self { inner, cfg }
     }
-}
 
-crate::macros::inner_service_accessors!(Guard<S>);
-
-impl<S> Guard<S> {
     /// The same layer around `inner`.
     pub(crate) fn with_inner<T>(&self, inner: T) -> Guard<T> {
         Guard {
@@ -35,7 +31,55 @@ impl<S> Guard<S> {
             cfg: self.cfg.clone(),
         }
     }
+
+    /// Whether [`before`](Self::before) can run without the request's parts (no
+    /// revalidation), as the fused [`DrainService`](crate::stack::DrainService) needs.
+    #[inline]
+    pub(crate) fn needs_parts(&self) -> bool {
+        self.cfg.revalidate.is_some()
+    }
+
+    /// The guard's step before the inner call: the breaker's decision (`Err` with the status
+    /// and retry delay of a rejection), then what the call carries to the response. `parts`
+    /// is the request's copy for revalidation, when it is on.
+    #[inline]
+    pub(crate) fn before<ReqB>(
+        &self,
+        req: &Request<ReqB>,
+        parts: Option<Box<http::request::Parts>>,
+    ) -> Result<CallState, (http::StatusCode, std::time::Duration)> {
+        let cfg = &self.cfg;
+        let probe = match cfg.breaker.as_ref().map(|b| b.admit()) {
+            None | Some(Admit::Pass) => None,
+            Some(Admit::Probe(p)) => Some(p),
+            Some(Admit::Reject(retry)) => {
+                cfg.frame.shared.metrics.rejected_breaker.increment(1);
+                tracing::debug!(
+                    method = %req.method(),
+                    path = req.uri().path(),
+                    "circuit open: request rejected"
+                );
+                return Err((cfg.breaker_status, retry));
+            }
+        };
+        // The clock is read only when a setting needs the call's start.
+        let started = (cfg.response_timeout.is_some()
+            || cfg.max_lifetime.is_some()
+            || cfg.revalidate.is_some())
+        .then(Instant::now);
+        Ok(CallState {
+            cfg: cfg.clone(),
+            probe,
+            started,
+            deadline: cfg.response_timeout.zip(started).map(|(d, s)| s + d),
+            head: req.method() == Method::HEAD,
+            uri: RoutePath::new(req.uri()),
+            parts,
+        })
+    }
 }
+
+crate::macros::inner_service_accessors!(Guard<S>);
 
 // No readiness state of its own: the breaker is consulted in `call`, so a clone is a plain
 // clone.
@@ -86,54 +130,6 @@ where
             Ok(state) => ResponseFuture::calling(self.inner.call(req), state),
             Err((status, retry)) => ResponseFuture::rejected(status, retry),
         }
-    }
-}
-
-impl<S> Guard<S> {
-    /// Whether [`before`](Self::before) can run without the request's parts (no
-    /// revalidation), as the fused [`DrainService`](crate::stack::DrainService) needs.
-    #[inline]
-    pub(crate) fn needs_parts(&self) -> bool {
-        self.cfg.revalidate.is_some()
-    }
-
-    /// The guard's step before the inner call: the breaker's decision (`Err` with the status
-    /// and retry delay of a rejection), then what the call carries to the response. `parts`
-    /// is the request's copy for revalidation, when it is on.
-    #[inline]
-    pub(crate) fn before<ReqB>(
-        &self,
-        req: &Request<ReqB>,
-        parts: Option<Box<http::request::Parts>>,
-    ) -> Result<CallState, (http::StatusCode, std::time::Duration)> {
-        let cfg = &self.cfg;
-        let probe = match cfg.breaker.as_ref().map(|b| b.admit()) {
-            None | Some(Admit::Pass) => None,
-            Some(Admit::Probe(p)) => Some(p),
-            Some(Admit::Reject(retry)) => {
-                cfg.frame.shared.metrics.rejected_breaker.increment(1);
-                tracing::debug!(
-                    method = %req.method(),
-                    path = req.uri().path(),
-                    "circuit open: request rejected"
-                );
-                return Err((cfg.breaker_status, retry));
-            }
-        };
-        // The clock is read only when a setting needs the call's start.
-        let started = (cfg.response_timeout.is_some()
-            || cfg.max_lifetime.is_some()
-            || cfg.revalidate.is_some())
-        .then(Instant::now);
-        Ok(CallState {
-            cfg: cfg.clone(),
-            probe,
-            started,
-            deadline: cfg.response_timeout.zip(started).map(|(d, s)| s + d),
-            head: req.method() == Method::HEAD,
-            uri: RoutePath::new(req.uri()),
-            parts,
-        })
     }
 }
 

@@ -524,6 +524,13 @@ impl<S, R, M> Reject<S, R, M> {
             mode: PhantomData,
         }
     }
+
+    /// Whether a request arriving now passes without a look at it: the controller has not
+    /// reached the phase this layer rejects from.
+    #[inline]
+    pub(crate) fn serving(&self) -> bool {
+        self.cfg.shared.phase() < self.cfg.from
+    }
 }
 
 impl<S: Clone, R, M> Clone for Reject<S, R, M> {
@@ -583,15 +590,6 @@ where
         // The rejection path is rare: a clone of the responder keeps `Reject` one `Arc` wide.
         let mut response = cfg.response.clone();
         ResponseFuture::rejected(M::wrap(response.response(&parts)))
-    }
-}
-
-impl<S, R, M> Reject<S, R, M> {
-    /// Whether a request arriving now passes without a look at it: the controller has not
-    /// reached the phase this layer rejects from.
-    #[inline]
-    pub(crate) fn serving(&self) -> bool {
-        self.cfg.shared.phase() < self.cfg.from
     }
 }
 

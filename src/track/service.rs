@@ -58,6 +58,24 @@ impl<S, St> Track<S, St> {
             cfg: self.cfg.clone(),
         }
     }
+
+    /// Whether requests get a key (and so may wait for a lease) before the inner call.
+    #[inline]
+    pub(crate) fn is_keyed(&self) -> bool {
+        self.cfg.key.is_some()
+    }
+
+    /// Registers an unkeyed request: the track layer's step before the inner call when
+    /// [`is_keyed`](Self::is_keyed) is false.
+    #[inline]
+    pub(crate) fn register<ReqB>(&self, req: &Request<ReqB>) -> StreamGuard {
+        StreamGuard::new(
+            self.cfg.shared.clone(),
+            RoutePath::new(req.uri()),
+            None,
+            None,
+        )
+    }
 }
 
 impl<S: Clone, St> Clone for Track<S, St> {
@@ -145,26 +163,6 @@ where
                 }
             }
         }
-    }
-}
-
-impl<S, St> Track<S, St> {
-    /// Whether requests get a key (and so may wait for a lease) before the inner call.
-    #[inline]
-    pub(crate) fn is_keyed(&self) -> bool {
-        self.cfg.key.is_some()
-    }
-
-    /// Registers an unkeyed request: the track layer's step before the inner call when
-    /// [`is_keyed`](Self::is_keyed) is false.
-    #[inline]
-    pub(crate) fn register<ReqB>(&self, req: &Request<ReqB>) -> StreamGuard {
-        StreamGuard::new(
-            self.cfg.shared.clone(),
-            RoutePath::new(req.uri()),
-            None,
-            None,
-        )
     }
 }
 
