@@ -23,7 +23,6 @@ pub(crate) struct CallState {
     /// When `call` ran; only taken when a setting needs it (response timeout, lifetime,
     /// revalidation), else the body's creation stands in for it.
     pub(crate) started: Option<Instant>,
-    pub(crate) deadline: Option<Instant>,
     pub(crate) head: bool,
     pub(crate) uri: RoutePath,
     pub(crate) parts: Option<Box<Parts>>,
@@ -164,13 +163,17 @@ pub(crate) fn poll_timeout(
     st: &CallState,
     cx: &mut Context<'_>,
 ) -> Poll<()> {
-    let Some(deadline) = st.deadline else {
-        return Poll::Pending;
+    let sleep = match timeout {
+        Some(sleep) => sleep,
+        None => {
+            // The deadline counts from the call's start (taken whenever there is a timeout).
+            let Some(deadline) = st.cfg.response_timeout.zip(st.started).map(|(d, s)| s + d) else {
+                return Poll::Pending;
+            };
+            timeout.insert(Box::pin(tokio::time::sleep_until(deadline)))
+        }
     };
-    timeout
-        .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)))
-        .as_mut()
-        .poll(cx)
+    sleep.as_mut().poll(cx)
 }
 
 /// The answer once the response timeout has fired (the inner future already dropped):

@@ -71,7 +71,6 @@ impl<S> Guard<S> {
             cfg: cfg.clone(),
             probe,
             started,
-            deadline: cfg.response_timeout.zip(started).map(|(d, s)| s + d),
             head: req.method() == Method::HEAD,
             uri: RoutePath::new(req.uri()),
             parts,

@@ -110,7 +110,7 @@ where
             let ready = std::mem::replace(&mut self.inner, clone);
             return ResponseFuture {
                 kind: Kind::Nested {
-                    fut: nested(reject, ready).call(req),
+                    fut: Box::pin(nested(reject, ready).call(req)),
                     _types: PhantomData,
                 },
             };
@@ -180,10 +180,11 @@ pin_project! {
             timeout: Option<Pin<Box<Sleep>>>,
             state: Option<Fused>,
         },
-        // The nested layers' future.
+        // The nested layers' future, boxed: it holds the inner future and the four layers'
+        // state, and inline it would size every fused future (moved into axum's and tower's
+        // futures on each request) to its own.
         Nested {
-            #[pin]
-            fut: N,
+            fut: Pin<Box<N>>,
             _types: PhantomData<fn() -> (B, M)>,
         },
         // Turned away by the circuit breaker.
@@ -229,7 +230,7 @@ where
                 (stream, guard::timed_out_response(call))
             }
             KindProj::Nested { fut, .. } => {
-                let res = ready!(fut.poll(cx));
+                let res = ready!(fut.as_mut().poll(cx));
                 return Poll::Ready(res.map(|res| res.map(|b| DrainBody::fuse(M::into_parts(b)))));
             }
             KindProj::Rejected {
