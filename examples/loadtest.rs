@@ -66,7 +66,7 @@ const FIRST_EVENT: &[u8] = b"data: hello\n\n";
 
 fn usage() -> ! {
     eprintln!(
-        "usage: loadtest drain [--streams N] [--rounds R] | throughput [--seconds S] [--connections C] [--rounds R] [--layer stack|identity|reject|track|guard|frame|timeout] [--only bare|stack] | memory [--streams N] | frames [--rounds R] | requests [--rounds R]"
+        "usage: loadtest drain [--streams N] [--rounds R] | throughput [--seconds S] [--connections C] [--rounds R] [--layer stack|identity|body|reject|track|guard|frame|timeout] [--only bare|stack] | memory [--streams N] | frames [--rounds R] | requests [--rounds R]"
     );
     std::process::exit(2)
 }
@@ -794,6 +794,15 @@ fn throughput_cmd(
             // The floor of any layer under `Router::layer`: one that does nothing.
             "identity" => hello_app().layer(tower::util::MapResponseLayer::new(
                 |res: axum::response::Response| res,
+            )),
+            // The floor of any layer that follows the body to its end (as tracking must): a
+            // pass-through wrapper, which `Router::layer` boxes again as it boxes the stack's.
+            "body" => hello_app().layer(tower::util::MapResponseLayer::new(
+                |res: axum::response::Response| {
+                    res.map(|b| {
+                        axum::body::Body::new(http_body_util::BodyExt::map_frame(b, std::convert::identity))
+                    })
+                },
             )),
             "timeout" => hello_app().layer(tower_http::timeout::TimeoutLayer::with_status_code(
                 http::StatusCode::REQUEST_TIMEOUT,
