@@ -146,44 +146,53 @@ where
                 return Poll::Ready(r);
             }
         };
-        // Both fast paths share one call of the inner body, so that the frame it writes is
-        // where the caller reads it: no copy of the ~100-byte result in between.
-        let fused = match this.inj.as_mut() {
-            Some(inj) if inj.is_fused() => {
-                if !inj.serving() {
+        // Every path below leaves its result in `res`, and the fast paths take it from one call
+        // of the inner body, which writes it where this function returns it: no copy of the
+        // ~100-byte result between the inner body's stores and the caller's loads (such a copy
+        // stalls store-to-load forwarding, and was most of the fused path's cost per frame).
+        let mut res;
+        match this.inj.as_mut() {
+            Some(inj) if inj.is_fused() && inj.serving() => {
+                res = inner.as_mut().poll_frame(cx);
+                // Each layer's fast path in one: the frame layer's boundary tracker, the
+                // registration's counts; the guard only forwards here.
+                match &res {
+                    Poll::Ready(Some(Ok(frame))) if frame.is_data() => {
+                        if let Some(d) = frame.data_ref() {
+                            inj.as_mut().forwarded(d);
+                            if let Some(g) = this.track.as_mut() {
+                                g.frames += 1;
+                                g.bytes += d.len() as u64;
+                            }
+                        }
+                    }
+                    _ => {
+                        // Moved out and back (not lent): the inner body's store of `res` must
+                        // stay the only one on the fast path.
+                        let r = std::mem::replace(&mut res, Poll::Pending);
+                        res =
+                            leave_stream(inner, this.inj, this.watched, this.st, this.track, r, cx);
+                    }
+                }
+            }
+            None if this.st.is_none() => {
+                // Neither the guard nor the frame layer add anything: the registration's
+                // bookkeeping and the breaker's error count.
+                res = inner.as_mut().poll_frame(cx);
+                if let Poll::Ready(r) = &res {
+                    guard_body::watch(this.watched, r);
+                    track_body::account(this.track, r, || inner.is_end_stream());
+                }
+            }
+            Some(inj) => {
+                if inj.is_fused() {
                     // `Closing` began: the layers' logic from here on.
                     inj.as_mut().set_fused(false);
                     sync(this.inj, this.st);
-                    return poll_layers(inner, this.inj, this.watched, this.st, this.track, cx);
                 }
-                true
+                res = poll_layers(inner, this.inj, this.watched, this.st, this.track, cx);
             }
-            None if this.st.is_none() => false,
-            _ => return poll_layers(inner, this.inj, this.watched, this.st, this.track, cx),
-        };
-        let res = inner.as_mut().poll_frame(cx);
-        if fused {
-            // Each layer's fast path in one: the frame layer's boundary tracker, the
-            // registration's counts; the guard only forwards here.
-            if let Poll::Ready(Some(Ok(frame))) = &res {
-                if let Some(d) = frame.data_ref() {
-                    if let Some(inj) = this.inj.as_mut() {
-                        inj.as_mut().forwarded(d);
-                    }
-                    if let Some(g) = this.track.as_mut() {
-                        g.frames += 1;
-                        g.bytes += d.len() as u64;
-                    }
-                    return res;
-                }
-            }
-            return leave_stream(inner, this.inj, this.watched, this.st, this.track, res, cx);
-        }
-        // Neither the guard nor the frame layer add anything: the registration's bookkeeping
-        // and the breaker's error count.
-        if let Poll::Ready(r) = &res {
-            guard_body::watch(this.watched, r);
-            track_body::account(this.track, r, || inner.is_end_stream());
+            None => res = poll_layers(inner, this.inj, this.watched, this.st, this.track, cx),
         }
         res
     }
