@@ -22,9 +22,14 @@
 //!   the rounds, and `ratio_max` is the median of the rounds' own ratios (listed in
 //!   `ratio_max_rounds`), since two maxima measured a few seconds apart on a shared machine
 //!   move with it. Exits non-zero unless every stream of every run was notified and ended
-//!   with the chunked body's last chunk.
+//!   with the chunked body's last chunk. `--hyper-extra N` gives each of the hyper floor's
+//!   bodies N heap objects of its own (128 bytes each), written at the trigger and freed with
+//!   the final frame, as the crate's per-stream state is: what such objects cost a drain.
 //! - `throughput`: hello-world over HTTP/1.1 keep-alive, bare axum vs the same app under the
-//!   full `DrainStack`, alternating runs, same process.
+//!   full `DrainStack`, alternating runs, same process. `--layer` puts one layer in place of
+//!   the stack: an identity `MapResponseLayer` (`identity`, the floor of any layer), a
+//!   pass-through body wrapper (`body`, the floor of any layer that follows the body), one of
+//!   the crate's layers, or tower-http's `TimeoutLayer` (`timeout`).
 //! - `frames`: per-frame cost of the full stack's body against the raw body (the workloads of
 //!   `benches/frames.rs`), measured as paired rounds in one process: each round times both,
 //!   in alternating order, and the figure is the median of the rounds' ratios, so a machine
@@ -66,7 +71,7 @@ const FIRST_EVENT: &[u8] = b"data: hello\n\n";
 
 fn usage() -> ! {
     eprintln!(
-        "usage: loadtest drain [--streams N] [--rounds R] | throughput [--seconds S] [--connections C] [--rounds R] [--layer stack|identity|body|reject|track|guard|frame|timeout] [--only bare|stack] | memory [--streams N] | frames [--rounds R] | requests [--rounds R]"
+        "usage: loadtest drain [--streams N] [--rounds R] [--hyper-extra N] | throughput [--seconds S] [--connections C] [--rounds R] [--layer stack|identity|body|reject|track|guard|frame|timeout] [--only bare|stack] | memory [--streams N] | frames [--rounds R] | requests [--rounds R]"
     );
     std::process::exit(2)
 }
@@ -95,6 +100,7 @@ fn main() {
         "drain" => drain_cmd(
             arg(&args, "--streams", 10_000) as usize,
             arg(&args, "--rounds", 3) as usize,
+            arg(&args, "--hyper-extra", 0) as usize,
         ),
         "throughput" => throughput_cmd(
             arg(&args, "--seconds", 3),
@@ -107,7 +113,10 @@ fn main() {
         "frames" => frames_cmd(arg(&args, "--rounds", 31) as usize),
         "requests" => requests_cmd(arg(&args, "--rounds", 31) as usize),
         "__serve" => {
-            serve_cmd(args.get(1).map(String::as_str).unwrap_or("crate"));
+            serve_cmd(
+                args.get(1).map(String::as_str).unwrap_or("crate"),
+                args.get(2).and_then(|n| n.parse().ok()).unwrap_or(0),
+            );
             true
         }
         _ => usage(),
@@ -172,7 +181,7 @@ fn listener() -> TcpListener {
 
 /// The hidden server subcommand: prints `port N`, serves until a `drain` line arrives on
 /// stdin, then drains; exits once every stream has ended (or stdin closes).
-fn serve_cmd(mode: &str) {
+fn serve_cmd(mode: &str, hyper_extra: usize) {
     raise_nofile();
     let rt = multi_thread();
     let mode = mode.to_string();
@@ -197,7 +206,7 @@ fn serve_cmd(mode: &str) {
 
         match mode.as_str() {
             "raw" => serve_raw(listener, trigger, done_rx).await,
-            "hyper" => serve_hyper(listener, trigger, done_rx).await,
+            "hyper" => serve_hyper(listener, trigger, done_rx, hyper_extra).await,
             _ => serve_crate(listener, trigger, done_rx).await,
         }
     });
@@ -261,6 +270,35 @@ pin_project_lite::pin_project! {
         last: Option<Bytes>,
         #[pin]
         signal: tokio_util::sync::WaitForCancellationFutureOwned,
+        // `drain --hyper-extra N`: N heap objects of the stream's own, written at the trigger
+        // and freed with the final frame, as the crate's per-stream state is.
+        extra: Option<Box<Extra>>,
+    }
+}
+
+/// One of the hyper floor's extra per-stream heap objects (128 bytes each).
+struct Extra {
+    bytes: [u8; 120],
+    next: Option<Box<Extra>>,
+}
+
+impl Extra {
+    fn chain(n: usize) -> Option<Box<Extra>> {
+        (0..n).fold(None, |next, _| {
+            Some(Box::new(Extra {
+                bytes: [0; 120],
+                next,
+            }))
+        })
+    }
+
+    /// Writes to every object of the chain (so each is touched at the drain, as the crate's
+    /// per-stream state is).
+    fn touch(mut e: Option<&mut Box<Extra>>) {
+        while let Some(x) = e {
+            x.bytes[0] = x.bytes[0].wrapping_add(1);
+            e = x.next.as_mut();
+        }
     }
 }
 
@@ -280,6 +318,8 @@ impl Body for HandDrained {
             return Poll::Ready(None);
         }
         std::task::ready!(this.signal.poll(cx));
+        Extra::touch(this.extra.as_mut());
+        *this.extra = None;
         Poll::Ready(this.last.take().map(|b| Ok(Frame::data(b))))
     }
 }
@@ -290,6 +330,7 @@ async fn serve_hyper(
     listener: TcpListener,
     trigger: tokio_util::sync::CancellationToken,
     done: tokio::sync::oneshot::Receiver<()>,
+    extra: usize,
 ) {
     let frame = floor_frame();
     let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -309,6 +350,7 @@ async fn serve_hyper(
                             first: Some(Bytes::from_static(FIRST_EVENT)),
                             last: Some(frame.clone()),
                             signal: trigger.clone().cancelled_owned(),
+                            extra: Extra::chain(extra),
                         };
                         std::future::ready(Ok::<_, Infallible>(sse_response(body)))
                     });
@@ -535,10 +577,11 @@ fn run_drain(
     rt: &tokio::runtime::Runtime,
     streams: usize,
     mode: &str,
+    hyper_extra: usize,
 ) -> Result<RunResult, String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let mut child = Command::new(exe)
-        .args(["__serve", mode])
+        .args(["__serve", mode, &hyper_extra.to_string()])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -616,7 +659,7 @@ fn run_drain(
     })
 }
 
-fn drain_cmd(streams: usize, rounds: usize) -> bool {
+fn drain_cmd(streams: usize, rounds: usize, hyper_extra: usize) -> bool {
     let limit = raise_nofile();
     if (limit as usize) < streams + 64 {
         eprintln!("open-file limit {limit} is too low for {streams} streams");
@@ -634,7 +677,7 @@ fn drain_cmd(streams: usize, rounds: usize) -> bool {
         let mut got: [Option<Pct>; 3] = [None; 3];
         for k in 0..3 {
             let m = (round + k) % 3;
-            let r = match run_drain(&rt, streams, MODES[m]) {
+            let r = match run_drain(&rt, streams, MODES[m], hyper_extra) {
                 Ok(r) => r,
                 Err(e) => {
                     eprintln!("{} run failed: {e}", MODES[m]);
