@@ -66,39 +66,6 @@ use crate::track::registry::Registry;
 type CleanupFuture = Pin<Box<dyn Future<Output = Option<CleanupSummary>> + Send>>;
 type CleanupFn = Box<dyn FnOnce() -> CleanupFuture + Send>;
 
-/// Cancels `token`, waking every task that waits on it (every open stream, at `Closing` and at
-/// the grace deadline); returns once it is cancelled.
-///
-/// On a multi-thread runtime the wakes are issued from a short-lived thread of their own, not
-/// from the controller's worker: a task woken on a worker thread goes to that worker's own run
-/// queue, so ten thousand streams woken at once would queue behind the one worker that is
-/// still busy waking them, while the others can only steal them in halves. Woken from outside
-/// the workers, they go to the queue every worker takes from, and all of them start sending
-/// final frames at once (measured at 10,000 streams on 2 cores: the last frame ~8 % sooner).
-/// On a current-thread runtime (the only one `tokio::time::pause` works on) there is one worker
-/// anyway, and the token is cancelled here.
-async fn wake_all(token: &CancellationToken) {
-    let multi_thread = matches!(
-        tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()),
-        Ok(tokio::runtime::RuntimeFlavor::MultiThread)
-    );
-    if multi_thread {
-        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
-        let t = token.clone();
-        let spawned = std::thread::Builder::new()
-            .name("tower-drain-wake".into())
-            .spawn(move || {
-                t.cancel();
-                let _ = done_tx.send(());
-            });
-        if spawned.is_ok() && done_rx.await.is_ok() {
-            return;
-        }
-        // No thread to spare (or it died): wake from here, as on one worker.
-    }
-    token.cancel();
-}
-
 /// State shared by the controller, its watches and every layer built from them.
 pub(crate) struct Shared {
     pub(crate) config: DrainConfig,
@@ -202,7 +169,7 @@ impl Shared {
         let at_drain = self.registry.close();
         self.at_drain.store(at_drain, Ordering::Release);
         self.set_phase(Phase::Closing);
-        wake_all(&self.closing).await;
+        self.closing.cancel();
         tracing::info!(streams = at_drain, "tower-drain notifying open streams");
 
         let deadline = started + cfg.grace_period;
@@ -212,11 +179,7 @@ impl Shared {
             tokio::select! {
                 biased;
                 _ = self.registry.wait_idle() => break 0,
-                _ = tokio::time::sleep_until(deadline) => {
-                    let n = self.force();
-                    wake_all(&self.forced).await;
-                    break n;
-                }
+                _ = tokio::time::sleep_until(deadline) => break self.force(),
                 _ = progress.tick() => {
                     tracing::info!(
                         streams_left = self.registry.active(),
@@ -290,7 +253,7 @@ impl Shared {
         self.stopped.cancel();
     }
 
-    /// The grace deadline passed: mark the rest as forced and log each one.
+    /// The grace deadline passed: mark the rest as forced, log each one, wake their bodies.
     fn force(&self) -> u64 {
         let n = self.registry.force();
         let now = Instant::now();
@@ -306,7 +269,7 @@ impl Shared {
         tracing::warn!(force_closed = n, "tower-drain grace period over");
         self.metrics.force_closed.increment(n);
         self.set_phase_if_below(Phase::Closing);
-        // The caller wakes their bodies (`wake_all(&self.forced)`).
+        self.forced.cancel();
         n
     }
 
@@ -711,68 +674,5 @@ mod tests {
             }
         }
         panic!("still {:?} after 16 turns of the scheduler", drain.phase());
-    }
-
-    /// A waker that records the name of the thread it was woken on.
-    #[derive(Default)]
-    struct WokenOn(Mutex<Option<String>>);
-
-    impl std::task::Wake for WokenOn {
-        fn wake(self: Arc<Self>) {
-            self.wake_by_ref();
-        }
-
-        fn wake_by_ref(self: &Arc<Self>) {
-            let name = std::thread::current()
-                .name()
-                .unwrap_or("unnamed")
-                .to_string();
-            *self.0.lock().unwrap() = Some(name);
-        }
-    }
-
-    /// Drains with one stream's `Closing` wait registered by hand; returns the thread that
-    /// woke it.
-    fn closing_woken_on(rt: &tokio::runtime::Runtime) -> Option<String> {
-        let drain = rt.block_on(async { DrainController::new() });
-        let mut closing = Box::pin(drain.watch().closing());
-        let woken = Arc::new(WokenOn::default());
-        let waker = std::task::Waker::from(woken.clone());
-        let mut cx = std::task::Context::from_waker(&waker);
-        assert!(closing.as_mut().poll(&mut cx).is_pending());
-        rt.block_on(async {
-            drain.drain(DrainReason::Manual);
-            // The report exists once the controller's task is past its wakes.
-            drain.report().await
-        });
-        assert!(closing.as_mut().poll(&mut cx).is_ready());
-        let name = woken.0.lock().unwrap().clone();
-        name
-    }
-
-    /// On a multi-thread runtime the streams are woken from a thread of the controller's own,
-    /// so that the woken tasks go to the queue every worker takes from, not to the run queue
-    /// of the worker that woke them.
-    #[test]
-    fn on_a_multi_thread_runtime_streams_are_woken_off_the_workers() {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name("test-worker")
-            .enable_all()
-            .build()
-            .unwrap();
-        assert_eq!(closing_woken_on(&rt).as_deref(), Some("tower-drain-wake"));
-    }
-
-    /// On a current-thread runtime (one worker, and the one `tokio::time::pause` needs) the
-    /// controller wakes them itself.
-    #[test]
-    fn on_a_current_thread_runtime_the_controller_wakes_streams_itself() {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        let here = std::thread::current().name().map(str::to_string);
-        assert_eq!(closing_woken_on(&rt), here);
     }
 }
