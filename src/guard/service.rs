@@ -32,8 +32,8 @@ impl<S> Guard<S> {
         }
     }
 
-    /// Whether [`before`](Self::before) can run without the request's parts (no
-    /// revalidation), as the fused [`DrainService`](crate::stack::DrainService) needs.
+    /// Whether [`before`](Self::before) needs a copy of the request's parts (revalidation is
+    /// on), which the fused [`DrainService`](crate::stack::DrainService) call does not take.
     #[inline]
     pub(crate) fn needs_parts(&self) -> bool {
         self.cfg.revalidate.is_some()
