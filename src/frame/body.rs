@@ -45,7 +45,8 @@ impl FrameConfig {
 /// sends none.
 ///
 /// The frame layer creates it for each injecting response and puts a clone in the response's
-/// extensions, where an outer guard layer picks it up.
+/// extensions, where an outer guard layer picks it up (the fused
+/// [`DrainService`](crate::stack::DrainService) call hands it to the guard's step directly).
 #[derive(Clone, Debug, Default)]
 pub(crate) struct FinalGate(Arc<AtomicBool>);
 
@@ -134,6 +135,12 @@ impl<B> FrameBody<B> {
 
     pub(crate) fn passthrough(inner: B) -> Self {
         Self { inner, inj: None }
+    }
+
+    /// The final-frame gate of an injecting body, to share with a guard around it.
+    #[inline]
+    pub(crate) fn gate(&self) -> Option<FinalGate> {
+        self.inj.as_ref().and_then(|i| i.inj.gate.clone())
     }
 
     pub(crate) fn inject(

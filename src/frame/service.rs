@@ -177,12 +177,20 @@ where
             .cfg
             .take()
             .filter(|cfg| should_inject(&res, &*cfg.encoder));
-        Poll::Ready(Ok(respond(cfg, res)))
+        let mut res = respond(cfg, res);
+        if let Some(gate) = res.body().gate() {
+            // Shared with an outer `GuardedBody`: one final frame per stream.
+            res.extensions_mut().insert(gate);
+        }
+        Poll::Ready(Ok(res))
     }
 }
 
 /// The frame layer's step after the inner call: `cfg` when `res` gets a final frame (see
-/// [`should_inject`]), else `None` for a passthrough body.
+/// [`should_inject`]), else `None` for a passthrough body. The stream's final-frame gate is
+/// the body's ([`FrameBody::gate`]); the frame layer puts it in the response's extensions for
+/// an outer guard layer, the fused [`DrainService`](crate::stack::DrainService) call hands it
+/// to the guard's step.
 #[inline]
 pub(crate) fn respond<B>(
     cfg: Option<Arc<FrameConfig>>,
@@ -191,11 +199,7 @@ pub(crate) fn respond<B>(
     match cfg {
         Some(cfg) => {
             let rtc = res.extensions().get::<RunToCompletion>().is_some();
-            // Shared with an outer `GuardedBody`: one final frame per stream.
-            let gate = FinalGate::new();
-            let mut res = res;
-            res.extensions_mut().insert(gate.clone());
-            res.map(|b| FrameBody::inject(b, cfg, rtc, Some(gate)))
+            res.map(|b| FrameBody::inject(b, cfg, rtc, Some(FinalGate::new())))
         }
         None => res.map(FrameBody::passthrough),
     }

@@ -203,7 +203,10 @@ fn finish<B, E>(st: CallState, res: Result<Response<B>, E>) -> Result<Response<G
     match res {
         Ok(res) => {
             let inject = injects(&st, &res);
-            Ok(finish_ok(st, res, inject))
+            // An inner frame layer left the stream's final-frame gate in the extensions.
+            Ok(finish_ok(st, res, inject, |res| {
+                res.extensions().get::<FinalGate>().cloned()
+            }))
         }
         Err(e) => Err(finish_err(st, e)),
     }
@@ -217,17 +220,19 @@ pub(crate) fn finish_err<E>(mut st: CallState, e: E) -> E {
 }
 
 /// A response: its status reported to the breaker, its body guarded (`inject` as decided by
-/// [`injects`]).
+/// [`injects`]; a stream shares the final-frame gate `gate` finds, that of the frame layer's
+/// body, if any).
 #[inline]
 pub(crate) fn finish_ok<B>(
     mut st: CallState,
     res: Response<B>,
     inject: bool,
+    gate: impl FnOnce(&Response<B>) -> Option<FinalGate>,
 ) -> Response<GuardedBody<B>> {
     let ok = !(st.cfg.is_failure)(res.status());
     st.outcome(ok);
     if inject {
-        let gate = res.extensions().get::<FinalGate>().cloned();
+        let gate = gate(&res);
         res.map(|b| GuardedBody::stream(b, st, gate))
     } else if st.cfg.breaker.is_some() {
         res.map(|b| GuardedBody::watched(b, st.cfg, st.uri))

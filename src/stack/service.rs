@@ -267,7 +267,8 @@ fn respond<B, E>(
     };
     let inject = guard::injects(&call, &res);
     let res = frame::respond(inject.then(|| call.cfg.frame.clone()), res);
-    let res = guard::finish_ok(call, res, inject);
+    // The final-frame gate goes straight to the guard, not through the response's extensions.
+    let res = guard::finish_ok(call, res, inject, |res| res.body().gate());
     Ok(res.map(|b| DrainBody::fuse(Ok(TrackedBody::new(b, Some(stream))))))
 }
 
