@@ -2,7 +2,6 @@
 //! futures: the same requests, settings, drains and clocks, response by response (status,
 //! headers, registrations, the breaker's state, the inner futures still alive).
 
-use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -11,35 +10,17 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode};
-use http_body::{Body, Frame};
+use http_body::Body;
 use tower::{Service, ServiceExt};
 use tower_layer::Layer;
 
+use super::fused_tests::{Out, Script};
 use super::DrainStack;
 use crate::frame::FrameBody;
 use crate::guard::{Breaker, GuardedBody};
 use crate::reject::Mode;
 use crate::track::{MemoryStore, TrackedBody};
 use crate::{DrainController, DrainReason, DrainWatch};
-
-/// An inner body: one event, then quiet (pending) for ever.
-struct OneEvent(bool);
-
-impl Body for OneEvent {
-    type Data = Bytes;
-    type Error = Infallible;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        _cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        if std::mem::replace(&mut self.0, false) {
-            Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(b"data: 1\n\n")))))
-        } else {
-            Poll::Pending
-        }
-    }
-}
 
 /// Counts the inner futures alive (created and not yet dropped).
 struct Alive(Arc<AtomicUsize>);
@@ -83,7 +64,7 @@ use Step::{Call, Drain, DropAll, Pump, Sleep};
 /// The inner service: answers what the request's `x-answer` header says.
 fn inner(
     alive: Arc<AtomicUsize>,
-) -> impl Service<Request<()>, Response = Response<OneEvent>, Error = std::io::Error, Future: Send> + Clone
+) -> impl Service<Request<()>, Response = Response<Script>, Error = std::io::Error, Future: Send> + Clone
 {
     tower::service_fn(move |req: Request<()>| {
         let answer = req.headers()["x-answer"].to_str().unwrap().to_owned();
@@ -94,7 +75,7 @@ fn inner(
                 "err" => Err(std::io::Error::other("inner failed")),
                 "wait" => std::future::pending().await,
                 "sse" => {
-                    let mut res = Response::new(OneEvent(true));
+                    let mut res = Response::new(Script([Out::Data("data: 1\n\n")].into()));
                     res.headers_mut().insert(
                         "content-type",
                         HeaderValue::from_static("text/event-stream"),
@@ -102,7 +83,7 @@ fn inner(
                     Ok(res)
                 }
                 code => {
-                    let mut res = Response::new(OneEvent(false));
+                    let mut res = Response::new(Script(Default::default()));
                     *res.status_mut() = code.parse().unwrap();
                     Ok(res)
                 }
@@ -207,7 +188,7 @@ async fn both<M: Mode>(
     steps: &[Step],
 ) -> (Vec<String>, Vec<String>)
 where
-    M::Body<TrackedBody<GuardedBody<FrameBody<OneEvent>>>>: Body<Data = Bytes>,
+    M::Body<TrackedBody<GuardedBody<FrameBody<Script>>>>: Body<Data = Bytes>,
 {
     let controller = || {
         DrainController::builder()

@@ -19,7 +19,7 @@ use crate::{DrainController, DrainReason};
 
 /// One thing a scripted inner body does when polled.
 #[derive(Clone, Copy, Debug)]
-enum Out {
+pub(super) enum Out {
     Data(&'static str),
     Trailers,
     Fail,
@@ -28,7 +28,7 @@ enum Out {
 }
 
 /// Hands out its script one poll at a time; pending (quiet) once the script is over.
-struct Script(VecDeque<Out>);
+pub(super) struct Script(pub(super) VecDeque<Out>);
 
 impl Body for Script {
     type Data = Bytes;
