@@ -47,6 +47,9 @@ impl FrameConfig {
 /// The frame layer creates it for each injecting response and puts a clone in the response's
 /// extensions, where an outer guard layer picks it up (the fused
 /// [`DrainService`](crate::stack::DrainService) call hands it to the guard's step directly).
+///
+/// The fused [`DrainBody`](crate::stack::DrainBody) keeps the flag in its stream's one
+/// allocation instead; either way the bodies' logic reaches it through a [`GateRef`].
 #[derive(Clone, Debug, Default)]
 pub(crate) struct FinalGate(Arc<AtomicBool>);
 
@@ -55,16 +58,42 @@ impl FinalGate {
         Self::default()
     }
 
-    /// Claims the right to send the final frame; `true` for exactly one caller.
+    /// The flag, for the bodies' logic.
     #[inline]
-    pub(crate) fn claim(&self) -> bool {
-        !self.0.swap(true, Ordering::AcqRel)
+    pub(crate) fn get(&self) -> GateRef<'_> {
+        GateRef(Some(&self.0))
+    }
+}
+
+/// A stream's final-frame flag, wherever its owner keeps it (or none: the stream's final
+/// frame is not shared with another body's logic).
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct GateRef<'a>(Option<&'a AtomicBool>);
+
+impl<'a> GateRef<'a> {
+    /// A flag kept by the caller.
+    #[inline]
+    pub(crate) fn local(flag: &'a AtomicBool) -> Self {
+        Self(Some(flag))
     }
 
-    /// Whether a final frame has been claimed.
+    /// The gate of `gate`, if any.
     #[inline]
-    pub(crate) fn is_claimed(&self) -> bool {
-        self.0.load(Ordering::Acquire)
+    pub(crate) fn of(gate: &'a Option<FinalGate>) -> Self {
+        gate.as_ref().map_or(Self(None), FinalGate::get)
+    }
+
+    /// Claims the right to send the final frame: `true` for exactly one caller (always, with
+    /// no flag to share).
+    #[inline]
+    pub(crate) fn claim(self) -> bool {
+        self.0.is_none_or(|f| !f.swap(true, Ordering::AcqRel))
+    }
+
+    /// Whether a final frame has been claimed (never, with no flag).
+    #[inline]
+    pub(crate) fn is_claimed(self) -> bool {
+        self.0.is_some_and(|f| f.load(Ordering::Acquire))
     }
 }
 
@@ -92,10 +121,6 @@ struct Injector {
     /// The stream's slot in the drain spread (its jitter seed is derived from it).
     slot: u32,
     trailers: Option<Box<HeaderMap>>,
-    gate: Option<FinalGate>,
-    /// Driven by [`DrainBody`](crate::stack::DrainBody)'s fused fast path (kept here, in the
-    /// stream's allocation, rather than in every body).
-    fused: bool,
 }
 
 pin_project! {
@@ -113,11 +138,15 @@ pin_project! {
         // other response stays as small as its inner body, which matters because responses are
         // moved through every layer.
         inj: Option<Pin<Box<Injecting>>>,
+        // Shared with an outer guard's body (see `FinalGate`); injecting bodies only.
+        gate: Option<FinalGate>,
     }
 }
 
 pin_project! {
-    /// The state of an injecting [`FrameBody`], allocated once per stream.
+    /// The frame layer's state of one stream that gets a final frame: boxed by an injecting
+    /// [`FrameBody`], or part of the fused [`DrainBody`](crate::stack::DrainBody)'s one
+    /// allocation per stream.
     pub(crate) struct Injecting {
         #[pin]
         signal: Option<WaitForCancellationFutureOwned>,
@@ -128,45 +157,64 @@ pin_project! {
 }
 
 impl<B> FrameBody<B> {
-    /// The inner body and the injecting state, for [`DrainBody`](crate::stack::DrainBody).
-    pub(crate) fn into_parts(self) -> (B, Option<Pin<Box<Injecting>>>) {
-        (self.inner, self.inj)
+    pub(crate) fn passthrough(inner: B) -> Self {
+        Self {
+            inner,
+            inj: None,
+            gate: None,
+        }
     }
 
-    pub(crate) fn passthrough(inner: B) -> Self {
-        Self { inner, inj: None }
+    /// The inner body and, for an injecting body, what its state was made of (configuration,
+    /// run-to-completion), for [`DrainBody`](crate::stack::DrainBody), which makes that state
+    /// anew inside its stream's one allocation. Only for a body nothing has polled yet.
+    pub(crate) fn into_parts(self) -> (B, Option<(Arc<FrameConfig>, bool)>) {
+        let made_of = self.inj.map(|i| {
+            debug_assert!(i.inj.step == Step::Watching, "an unpolled body");
+            (i.inj.cfg.clone(), i.inj.run_to_completion)
+        });
+        (self.inner, made_of)
     }
 
     /// The final-frame gate of an injecting body, to share with a guard around it.
     #[inline]
     pub(crate) fn gate(&self) -> Option<FinalGate> {
-        self.inj.as_ref().and_then(|i| i.inj.gate.clone())
+        self.gate.clone()
     }
 
+    /// An injecting body, its final frame shared through `gate`.
     pub(crate) fn inject(
         inner: B,
         cfg: Arc<FrameConfig>,
         run_to_completion: bool,
-        gate: Option<FinalGate>,
+        gate: FinalGate,
     ) -> Self {
+        Self {
+            inner,
+            inj: Some(Box::pin(Injecting::new(cfg, run_to_completion))),
+            gate: Some(gate),
+        }
+    }
+}
+
+impl Injecting {
+    /// The state of a stream that gets a final frame, for whoever holds it: a [`FrameBody`]
+    /// (boxed) or [`DrainBody`](crate::stack::DrainBody) (inside its stream's one
+    /// allocation).
+    pub(crate) fn new(cfg: Arc<FrameConfig>, run_to_completion: bool) -> Self {
         let signal = cfg.shared.closing_token().clone().cancelled_owned();
         let tracker = Tracker::new(cfg.encoder.boundary());
         Self {
-            inner,
-            inj: Some(Box::pin(Injecting {
-                signal: Some(signal),
-                delay: None,
-                inj: Injector {
-                    cfg,
-                    tracker,
-                    step: Step::Watching,
-                    run_to_completion,
-                    slot: 0,
-                    trailers: None,
-                    gate,
-                    fused: false,
-                },
-            })),
+            signal: Some(signal),
+            delay: None,
+            inj: Injector {
+                cfg,
+                tracker,
+                step: Step::Watching,
+                run_to_completion,
+                slot: 0,
+                trailers: None,
+            },
         }
     }
 }
@@ -190,7 +238,12 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         let this = self.project();
-        poll_parts(this.inner, this.inj.as_mut().map(Pin::as_mut), cx)
+        poll_parts(
+            this.inner,
+            this.inj.as_mut().map(Pin::as_mut),
+            GateRef::of(this.gate),
+            cx,
+        )
     }
 
     #[inline]
@@ -209,6 +262,7 @@ where
 pub(crate) fn poll_parts<B>(
     mut inner: Pin<&mut B>,
     state: Option<Pin<&mut Injecting>>,
+    gate: GateRef<'_>,
     cx: &mut Context<'_>,
 ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>>
 where
@@ -246,7 +300,7 @@ where
             }
         }
     }
-    poll_slow(inner, state, cx)
+    poll_slow(inner, state, gate, cx)
 }
 
 /// [`FrameBody::is_end_stream`] over parts held apart.
@@ -277,6 +331,7 @@ pub(crate) fn hint_of<B: Body>(inner: &B, state: Option<&Injecting>) -> SizeHint
 pub(crate) struct FrameView<'a, B> {
     pub(crate) inner: Pin<&'a mut B>,
     pub(crate) state: Option<Pin<&'a mut Injecting>>,
+    pub(crate) gate: GateRef<'a>,
 }
 
 impl<B> Body for FrameView<'_, B>
@@ -295,6 +350,7 @@ where
         poll_parts(
             this.inner.as_mut(),
             this.state.as_mut().map(Pin::as_mut),
+            this.gate,
             cx,
         )
     }
@@ -334,17 +390,6 @@ impl Injecting {
             .is_some_and(|s| s.poll(cx).is_ready())
     }
 
-    /// Whether [`DrainBody`](crate::stack::DrainBody)'s fused fast path drives this stream.
-    #[inline(always)]
-    pub(crate) fn is_fused(&self) -> bool {
-        self.inj.fused
-    }
-
-    /// Puts the stream on (`true`) or takes it off the fused fast path for good.
-    pub(crate) fn set_fused(self: Pin<&mut Self>, fused: bool) {
-        self.project().inj.fused = fused;
-    }
-
     /// A fast path's inner body ended.
     #[inline]
     pub(crate) fn ended(self: Pin<&mut Self>) {
@@ -363,6 +408,7 @@ impl Injecting {
 fn poll_slow<B>(
     mut inner: Pin<&mut B>,
     state: Pin<&mut Injecting>,
+    gate: GateRef<'_>,
     cx: &mut Context<'_>,
 ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>>
 where
@@ -421,7 +467,7 @@ where
 
         if matches!(inj.step, Step::Due | Step::Forced) {
             if inj.tracker.at_boundary() {
-                if inj.gate.as_ref().is_some_and(|g| !g.claim()) {
+                if !gate.claim() {
                     // An outer guard already sent this stream's final frame (it then stops
                     // polling us, so this is defensive): end without a second one.
                     inj.step = Step::Done;

@@ -189,20 +189,23 @@ where
 /// The frame layer's step after the inner call: `cfg` when `res` gets a final frame (see
 /// [`should_inject`]), else `None` for a passthrough body. The stream's final-frame gate is
 /// the body's ([`FrameBody::gate`]); the frame layer puts it in the response's extensions for
-/// an outer guard layer, the fused [`DrainService`](crate::stack::DrainService) call hands it
-/// to the guard's step.
+/// an outer guard layer. (The fused [`DrainService`](crate::stack::DrainService) call builds
+/// its streams' state itself, with the flag inside.)
 #[inline]
-pub(crate) fn respond<B>(
-    cfg: Option<Arc<FrameConfig>>,
-    res: Response<B>,
-) -> Response<FrameBody<B>> {
+fn respond<B>(cfg: Option<Arc<FrameConfig>>, res: Response<B>) -> Response<FrameBody<B>> {
     match cfg {
         Some(cfg) => {
-            let rtc = res.extensions().get::<RunToCompletion>().is_some();
-            res.map(|b| FrameBody::inject(b, cfg, rtc, Some(FinalGate::new())))
+            let rtc = run_to_completion(&res);
+            res.map(|b| FrameBody::inject(b, cfg, rtc, FinalGate::new()))
         }
         None => res.map(FrameBody::passthrough),
     }
+}
+
+/// Whether the application asked for `res` to run to completion ([`RunToCompletion`]).
+#[inline]
+pub(crate) fn run_to_completion<B>(res: &Response<B>) -> bool {
+    res.extensions().get::<RunToCompletion>().is_some()
 }
 
 /// Only streaming responses of the encoder's protocol (or opted in), never bodiless statuses

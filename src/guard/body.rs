@@ -14,7 +14,7 @@ use tokio::time::{Instant, Sleep};
 
 use super::future::CallState;
 use super::layer::{CheckFn, CheckFuture, Config};
-use crate::frame::{Boundary, FinalGate, FrameKind, Tracker};
+use crate::frame::{Boundary, FinalGate, FrameKind, GateRef, Tracker};
 use crate::route::RoutePath;
 
 /// How long a stream whose limit was reached mid-event may take to reach the event's end
@@ -50,14 +50,14 @@ struct Reval {
     running: Mutex<Option<CheckFuture>>,
 }
 
-/// Per-stream state of an injecting [`GuardedBody`], allocated once per stream.
+/// The guard's state of one stream that gets a final frame: boxed by a [`GuardedBody`], or
+/// part of the fused [`DrainBody`](crate::stack::DrainBody)'s one allocation per stream.
 pub(crate) struct Stream {
     cfg: Arc<Config>,
     id: u64,
     uri: RoutePath,
     step: Step,
     tracker: Tracker,
-    gate: Option<FinalGate>,
     trailers: Option<Box<HeaderMap>>,
     errored: bool,
     /// Boxed, and only created when a limit is configured (lifetime, idle, heartbeat,
@@ -102,6 +102,8 @@ pin_project! {
         // Boxed: only streaming responses carry the per-stream state, so every other
         // response stays small (responses are moved through every layer).
         st: Option<Box<Stream>>,
+        // Shared with the inner frame layer's body (see `FinalGate`); streams only.
+        gate: Option<FinalGate>,
     }
 }
 
@@ -118,6 +120,7 @@ impl<B> GuardedBody<B> {
             inner: None,
             watched: None,
             st: None,
+            gate: None,
         }
     }
 
@@ -126,6 +129,7 @@ impl<B> GuardedBody<B> {
             inner: Some(inner),
             watched: None,
             st: None,
+            gate: None,
         }
     }
 
@@ -135,10 +139,24 @@ impl<B> GuardedBody<B> {
             inner: Some(inner),
             watched: Some((cfg, uri)),
             st: None,
+            gate: None,
         }
     }
 
-    pub(crate) fn stream(inner: B, call: CallState, gate: Option<FinalGate>) -> Self {
+    /// A stream's body, its final frame shared with the inner frame layer's through `gate`.
+    pub(crate) fn stream(inner: B, st: Stream, gate: Option<FinalGate>) -> Self {
+        Self {
+            inner: Some(inner),
+            watched: None,
+            st: Some(Box::new(st)),
+            gate,
+        }
+    }
+}
+
+impl Stream {
+    /// The state of a stream the guard gives a final frame, for whoever holds it.
+    pub(crate) fn new(call: CallState) -> Self {
         let cfg = call.cfg;
         let (id, jitter) = cfg.next_stream();
         let lim = (cfg.max_lifetime.is_some()
@@ -147,19 +165,14 @@ impl<B> GuardedBody<B> {
             || cfg.revalidate.is_some())
         .then(|| Limits::new(&cfg, call.started, call.parts, jitter));
         Self {
-            inner: Some(inner),
-            watched: None,
-            st: Some(Box::new(Stream {
-                tracker: Tracker::new(cfg.frame.encoder.boundary()),
-                id,
-                uri: call.uri,
-                step: Step::Streaming,
-                gate,
-                trailers: None,
-                errored: false,
-                lim,
-                cfg,
-            })),
+            tracker: Tracker::new(cfg.frame.encoder.boundary()),
+            id,
+            uri: call.uri,
+            step: Step::Streaming,
+            trailers: None,
+            errored: false,
+            lim,
+            cfg,
         }
     }
 }
@@ -418,9 +431,9 @@ impl Stream {
 
     /// Bookkeeping for a data or trailers frame forwarded from the inner body.
     /// `gate`: also end on the inner frame body's final frame (a stream with limits, which
-    /// could otherwise add a heartbeat after it).
+    /// could otherwise add a heartbeat after it); the fast paths pass none.
     #[inline(always)]
-    fn forwarded(&mut self, frame: &Frame<Bytes>, inner_end: bool, gate: bool) {
+    fn forwarded(&mut self, frame: &Frame<Bytes>, inner_end: bool, gate: GateRef<'_>) {
         if let Some(d) = frame.data_ref() {
             self.tracker.update(d);
         }
@@ -436,10 +449,7 @@ impl Stream {
         }
         // The inner body is finishing on its own (trailers, end of stream, or its own final
         // frame went out): add nothing more.
-        if frame.is_trailers()
-            || inner_end
-            || (gate && self.gate.as_ref().is_some_and(FinalGate::is_claimed))
-        {
+        if frame.is_trailers() || inner_end || gate.is_claimed() {
             self.step = Step::Passthrough;
         }
     }
@@ -450,6 +460,7 @@ impl Stream {
     fn inner_ended<E: fmt::Display>(
         &mut self,
         res: Option<Result<Frame<Bytes>, E>>,
+        gate: GateRef<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, E>>> {
         Poll::Ready(match res {
             // Not an end; the callers forward data frames themselves.
@@ -459,7 +470,7 @@ impl Stream {
                 if self.cfg.pass_errors {
                     self.step = Step::Passthrough;
                     Some(Err(e))
-                } else if self.tracker.at_boundary() && self.claim() {
+                } else if self.tracker.at_boundary() && gate.claim() {
                     match self.emit(FrameKind::Error) {
                         Some(f) => Some(Ok(f)),
                         // A frame of trailers only (gRPC): they go out now, then the end.
@@ -480,11 +491,6 @@ impl Stream {
                 None
             }
         })
-    }
-
-    /// Claims the stream's one final frame (shared with an inner frame body, if any).
-    fn claim(&self) -> bool {
-        self.gate.as_ref().is_none_or(FinalGate::claim)
     }
 }
 
@@ -519,6 +525,7 @@ where
             this.inner.as_pin_mut(),
             this.watched,
             this.st.as_deref_mut(),
+            GateRef::of(this.gate),
             cx,
         )
     }
@@ -546,6 +553,7 @@ pub(crate) fn poll_parts<B>(
     inner: Option<Pin<&mut B>>,
     watched: &mut Option<(Arc<Config>, RoutePath)>,
     st: Option<&mut Stream>,
+    gate: GateRef<'_>,
     cx: &mut Context<'_>,
 ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>>
 where
@@ -570,15 +578,15 @@ where
             Poll::Ready(Some(Ok(frame))) => {
                 // No look at the shared gate here: without limits this body adds a final
                 // frame only for an error, and that claims the gate first.
-                st.forwarded(frame, inner.is_end_stream(), false);
+                st.forwarded(frame, inner.is_end_stream(), GateRef::default());
                 return res;
             }
             Poll::Pending => return res,
             Poll::Ready(_) => {}
         }
-        return st.inner_ended(ready!(res));
+        return st.inner_ended(ready!(res), gate);
     }
-    poll_stream(inner, st, cx)
+    poll_stream(inner, st, gate, cx)
 }
 
 /// A plain response's result: an error counts for the breaker (once).
@@ -627,7 +635,8 @@ pub(crate) type Watched = Option<(Arc<Config>, RoutePath)>;
 
 impl<B> GuardedBody<B> {
     /// The inner body (none for the guard's own answers), the breaker watch of a plain
-    /// response, and a stream's state, for [`DrainBody`](crate::stack::DrainBody).
+    /// response, and a stream's state, for [`DrainBody`](crate::stack::DrainBody) (which
+    /// keeps the final-frame flag itself).
     pub(crate) fn into_parts(self) -> (Option<B>, Watched, Option<Box<Stream>>) {
         (self.inner, self.watched, self.st)
     }
@@ -638,6 +647,7 @@ pub(crate) struct GuardView<'a, B> {
     pub(crate) inner: Pin<&'a mut B>,
     pub(crate) watched: &'a mut Watched,
     pub(crate) st: Option<&'a mut Stream>,
+    pub(crate) gate: GateRef<'a>,
 }
 
 impl<B> Body for GuardView<'_, B>
@@ -658,6 +668,7 @@ where
             Some(this.inner.as_mut()),
             this.watched,
             this.st.as_deref_mut(),
+            this.gate,
             cx,
         )
     }
@@ -673,6 +684,12 @@ where
 }
 
 impl Stream {
+    /// The frame configuration of the stream's encoder (the frame layer's state of a fused
+    /// stream is made with it).
+    pub(crate) fn frame_config(&self) -> Arc<crate::frame::FrameConfig> {
+        self.cfg.frame.clone()
+    }
+
     /// Whether the fused fast path of [`DrainBody`](crate::stack::DrainBody) may forward
     /// frames for this stream without the guard's own bookkeeping: streaming, and no limits
     /// (no timers, no heartbeats), so this body adds a frame only when the inner one fails.
@@ -693,12 +710,13 @@ impl Stream {
         &mut self,
         res: Option<Result<Frame<Bytes>, E>>,
         inner_end: bool,
+        gate: GateRef<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, E>>> {
         if let Some(Ok(frame)) = &res {
-            self.forwarded(frame, inner_end, false);
+            self.forwarded(frame, inner_end, GateRef::default());
             return Poll::Ready(res);
         }
-        self.inner_ended(res)
+        self.inner_ended(res, gate)
     }
 }
 
@@ -708,6 +726,7 @@ impl Stream {
 fn poll_stream<B>(
     mut inner: Pin<&mut B>,
     st: &mut Stream,
+    gate: GateRef<'_>,
     cx: &mut Context<'_>,
 ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>>
 where
@@ -741,7 +760,7 @@ where
         match st.step {
             Step::Due(kind) => {
                 if st.tracker.at_boundary() {
-                    if !st.claim() {
+                    if !gate.claim() {
                         // The inner frame body sent its final frame first.
                         st.step = Step::Passthrough;
                         continue;
@@ -778,10 +797,10 @@ where
         let res = inner.as_mut().poll_frame(cx);
         // A forwarded frame is inspected in place and returned as it came (no copy).
         if let Poll::Ready(Some(Ok(frame))) = &res {
-            st.forwarded(frame, inner.is_end_stream(), true);
+            st.forwarded(frame, inner.is_end_stream(), gate);
             return res;
         }
-        return st.inner_ended(ready!(res));
+        return st.inner_ended(ready!(res), gate);
     }
 }
 

@@ -10,7 +10,7 @@ use http::{header, HeaderValue, Response, StatusCode};
 use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
 
-use super::body::GuardedBody;
+use super::body::{GuardedBody, Stream};
 use super::breaker::Probe;
 use super::layer::Config;
 use crate::frame::{should_inject, FinalGate};
@@ -204,9 +204,12 @@ fn finish<B, E>(st: CallState, res: Result<Response<B>, E>) -> Result<Response<G
         Ok(res) => {
             let inject = injects(&st, &res);
             // An inner frame layer left the stream's final-frame gate in the extensions.
-            Ok(finish_ok(st, res, inject, |res| {
-                res.extensions().get::<FinalGate>().cloned()
-            }))
+            let gate = res.extensions().get::<FinalGate>().cloned();
+            Ok(match finish_ok(st, &res, inject) {
+                Guarded::Stream(stream) => res.map(|b| GuardedBody::stream(b, stream, gate)),
+                Guarded::Watched(cfg, uri) => res.map(|b| GuardedBody::watched(b, cfg, uri)),
+                Guarded::Plain => res.map(GuardedBody::passthrough),
+            })
         }
         Err(e) => Err(finish_err(st, e)),
     }
@@ -219,25 +222,28 @@ pub(crate) fn finish_err<E>(mut st: CallState, e: E) -> E {
     e
 }
 
-/// A response: its status reported to the breaker, its body guarded (`inject` as decided by
-/// [`injects`]; a stream shares the final-frame gate `gate` finds, that of the frame layer's
-/// body, if any).
+/// What the guard keeps of a response's call for its body (see [`finish_ok`]).
+pub(crate) enum Guarded {
+    /// A stream that gets a final frame: its state.
+    Stream(Stream),
+    /// A plain response whose errors count for the breaker.
+    Watched(Arc<Config>, RoutePath),
+    /// Nothing to watch.
+    Plain,
+}
+
+/// A response: its status reported to the breaker, and what its body needs of the guard
+/// (`inject` as decided by [`injects`]).
 #[inline]
-pub(crate) fn finish_ok<B>(
-    mut st: CallState,
-    res: Response<B>,
-    inject: bool,
-    gate: impl FnOnce(&Response<B>) -> Option<FinalGate>,
-) -> Response<GuardedBody<B>> {
+pub(crate) fn finish_ok<B>(mut st: CallState, res: &Response<B>, inject: bool) -> Guarded {
     let ok = !(st.cfg.is_failure)(res.status());
     st.outcome(ok);
     if inject {
-        let gate = gate(&res);
-        res.map(|b| GuardedBody::stream(b, st, gate))
+        Guarded::Stream(Stream::new(st))
     } else if st.cfg.breaker.is_some() {
-        res.map(|b| GuardedBody::watched(b, st.cfg, st.uri))
+        Guarded::Watched(st.cfg, st.uri)
     } else {
-        res.map(GuardedBody::passthrough)
+        Guarded::Plain
     }
 }
 

@@ -1,5 +1,6 @@
 use std::fmt;
 use std::pin::Pin;
+use std::sync::atomic::AtomicBool;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -7,6 +8,7 @@ use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
 use crate::frame::body::{self as frame_body, FrameBody, FrameView, Injecting};
+use crate::frame::GateRef;
 use crate::guard::body::{self as guard_body, GuardView, GuardedBody, Stream, Watched};
 use crate::track::body::{self as track_body, TrackedBody};
 use crate::track::guard::StreamGuard;
@@ -15,13 +17,14 @@ pin_project! {
     /// The response body of [`DrainService`](super::DrainService): what
     /// `TrackedBody<GuardedBody<FrameBody<B>>>` does, in one body.
     ///
-    /// It holds the inner body once, with the tracker's registration, the guard's and the
-    /// frame layer's per-stream state beside it, and runs their logic in the same order as the
-    /// nested bodies would (frame innermost, registration outermost), so every behaviour of
-    /// those layers is kept: final frames at event boundaries, timeouts, heartbeats, error
-    /// frames, release at the end. A stream that nothing is about to happen to (serving, no
-    /// guard limits) takes a fast path that forwards each frame with one boundary update and
-    /// one phase check, instead of one pass per layer.
+    /// It holds the inner body once, with the tracker's registration beside it and, for a
+    /// stream that gets a final frame, the guard's and the frame layer's state in one
+    /// allocation, and runs their logic in the same order as the nested bodies would (frame
+    /// innermost, registration outermost), so every behaviour of those layers is kept: final
+    /// frames at event boundaries, timeouts, heartbeats, error frames, release at the end. A
+    /// stream that nothing is about to happen to (serving, no guard limits) takes a fast path
+    /// that forwards each frame with one boundary update and one phase check, instead of one
+    /// pass per layer.
     ///
     /// While a frame may still be added, `size_hint` keeps the inner lower bound but has no
     /// upper bound, and `is_end_stream` is `false`.
@@ -43,9 +46,9 @@ pin_project! {
     pub struct DrainBody<B> {
         #[pin]
         inner: Inner<B>,
-        inj: Option<Pin<Box<Injecting>>>,
+        // Streams that get a final frame only: boxed, so every other response stays small.
+        state: Option<Pin<Box<StreamState>>>,
         watched: Watched,
-        st: Option<Box<Stream>>,
         // Last: released after everything else is dropped, as `TrackedBody` does.
         track: Option<StreamGuard>,
     }
@@ -61,51 +64,101 @@ pin_project! {
     }
 }
 
-impl<B> DrainBody<B> {
-    /// Takes the stack's nested bodies apart (nothing has polled them yet, so nothing is
-    /// pinned) and keeps their parts side by side.
-    pub(crate) fn fuse(
-        body: Result<TrackedBody<GuardedBody<FrameBody<B>>>, Option<Bytes>>,
-    ) -> Self {
-        let tracked = match body {
-            Ok(tracked) => tracked,
-            Err(frame) => return Self::frame(frame, None, None, None),
-        };
-        let (guarded, track) = tracked.into_parts();
-        let (framed, watched, st) = guarded.into_parts();
-        let Some(framed) = framed else {
-            return Self::frame(None, watched, st, track);
-        };
-        let (body, mut inj) = framed.into_parts();
+pin_project! {
+    /// One stream's state in a fused [`DrainBody`], allocated once: the frame layer's, the
+    /// guard's, and the final-frame flag they share. (The nested bodies box the first two
+    /// apart and share the flag through a third allocation; at a drain each is one more
+    /// object to reach per stream.)
+    pub(crate) struct StreamState {
+        #[pin]
+        inj: Injecting,
+        st: Stream,
+        // Claimed by whichever logic sends the stream's final frame (see `FinalGate`).
+        claimed: AtomicBool,
+        // On the fused fast path: serving, the guard without limits, nothing but data so far.
+        fused: bool,
+    }
+}
+
+impl StreamState {
+    /// A stream's state, boxed.
+    pub(crate) fn new(inj: Injecting, st: Stream) -> Pin<Box<Self>> {
         // The fused stream path: a stream with a final frame to inject, and a guard without
         // limits. It forwards with the frame body's boundary tracker only (the guard's catches
         // up when the path is left), for as long as the controller serves, and is left for
         // good at the first result other than data.
-        if let (Some(s), Some(i)) = (&st, &mut inj) {
-            if s.fusable() {
-                i.as_mut().set_fused(true);
-            }
-        }
+        Box::pin(Self {
+            fused: st.fusable(),
+            inj,
+            st,
+            claimed: AtomicBool::new(false),
+        })
+    }
+
+    /// Leaves the fused path for good: the guard's tracker catches up with the frame
+    /// layer's.
+    fn unfuse(self: Pin<&mut Self>) {
+        let this = self.project();
+        *this.fused = false;
+        this.st.sync_tracker(this.inj.tracker());
+    }
+}
+
+impl<B> DrainBody<B> {
+    /// The body of a fused call: `state` for a stream that gets a final frame, `watched` for a
+    /// plain response whose errors count for the breaker.
+    pub(crate) fn new(
+        body: B,
+        state: Option<Pin<Box<StreamState>>>,
+        watched: Watched,
+        track: StreamGuard,
+    ) -> Self {
         Self {
             inner: Inner::Body { body },
-            inj,
+            state,
             watched,
-            st,
+            track: Some(track),
+        }
+    }
+
+    /// The body the nested layers answered with (`Err`: the rejection's shutdown frame, or
+    /// none), taken apart (nothing has polled it yet). A stream's state is made anew in one
+    /// allocation, as a fused call's is, so that it drains and forwards alike; the nested
+    /// bodies' boxes and shared flag are dropped.
+    pub(crate) fn nested(
+        body: Result<TrackedBody<GuardedBody<FrameBody<B>>>, Option<Bytes>>,
+    ) -> Self {
+        let tracked = match body {
+            Ok(tracked) => tracked,
+            Err(frame) => return Self::frame(frame, None),
+        };
+        let (guarded, track) = tracked.into_parts();
+        let (framed, watched, st) = guarded.into_parts();
+        let Some(framed) = framed else {
+            // The guard's own answers.
+            return Self::frame(None, track);
+        };
+        let (body, inj) = framed.into_parts();
+        let state = match (inj, st) {
+            (Some((cfg, rtc)), Some(st)) => Some(StreamState::new(Injecting::new(cfg, rtc), *st)),
+            (None, None) => None,
+            // The stack's frame layer and guard share one encoder and both leave `HEAD` alone.
+            _ => unreachable!("the frame layer and the guard of a DrainStack decide alike"),
+        };
+        Self {
+            inner: Inner::Body { body },
+            state,
+            watched,
             track,
         }
     }
 
-    fn frame(
-        frame: Option<Bytes>,
-        watched: Watched,
-        st: Option<Box<Stream>>,
-        track: Option<StreamGuard>,
-    ) -> Self {
+    /// A body of the stack's own: `frame` (or nothing), the registration released at its end.
+    pub(crate) fn frame(frame: Option<Bytes>, track: Option<StreamGuard>) -> Self {
         Self {
             inner: Inner::Frame { frame },
-            inj: None,
-            watched,
-            st,
+            state: None,
+            watched: None,
             track,
         }
     }
@@ -120,7 +173,7 @@ impl<B> Default for DrainBody<B> {
     /// assert!(body.is_end_stream());
     /// ```
     fn default() -> Self {
-        Self::frame(None, None, None, None)
+        Self::frame(None, None)
     }
 }
 
@@ -151,15 +204,15 @@ where
         // result was copied with 16-byte loads right after the inner body's narrower stores,
         // which stalls store-to-load forwarding: most of the fused path's cost per frame.
         let mut res;
-        match this.inj.as_mut() {
-            Some(inj) if inj.is_fused() && inj.serving() => {
+        match this.state.as_mut() {
+            Some(state) if state.fused && state.inj.serving() => {
                 res = inner.as_mut().poll_frame(cx);
                 // Each layer's fast path in one: the frame layer's boundary tracker, the
                 // registration's counts; the guard only forwards here.
                 match &res {
                     Poll::Ready(Some(Ok(frame))) if frame.is_data() => {
                         if let Some(d) = frame.data_ref() {
-                            inj.as_mut().forwarded(d);
+                            state.as_mut().project().inj.forwarded(d);
                             if let Some(g) = this.track.as_mut() {
                                 g.frames += 1;
                                 g.bytes += d.len() as u64;
@@ -170,12 +223,11 @@ where
                         // Moved out and back (not lent): the inner body's store of `res` must
                         // stay the only one on the fast path.
                         let r = std::mem::replace(&mut res, Poll::Pending);
-                        res =
-                            leave_stream(inner, this.inj, this.watched, this.st, this.track, r, cx);
+                        res = leave_stream(inner, state.as_mut(), this.watched, this.track, r, cx);
                     }
                 }
             }
-            None if this.st.is_none() => {
+            None => {
                 // Neither the guard nor the frame layer add anything: the registration's
                 // bookkeeping and the breaker's error count.
                 res = inner.as_mut().poll_frame(cx);
@@ -184,15 +236,13 @@ where
                     track_body::account(this.track, r, || inner.is_end_stream());
                 }
             }
-            Some(inj) => {
-                if inj.is_fused() {
+            Some(state) => {
+                if state.fused {
                     // `Closing` began: the layers' logic from here on.
-                    inj.as_mut().set_fused(false);
-                    sync(this.inj, this.st);
+                    state.as_mut().unfuse();
                 }
-                res = poll_layers(inner, this.inj, this.watched, this.st, this.track, cx);
+                res = poll_layers(inner, Some(state.as_mut()), this.watched, this.track, cx);
             }
-            None => res = poll_layers(inner, this.inj, this.watched, this.st, this.track, cx),
         }
         res
     }
@@ -201,10 +251,12 @@ where
     fn is_end_stream(&self) -> bool {
         match &self.inner {
             Inner::Frame { frame } => frame.is_none(),
-            Inner::Body { body } => guard_body::end_of(
-                Some(|| frame_body::end_of(body, self.inj.as_deref())),
-                self.st.as_deref(),
-            ),
+            Inner::Body { body } => match self.state.as_deref() {
+                None => body.is_end_stream(),
+                Some(s) => {
+                    guard_body::end_of(Some(|| frame_body::end_of(body, Some(&s.inj))), Some(&s.st))
+                }
+            },
         }
     }
 
@@ -213,19 +265,14 @@ where
             Inner::Frame { frame } => {
                 SizeHint::with_exact(frame.as_ref().map_or(0, |f| f.len() as u64))
             }
-            Inner::Body { body } => guard_body::hint_of(
-                Some(|| frame_body::hint_of(body, self.inj.as_deref())),
-                self.st.as_deref(),
-            ),
+            Inner::Body { body } => match self.state.as_deref() {
+                None => body.size_hint(),
+                Some(s) => guard_body::hint_of(
+                    Some(|| frame_body::hint_of(body, Some(&s.inj))),
+                    Some(&s.st),
+                ),
+            },
         }
-    }
-}
-
-/// Leaving the fused stream path for good: the guard's tracker catches up with the frame
-/// body's.
-fn sync(inj: &Option<Pin<Box<Injecting>>>, st: &mut Option<Box<Stream>>) {
-    if let (Some(inj), Some(st)) = (inj, st) {
-        st.sync_tracker(inj.tracker());
     }
 }
 
@@ -236,9 +283,8 @@ fn sync(inj: &Option<Pin<Box<Injecting>>>, st: &mut Option<Box<Stream>>) {
 #[inline(never)]
 fn leave_stream<B>(
     inner: Pin<&mut B>,
-    inj: &mut Option<Pin<Box<Injecting>>>,
+    mut state: Pin<&mut StreamState>,
     watched: &mut Watched,
-    st: &mut Option<Box<Stream>>,
     track: &mut Option<StreamGuard>,
     res: Poll<Option<Result<Frame<Bytes>, B::Error>>>,
     cx: &mut Context<'_>,
@@ -247,30 +293,25 @@ where
     B: Body<Data = Bytes>,
     B::Error: fmt::Display,
 {
-    let (Some(state), Some(stream)) = (inj.as_mut(), st.as_deref_mut()) else {
-        // Not a fused stream after all (never so by construction): no result is lost.
-        return res;
-    };
     let Poll::Ready(r) = res else {
-        if !state.as_mut().poll_closing(cx) {
+        if !state.as_mut().project().inj.poll_closing(cx) {
             return Poll::Pending;
         }
-        state.as_mut().set_fused(false);
-        sync(inj, st);
-        return poll_layers(inner, inj, watched, st, track, cx);
+        state.as_mut().unfuse();
+        return poll_layers(inner, Some(state), watched, track, cx);
     };
-    state.as_mut().set_fused(false);
-    stream.sync_tracker(state.tracker());
+    state.as_mut().unfuse();
+    let mut s = state.project();
     if r.is_none() {
-        state.as_mut().ended();
+        s.inj.as_mut().ended();
     }
-    let frame_end = frame_body::end_of(&*inner, Some(&**state));
-    let out = stream.handle(r, frame_end);
+    let frame_end = frame_body::end_of(&*inner, Some(&*s.inj));
+    let out = s.st.handle(r, frame_end, GateRef::local(s.claimed));
     if let Poll::Ready(o) = &out {
         track_body::account(track, o, || {
             guard_body::end_of(
-                Some(|| frame_body::end_of(&*inner, Some(&**state))),
-                Some(&*stream),
+                Some(|| frame_body::end_of(&*inner, Some(&*s.inj))),
+                Some(&*s.st),
             )
         });
     }
@@ -282,9 +323,8 @@ where
 #[inline(never)]
 fn poll_layers<B>(
     inner: Pin<&mut B>,
-    inj: &mut Option<Pin<Box<Injecting>>>,
+    state: Option<Pin<&mut StreamState>>,
     watched: &mut Watched,
-    st: &mut Option<Box<Stream>>,
     track: &mut Option<StreamGuard>,
     cx: &mut Context<'_>,
 ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>>
@@ -292,14 +332,23 @@ where
     B: Body<Data = Bytes>,
     B::Error: fmt::Display,
 {
+    let (inj, st, gate) = match state {
+        Some(s) => {
+            let s = s.project();
+            (Some(s.inj), Some(s.st), GateRef::local(s.claimed))
+        }
+        None => (None, None, GateRef::default()),
+    };
     let mut framed = FrameView {
         inner,
-        state: inj.as_mut().map(Pin::as_mut),
+        state: inj,
+        gate,
     };
     let mut guarded = GuardView {
         inner: Pin::new(&mut framed),
         watched,
-        st: st.as_deref_mut(),
+        st,
+        gate,
     };
     track_body::poll_parts(Pin::new(&mut guarded), track, cx)
 }
@@ -308,8 +357,7 @@ impl<B> fmt::Debug for DrainBody<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("DrainBody")
             .field("tracked", &self.track.is_some())
-            .field("stream", &self.st.is_some())
-            .field("injecting", &self.inj.is_some())
+            .field("stream", &self.state.is_some())
             .finish_non_exhaustive()
     }
 }

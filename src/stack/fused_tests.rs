@@ -285,6 +285,14 @@ const CASES: &[Case] = &[
         acts: &[P, P, Drain, P, P],
     },
     Case {
+        name: "sse with guard limits, drained, then a heartbeat's interval: no heartbeat",
+        content_type: SSE,
+        stack: with_limits,
+        script: &[Data("data: 1\n\n"), Pending],
+        // The drain's propagation delay makes a heartbeat due first.
+        acts: &[P, P, Drain, P, P, Sleep(1_100), P, P],
+    },
+    Case {
         name: "ndjson drained",
         content_type: "application/x-ndjson",
         stack: |s| s.encoder(NdJson::new()),
@@ -383,6 +391,17 @@ async fn the_fused_body_keeps_each_layers_behaviour() {
         "{t:#?}"
     );
 
+    // The frame layer's final frame is the stream's last: the guard, which shares its flag,
+    // adds no heartbeat after it.
+    let (t, _) = both(find(
+        "sse with guard limits, drained, then a heartbeat's interval: no heartbeat",
+    ))
+    .await;
+    assert!(t[4].starts_with("data :\n\n"), "{t:#?}");
+    assert!(t[5].starts_with("data event: shutdown\n"), "{t:#?}");
+    assert!(t[6].starts_with("end | end true"), "{t:#?}");
+    assert_eq!(t.last().unwrap(), "notified 1", "{t:#?}");
+
     let (t, _) = both(find("grpc drained: trailers only")).await;
     assert!(
         t[3].starts_with("trailers {\"grpc-status\": \"14\""),
@@ -428,6 +447,50 @@ async fn the_fused_body_serves_the_sse_retry_frame() {
         body.as_mut().poll_frame(&mut cx),
         Poll::Ready(None)
     ));
+}
+
+/// A stream answered through the nested layers (a keyed request) drains as a fused one does,
+/// and neither leaves the frame layer's final-frame flag in the response for an outer guard.
+#[tokio::test(start_paused = true)]
+async fn keyed_and_fused_streams_drain_alike_and_share_no_flag() {
+    let drain = controller();
+    let svc = DrainStack::new(drain.watch())
+        .max_per_key(1)
+        .key_header(http::HeaderName::from_static("x-user"))
+        .layer(tower::service_fn(|_req: Request<()>| async {
+            let mut res = Response::new(Script(VecDeque::from([Out::Data("data: 1\n\n")])));
+            res.headers_mut()
+                .insert("content-type", HeaderValue::from_static(SSE));
+            Ok::<_, Infallible>(res)
+        }));
+    let keyed = Request::builder().header("x-user", "ann").body(()).unwrap();
+    let mut bodies = Vec::new();
+    for req in [keyed, Request::new(())] {
+        let res = svc.clone().oneshot(req).await.unwrap();
+        assert_eq!(res.status(), 200);
+        assert!(res.extensions().get::<crate::frame::FinalGate>().is_none());
+        bodies.push(Box::pin(res.into_body()));
+    }
+    let mut cx = Context::from_waker(Waker::noop());
+    let mut poll = |b: &mut Pin<Box<super::DrainBody<Script>>>| match b.as_mut().poll_frame(&mut cx)
+    {
+        Poll::Ready(Some(Ok(f))) => text(&f.into_data().unwrap()),
+        Poll::Ready(None) => "end".to_owned(),
+        other => format!("{:?}", other.map(|o| o.map(|r| r.is_ok()))),
+    };
+    for b in &mut bodies {
+        assert_eq!(poll(b), "data: 1\n\n");
+        assert_eq!(poll(b), "Pending");
+    }
+    drain.drain(DrainReason::Manual);
+    drain.closing().await;
+    for b in &mut bodies {
+        assert!(poll(b).starts_with("event: shutdown\n"));
+        assert_eq!(poll(b), "end");
+        assert!(b.is_end_stream());
+    }
+    assert_eq!(drain.active_streams(), 0);
+    assert_eq!(drain.notified_so_far(), 2);
 }
 
 #[test]

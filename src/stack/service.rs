@@ -10,9 +10,9 @@ use pin_project_lite::pin_project;
 use tokio::time::Sleep;
 use tower_service::Service;
 
-use super::body::DrainBody;
-use crate::frame::{self, Frame, FrameBody};
-use crate::guard::{self, CallState, Guard, GuardedBody};
+use super::body::{DrainBody, StreamState};
+use crate::frame::{self, Frame, FrameBody, Injecting};
+use crate::guard::{self, CallState, Guard, Guarded, GuardedBody};
 use crate::reject::{Default503, Mode, Plain, Reject};
 use crate::track::{MemoryStore, StreamGuard, Track, TrackedBody};
 
@@ -227,11 +227,16 @@ where
                 let Fused { stream, call } = state.take().expect("polled after completion");
                 // Drop the inner future now, then answer.
                 kind.set(Kind::Done);
-                (stream, guard::timed_out_response(call))
+                (stream, guard::timed_out_response::<()>(call))
             }
             KindProj::Nested { fut, .. } => {
                 let res = ready!(fut.as_mut().poll(cx));
-                return Poll::Ready(res.map(|res| res.map(|b| DrainBody::fuse(M::into_parts(b)))));
+                return Poll::Ready(res.map(|mut res| {
+                    // The frame layer's gate is not the one the stream's state keeps: an outer
+                    // guard must not take it (as with a fused call, which leaves none).
+                    res.extensions_mut().remove::<frame::FinalGate>();
+                    res.map(|b| DrainBody::nested(M::into_parts(b)))
+                }));
             }
             KindProj::Rejected {
                 status,
@@ -239,21 +244,21 @@ where
                 stream,
             } => {
                 let stream = stream.take().expect("polled after completion");
-                let res = guard::rejection(*status, *retry_after);
+                let res = guard::rejection::<()>(*status, *retry_after);
                 kind.set(Kind::Done);
                 (stream, res)
             }
             KindProj::Done => panic!("ResponseFuture polled after completion"),
         };
-        Poll::Ready(Ok(
-            res.map(|b| DrainBody::fuse(Ok(TrackedBody::new(b, Some(stream)))))
-        ))
+        // The guard's own answers have no body; the registration ends with it.
+        Poll::Ready(Ok(res.map(|_| DrainBody::frame(None, Some(stream)))))
     }
 }
 
-/// The inner call's result through the layers' steps after it, innermost first, as the
-/// nested layers would: frame, guard, track. The stream decision is made once for both
-/// the frame and the guard (they share the encoder).
+/// The inner call's result through the layers' steps after it, as the nested layers would:
+/// the stream decision is made once for both the frame layer and the guard (they share the
+/// encoder), the breaker hears of the outcome, and a stream gets both layers' state in one
+/// allocation.
 #[inline]
 fn respond<B, E>(
     stream: StreamGuard,
@@ -266,10 +271,15 @@ fn respond<B, E>(
         Err(e) => return Err(guard::finish_err(call, e)),
     };
     let inject = guard::injects(&call, &res);
-    let res = frame::respond(inject.then(|| call.cfg.frame.clone()), res);
-    // The final-frame gate goes straight to the guard, not through the response's extensions.
-    let res = guard::finish_ok(call, res, inject, |res| res.body().gate());
-    Ok(res.map(|b| DrainBody::fuse(Ok(TrackedBody::new(b, Some(stream))))))
+    let (state, watched) = match guard::finish_ok(call, &res, inject) {
+        Guarded::Stream(st) => {
+            let inj = Injecting::new(st.frame_config(), frame::run_to_completion(&res));
+            (Some(StreamState::new(inj, st)), None)
+        }
+        Guarded::Watched(cfg, uri) => (None, Some((cfg, uri))),
+        Guarded::Plain => (None, None),
+    };
+    Ok(res.map(|b| DrainBody::new(b, state, watched, stream)))
 }
 
 impl<N, F, B, M> std::fmt::Debug for ResponseFuture<N, F, B, M> {
