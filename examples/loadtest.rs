@@ -25,6 +25,10 @@
 //!   with the chunked body's last chunk. `--hyper-extra N` gives each of the hyper floor's
 //!   bodies N heap objects of its own (128 bytes each), written at the trigger and freed with
 //!   the final frame, as the crate's per-stream state is: what such objects cost a drain.
+//!   Each server also reports the CPU time it used from the trigger until every client had
+//!   its end (the scheduler's count over all its threads): `server_cpu_us_per_stream` per
+//!   server and `cpu_vs_hyper`, the crate's over the hyper floor's (median of the rounds'
+//!   ratios), a steadier figure than a maximum latency on a shared machine.
 //! - `throughput`: hello-world over HTTP/1.1 keep-alive, bare axum vs the same app under the
 //!   full `DrainStack`, alternating runs, same process. `--layer` puts one layer in place of
 //!   the stack: an identity `MapResponseLayer` (`identity`, the floor of any layer), a
@@ -197,10 +201,20 @@ fn serve_cmd(mode: &str, hyper_extra: usize) {
         std::thread::spawn(move || {
             let mut line = String::new();
             let _ = std::io::stdin().lock().read_line(&mut line);
+            let cpu_at_trigger = process_cpu_ns();
             stdin_trigger.cancel();
-            // A second read ends when the parent closes stdin: time to exit.
+            // `cpu` once every client has its end: the CPU time this process used since the
+            // trigger (the drain's, whatever thread spent it).
             line.clear();
             let _ = std::io::stdin().lock().read_line(&mut line);
+            if line.trim() == "cpu" {
+                let used = process_cpu_ns().saturating_sub(cpu_at_trigger);
+                println!("cpu_ns {used}");
+                std::io::stdout().flush().unwrap();
+                // The next read ends when the parent closes stdin: time to exit.
+                line.clear();
+                let _ = std::io::stdin().lock().read_line(&mut line);
+            }
             let _ = done_tx.send(());
         });
 
@@ -210,6 +224,19 @@ fn serve_cmd(mode: &str, hyper_extra: usize) {
             _ => serve_crate(listener, trigger, done_rx).await,
         }
     });
+}
+
+/// CPU time this process's threads have used, in nanoseconds (the scheduler's own count,
+/// `/proc/self/task/*/schedstat`, not 10-ms ticks).
+fn process_cpu_ns() -> u64 {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
 }
 
 async fn serve_crate(
@@ -570,6 +597,8 @@ struct RunResult {
     clean_ends: usize,
     latencies_ms: Vec<f64>,
     server: String,
+    /// The server's CPU time from the trigger until every client had its end.
+    cpu_ms: f64,
 }
 
 /// One run against a fresh server process (`raw` or the crate's stack).
@@ -648,6 +677,16 @@ fn run_drain(
         let _ = stdout.read_line(&mut l);
         l.trim().to_string()
     };
+    // Every client has its end (or gave up): the server's CPU time since the trigger.
+    let cpu_ms = {
+        let _ = stdin.write_all(b"cpu\n").and_then(|()| stdin.flush());
+        let mut l = String::new();
+        let _ = stdout.read_line(&mut l);
+        l.trim()
+            .strip_prefix("cpu_ns ")
+            .and_then(|n| n.parse::<f64>().ok())
+            .map_or(f64::NAN, |ns| ns / 1e6)
+    };
     drop(stdin); // the server exits
     let _ = child.wait();
     let (notified, clean_ends, latencies_ms) = result?;
@@ -656,6 +695,7 @@ fn run_drain(
         clean_ends,
         latencies_ms,
         server,
+        cpu_ms,
     })
 }
 
@@ -672,6 +712,7 @@ fn drain_cmd(streams: usize, rounds: usize, hyper_extra: usize) -> bool {
     // a machine that slows down or speeds up during the run weighs on all three alike.
     const MODES: [&str; 3] = ["crate", "raw", "hyper"];
     let mut runs: Vec<[Option<Pct>; 3]> = Vec::new();
+    let mut cpu: [Vec<f64>; 3] = Default::default();
     let (mut notified, mut clean_ends, mut all_clean) = (streams, streams, true);
     for round in 0..rounds {
         let mut got: [Option<Pct>; 3] = [None; 3];
@@ -692,15 +733,17 @@ fn drain_cmd(streams: usize, rounds: usize, hyper_extra: usize) -> bool {
             }
             let p = pct(r.latencies_ms);
             eprintln!(
-                "drain round {round}, {}: {}/{streams} notified, {}/{streams} clean ends, p50 {} ms p99 {} ms max {} ms{}",
+                "drain round {round}, {}: {}/{streams} notified, {}/{streams} clean ends, p50 {} ms p99 {} ms max {} ms, server CPU {:.1} ms{}",
                 MODES[m],
                 r.notified,
                 r.clean_ends,
                 p.p50,
                 p.p99,
                 p.max,
+                r.cpu_ms,
                 if r.server.is_empty() { String::new() } else { format!(" (server: {})", r.server) },
             );
+            cpu[m].push(r.cpu_ms);
             got[m] = Some(p);
         }
         runs.push(got);
@@ -719,6 +762,11 @@ fn drain_cmd(streams: usize, rounds: usize, hyper_extra: usize) -> bool {
         .collect();
     let ratio_max = r2(median(&mut ratios.clone()));
     let ratio_max_vs_hyper = r2(median(&mut ratios_hyper));
+    // The server's CPU per stream for the drain, and the crate's over the hyper floor's (each
+    // round's ratio, then the median).
+    let cpu_us_per_stream = |m: usize| r2(median(&mut cpu[m].clone()) * 1e3 / streams as f64);
+    let mut cpu_vs_hyper: Vec<f64> = cpu[0].iter().zip(&cpu[2]).map(|(c, h)| c / h).collect();
+    let cpu_vs_hyper = r2(median(&mut cpu_vs_hyper));
     println!(
         "{}",
         serde_json::json!({
@@ -733,12 +781,19 @@ fn drain_cmd(streams: usize, rounds: usize, hyper_extra: usize) -> bool {
             "ratio_max_rounds": ratios.iter().map(|r| r2(*r)).collect::<Vec<_>>(),
             "hyper_floor_ms": median_pct(&hyper),
             "ratio_max_vs_hyper": ratio_max_vs_hyper,
+            "server_cpu_us_per_stream": {
+                "crate": cpu_us_per_stream(0),
+                "raw": cpu_us_per_stream(1),
+                "hyper": cpu_us_per_stream(2),
+            },
+            "cpu_vs_hyper": cpu_vs_hyper,
         })
     );
     let (c, f, h) = (median_pct(&fanout), median_pct(&floor), median_pct(&hyper));
     eprintln!(
-        "drain: {streams} streams, {rounds} rounds (medians over rounds); crate: {notified}/{streams} notified, {clean_ends}/{streams} clean ends (worst round), fan-out p50 {} ms p99 {} ms max {} ms; raw floor: p50 {} ms p99 {} ms max {} ms; hyper floor (hand-written body): p50 {} ms p99 {} ms max {} ms; ratio of maxima {ratio_max} (vs raw, median of the rounds' ratios), {ratio_max_vs_hyper} (vs hyper)",
+        "drain: {streams} streams, {rounds} rounds (medians over rounds); crate: {notified}/{streams} notified, {clean_ends}/{streams} clean ends (worst round), fan-out p50 {} ms p99 {} ms max {} ms; raw floor: p50 {} ms p99 {} ms max {} ms; hyper floor (hand-written body): p50 {} ms p99 {} ms max {} ms; ratio of maxima {ratio_max} (vs raw, median of the rounds' ratios), {ratio_max_vs_hyper} (vs hyper); server CPU per stream from the trigger to the last end: crate {} µs, raw {} µs, hyper {} µs ({cpu_vs_hyper} × hyper)",
         c.p50, c.p99, c.max, f.p50, f.p99, f.max, h.p50, h.p99, h.max,
+        cpu_us_per_stream(0), cpu_us_per_stream(1), cpu_us_per_stream(2),
     );
     all_clean
 }
