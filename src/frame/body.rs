@@ -45,11 +45,10 @@ impl FrameConfig {
 /// sends none.
 ///
 /// The frame layer creates it for each injecting response and puts a clone in the response's
-/// extensions, where an outer guard layer picks it up (the fused
-/// [`DrainService`](crate::stack::DrainService) call hands it to the guard's step directly).
-///
-/// The fused [`DrainBody`](crate::stack::DrainBody) keeps the flag in its stream's one
-/// allocation instead; either way the bodies' logic reaches it through a [`GateRef`].
+/// extensions, where an outer guard layer picks it up. A
+/// [`DrainBody`](crate::stack::DrainBody) keeps the flag in its stream's one allocation
+/// instead, and takes it out of the extensions of the responses its nested layers answer;
+/// either way the bodies' logic reaches the flag through a [`GateRef`].
 #[derive(Clone, Debug, Default)]
 pub(crate) struct FinalGate(Arc<AtomicBool>);
 
