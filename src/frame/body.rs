@@ -56,12 +56,6 @@ impl FinalGate {
     pub(crate) fn new() -> Self {
         Self::default()
     }
-
-    /// The flag, for the bodies' logic.
-    #[inline]
-    pub(crate) fn get(&self) -> GateRef<'_> {
-        GateRef(Some(&self.0))
-    }
 }
 
 /// A stream's final-frame flag, wherever its owner keeps it (or none: the stream's final
@@ -79,7 +73,7 @@ impl<'a> GateRef<'a> {
     /// The gate of `gate`, if any.
     #[inline]
     pub(crate) fn of(gate: &'a Option<FinalGate>) -> Self {
-        gate.as_ref().map_or(Self(None), FinalGate::get)
+        Self(gate.as_ref().map(|g| &*g.0))
     }
 
     /// Claims the right to send the final frame: `true` for exactly one caller (always, with

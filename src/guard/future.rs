@@ -203,10 +203,13 @@ fn finish<B, E>(st: CallState, res: Result<Response<B>, E>) -> Result<Response<G
     match res {
         Ok(res) => {
             let inject = injects(&st, &res);
-            // An inner frame layer left the stream's final-frame gate in the extensions.
-            let gate = res.extensions().get::<FinalGate>().cloned();
             Ok(match finish_ok(st, &res, inject) {
-                Guarded::Stream(stream) => res.map(|b| GuardedBody::stream(b, stream, gate)),
+                Guarded::Stream(stream) => {
+                    // An inner frame layer left the stream's final-frame gate in the
+                    // extensions (looked up for streams only).
+                    let gate = res.extensions().get::<FinalGate>().cloned();
+                    res.map(|b| GuardedBody::stream(b, stream, gate))
+                }
                 Guarded::Watched(cfg, uri) => res.map(|b| GuardedBody::watched(b, cfg, uri)),
                 Guarded::Plain => res.map(GuardedBody::passthrough),
             })
