@@ -18,6 +18,7 @@ use axum::routing::get;
 use axum::Router;
 use futures_util::stream::Stream;
 use http::{HeaderName, HeaderValue, StatusCode};
+use tower_drain::controller::MAX_DURATION;
 use tower_drain::probe::Probes;
 use tower_drain::track::{ConnectionStore, RedisStore};
 use tower_drain::{DrainBuilder, DrainController, DrainStack};
@@ -52,6 +53,20 @@ fn number(name: &'static str, default: u64, allow_zero: bool) -> Result<u64, Str
     Ok(n)
 }
 
+/// A duration variable: a whole number of `unit`s, at most [`MAX_DURATION`].
+fn duration(
+    name: &'static str,
+    default: u64,
+    unit: fn(u64) -> Duration,
+    allow_zero: bool,
+) -> Result<Duration, String> {
+    let d = unit(number(name, default, allow_zero)?);
+    if d > MAX_DURATION {
+        return Err(format!("invalid {name}: must be at most 365 days"));
+    }
+    Ok(d)
+}
+
 fn settings() -> Result<Settings, String> {
     let addr = var("ADDR").unwrap_or_else(|| "127.0.0.1:3000".into());
     let addr: SocketAddr = addr
@@ -64,12 +79,12 @@ fn settings() -> Result<Settings, String> {
         addr,
         drain,
         drain_key: var("DRAIN_AUTH_KEY").filter(|k| !k.is_empty()),
-        tick: Duration::from_millis(number("TICK_MS", 1000, false)?),
-        max_lifetime: Duration::from_secs(number("MAX_STREAM_LIFETIME", 1800, false)?),
+        tick: duration("TICK_MS", 1000, Duration::from_millis, false)?,
+        max_lifetime: duration("MAX_STREAM_LIFETIME", 1800, Duration::from_secs, false)?,
         max_per_client: u32::try_from(number("MAX_STREAMS_PER_CLIENT", 0, true)?)
             .map_err(|_| "invalid MAX_STREAMS_PER_CLIENT: too large".to_string())?,
         redis_url: var("REDIS_URL").filter(|u| !u.is_empty()),
-        redis_lease_ttl: Duration::from_secs(number("REDIS_LEASE_TTL", 30, false)?),
+        redis_lease_ttl: duration("REDIS_LEASE_TTL", 30, Duration::from_secs, false)?,
     })
 }
 

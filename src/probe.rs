@@ -70,8 +70,9 @@ impl Probes {
         Self { drain, key: None }
     }
 
-    /// Enables `POST /drain` for requests carrying `Authorization: Bearer <key>`. An empty key
-    /// keeps it disabled.
+    /// Enables `POST /drain` for requests carrying `Authorization: Bearer <key>`. Leading and
+    /// trailing white space of `key` is ignored (a key read from a file usually ends with a
+    /// newline, which no bearer token can carry); an empty or blank key keeps it disabled.
     ///
     /// ```
     /// let probes = tower_drain::probe::Probes::new(tower_drain::DrainController::new())
@@ -79,7 +80,7 @@ impl Probes {
     /// # drop(probes);
     /// ```
     pub fn drain_key(mut self, key: impl AsRef<str>) -> Self {
-        let key = key.as_ref().as_bytes();
+        let key = key.as_ref().trim().as_bytes();
         self.key = (!key.is_empty()).then(|| Arc::from(key));
         self
     }
@@ -226,6 +227,24 @@ mod tests {
             call(&p, post(Some("Bearer k3y"))).await.0,
             StatusCode::ACCEPTED
         );
+    }
+
+    #[tokio::test]
+    async fn a_key_read_from_a_file_matches_without_its_newline() {
+        let drain = DrainController::new();
+        let p = Probes::new(drain.clone()).drain_key("k3y\n");
+        assert_eq!(
+            call(&p, post(Some("Bearer k3y"))).await.0,
+            StatusCode::ACCEPTED
+        );
+        // Blank keys stay disabled, whatever their white space.
+        let drain = DrainController::new();
+        let p = Probes::new(drain.clone()).drain_key(" \r\n");
+        assert_eq!(
+            call(&p, post(Some("Bearer "))).await.0,
+            StatusCode::FORBIDDEN
+        );
+        assert!(!drain.is_draining());
     }
 
     #[tokio::test]

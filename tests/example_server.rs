@@ -41,6 +41,14 @@ fn invalid_settings_exit_2_naming_the_variable() {
         ("REDIS_LEASE_TTL", "0"),
         ("MAX_STREAMS_PER_CLIENT", "x"),
         ("RECONNECT_DELAY", "1.5"),
+        // Absurd durations (they used to panic on SIGTERM or on the first stream).
+        ("SHUTDOWN_GRACE_PERIOD", "18446744073709551615"),
+        ("PROPAGATION_DELAY_MS", "18446744073709551615"),
+        ("RECONNECT_DELAY", "18446744073709551615"),
+        ("DRAIN_SPREAD_MS", "18446744073709551615"),
+        ("TICK_MS", "18446744073709551615"),
+        ("MAX_STREAM_LIFETIME", "18446744073709551615"),
+        ("REDIS_LEASE_TTL", "18446744073709551615"),
     ] {
         let out = Command::new(binary())
             .env("ADDR", "127.0.0.1:0")

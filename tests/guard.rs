@@ -127,3 +127,36 @@ async fn a_failing_endpoint_trips_the_breaker_over_the_wire() {
     .await
     .expect("watchdog");
 }
+
+#[test]
+fn absurd_durations_are_rejected_naming_the_setting() {
+    use tower_drain::guard::GuardLayer;
+    let drain = DrainController::new();
+    let g = || GuardLayer::new(drain.watch());
+    let huge = Duration::from_secs(u64::MAX);
+    let check = |r: Result<GuardLayer, tower_drain::ConfigError>, setting: &str| {
+        assert_eq!(r.map(drop).unwrap_err().setting(), setting);
+    };
+    check(g().response_timeout(huge), "response_timeout");
+    check(g().max_lifetime(huge), "max_lifetime");
+    check(g().idle_timeout(huge), "idle_timeout");
+    check(g().heartbeat(huge), "heartbeat");
+    check(g().cooldown(huge), "cooldown");
+    check(
+        g().revalidate(huge, |_: &http::request::Parts| async {
+            Ok::<_, Infallible>(true)
+        }),
+        "revalidate",
+    );
+    let stack = || DrainStack::new(drain.watch());
+    assert_eq!(
+        stack().max_lifetime(huge).unwrap_err().setting(),
+        "max_lifetime"
+    );
+    assert_eq!(stack().heartbeat(huge).unwrap_err().setting(), "heartbeat");
+    // The largest accepted value works: a stream is served and ticks.
+    drop(
+        g().max_lifetime(tower_drain::controller::MAX_DURATION)
+            .unwrap(),
+    );
+}

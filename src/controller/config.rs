@@ -133,20 +133,40 @@ impl Default for DrainConfig {
 struct Names {
     grace: &'static str,
     propagation: &'static str,
+    reconnect: &'static str,
     spread: &'static str,
 }
 
 const METHOD_NAMES: Names = Names {
     grace: "grace_period",
     propagation: "propagation_delay",
+    reconnect: "reconnect_delay",
     spread: "drain_spread",
 };
 
 const ENV_NAMES: Names = Names {
     grace: "SHUTDOWN_GRACE_PERIOD",
     propagation: "PROPAGATION_DELAY_MS",
+    reconnect: "RECONNECT_DELAY",
     spread: "DRAIN_SPREAD_MS",
 };
+
+/// The longest duration any setting of this crate accepts: 365 days. Longer values are
+/// surely a unit mistake, and rejecting them keeps every deadline the crate computes
+/// (`now + duration`, sums of settings) far from overflow.
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 60 * 60);
+
+/// `d` if it is at most [`MAX_DURATION`], else an error naming `setting`.
+pub(crate) fn at_most_max(setting: &'static str, d: Duration) -> Result<Duration, ConfigError> {
+    if d > MAX_DURATION {
+        Err(ConfigError::new(
+            setting,
+            format!("must be at most 365 days, got {} s", d.as_secs()),
+        ))
+    } else {
+        Ok(d)
+    }
+}
 
 impl Default for DrainBuilder {
     fn default() -> Self {
@@ -278,9 +298,9 @@ impl DrainBuilder {
     ///
     /// # Errors
     ///
-    /// A [`ConfigError`] naming the first invalid setting: a zero grace period or progress
-    /// interval, a jitter outside `0..1`, or a propagation delay plus spread that does not fit
-    /// inside the grace period.
+    /// A [`ConfigError`] naming the first invalid setting: a duration over [`MAX_DURATION`]
+    /// (365 days), a zero grace period or progress interval, a jitter outside `0..1`, or a
+    /// propagation delay plus spread that does not fit inside the grace period.
     pub fn build(self) -> Result<DrainController, ConfigError> {
         self.validate()?;
         Ok(DrainController::from_config(self.config))
@@ -289,6 +309,17 @@ impl DrainBuilder {
     fn validate(&self) -> Result<(), ConfigError> {
         let c = &self.config;
         let n = self.names;
+        for (setting, d) in [
+            (n.grace, c.grace_period),
+            (n.propagation, c.propagation_delay),
+            (n.reconnect, c.reconnect_delay),
+            (n.spread, c.drain_spread),
+            ("progress_interval", c.progress_interval),
+            ("cleanup_timeout", c.cleanup_timeout),
+            ("force_linger", c.force_linger),
+        ] {
+            at_most_max(setting, d)?;
+        }
         if c.grace_period.is_zero() {
             return Err(ConfigError::new(n.grace, "must be greater than zero"));
         }
@@ -394,6 +425,37 @@ mod tests {
             Err(e) => e.setting(),
             Ok(b) => b.build().unwrap_err().setting(),
         }
+    }
+
+    #[test]
+    fn absurd_durations_are_rejected_naming_the_setting() {
+        let huge = Duration::from_secs(u64::MAX);
+        let b = || DrainBuilder::new();
+        let cases: [(DrainBuilder, &str); 7] = [
+            (b().grace_period(huge), "grace_period"),
+            (b().propagation_delay(huge), "propagation_delay"),
+            (b().reconnect_delay(huge), "reconnect_delay"),
+            (b().drain_spread(huge), "drain_spread"),
+            (b().progress_interval(huge), "progress_interval"),
+            (b().cleanup_timeout(huge), "cleanup_timeout"),
+            (b().force_linger(huge), "force_linger"),
+        ];
+        for (builder, setting) in cases {
+            assert_eq!(builder.build().unwrap_err().setting(), setting);
+        }
+        for var in [
+            "SHUTDOWN_GRACE_PERIOD",
+            "PROPAGATION_DELAY_MS",
+            "RECONNECT_DELAY",
+            "DRAIN_SPREAD_MS",
+        ] {
+            let got = DrainBuilder::from_lookup(|k| (k == var).then(|| u64::MAX.to_string()))
+                .and_then(DrainBuilder::build)
+                .unwrap_err();
+            assert_eq!(got.setting(), var);
+        }
+        // The limit itself is accepted.
+        b().grace_period(MAX_DURATION).build().unwrap();
     }
 
     #[test]

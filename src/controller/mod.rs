@@ -55,7 +55,8 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-pub use self::config::{ConfigError, DrainBuilder, DrainConfig};
+pub(crate) use self::config::at_most_max;
+pub use self::config::{ConfigError, DrainBuilder, DrainConfig, MAX_DURATION};
 pub use self::future::{Closing, Draining, Stopped};
 pub use self::phase::{DrainReason, Phase};
 pub use self::report::{CleanupSummary, ShutdownReport};
@@ -64,7 +65,20 @@ use crate::metrics::Metrics;
 use crate::track::registry::Registry;
 
 type CleanupFuture = Pin<Box<dyn Future<Output = Option<CleanupSummary>> + Send>>;
-type CleanupFn = Box<dyn FnOnce() -> CleanupFuture + Send>;
+pub(crate) type CleanupFn = Box<dyn FnOnce() -> CleanupFuture + Send>;
+
+/// Clean-ups registered without a store id beyond which a warning is logged (once): layers
+/// built over and over with such a store (one stack per connection) each keep theirs until
+/// the drain.
+const ANONYMOUS_CLEANUPS_WARN: usize = 64;
+
+/// The store clean-ups to run at the end of a drain.
+#[derive(Default)]
+struct Cleanups {
+    /// Each with the id of the store it cleans (see `ConnectionStore::store_id`), if any.
+    fns: Vec<(Option<usize>, CleanupFn)>,
+    anonymous: usize,
+}
 
 /// State shared by the controller, its watches and every layer built from them.
 pub(crate) struct Shared {
@@ -82,8 +96,11 @@ pub(crate) struct Shared {
     notified: AtomicU64,
     rejected: AtomicU64,
     seed: u64,
-    cleanups: Mutex<Vec<CleanupFn>>,
+    cleanups: Mutex<Cleanups>,
     report: OnceLock<ShutdownReport>,
+    /// The runtime the controller was built on, if any: `drain()` called from a thread
+    /// without one spawns its task there.
+    runtime: Option<tokio::runtime::Handle>,
 }
 
 impl Shared {
@@ -149,11 +166,52 @@ impl Shared {
         (base * (1.0 + j * (2.0 * u - 1.0))).round().max(0.0) as u64
     }
 
-    pub(crate) fn register_cleanup(&self, f: CleanupFn) {
-        self.cleanups
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(f);
+    /// Registers a store's clean-up; one per `id` (clones of one store share it), or one
+    /// per call without an id.
+    pub(crate) fn register_cleanup(&self, id: Option<usize>, f: CleanupFn) {
+        let mut c = self.cleanups.lock().unwrap_or_else(|e| e.into_inner());
+        match id {
+            Some(id) if c.fns.iter().any(|(other, _)| *other == Some(id)) => return,
+            Some(_) => {}
+            None => {
+                c.anonymous += 1;
+                if c.anonymous == ANONYMOUS_CLEANUPS_WARN {
+                    tracing::warn!(
+                        count = c.anonymous,
+                        "tower-drain: many TrackLayers were built with a store that has no \
+                         store_id; each keeps its clean-up until the drain. Build the layer \
+                         once and clone it, or implement ConnectionStore::store_id"
+                    );
+                }
+            }
+        }
+        c.fns.push((id, f));
+    }
+
+    /// Runs the registered clean-ups, each bounded by the clean-up timeout; one that panics
+    /// or times out is logged and leaves no summary.
+    async fn run_cleanups(&self) -> Option<CleanupSummary> {
+        let cfg = &self.config;
+        let cleanups =
+            std::mem::take(&mut self.cleanups.lock().unwrap_or_else(|e| e.into_inner()).fns);
+        let mut store_cleanup: Option<CleanupSummary> = None;
+        for (_, f) in cleanups {
+            // A task of its own: a store's panic ends that task, never the drain.
+            let mut task = tokio::spawn(async move { f().await });
+            match tokio::time::timeout(cfg.cleanup_timeout, &mut task).await {
+                Ok(Ok(Some(s))) => store_cleanup = Some(merge(store_cleanup, s)),
+                Ok(Ok(None)) => {}
+                Ok(Err(e)) => tracing::error!(error = %e, "tower-drain store clean-up failed"),
+                Err(_) => {
+                    task.abort();
+                    tracing::warn!(
+                        timeout_ms = cfg.cleanup_timeout.as_millis() as u64,
+                        "tower-drain store clean-up timed out"
+                    );
+                }
+            }
+        }
+        store_cleanup
     }
 
     /// Walks the phases after `drain()`; runs as one spawned task per controller.
@@ -195,19 +253,7 @@ impl Shared {
         }
         let cleanup_at = Instant::now();
 
-        let cleanups =
-            std::mem::take(&mut *self.cleanups.lock().unwrap_or_else(|e| e.into_inner()));
-        let mut store_cleanup: Option<CleanupSummary> = None;
-        for f in cleanups {
-            match tokio::time::timeout(cfg.cleanup_timeout, f()).await {
-                Ok(Some(s)) => store_cleanup = Some(merge(store_cleanup, s)),
-                Ok(None) => {}
-                Err(_) => tracing::warn!(
-                    timeout_ms = cfg.cleanup_timeout.as_millis() as u64,
-                    "tower-drain store clean-up timed out"
-                ),
-            }
-        }
+        let store_cleanup = self.run_cleanups().await;
         if let Some(s) = &store_cleanup {
             if s.after > 0 {
                 tracing::warn!(
@@ -458,8 +504,9 @@ impl DrainController {
                 notified: AtomicU64::new(0),
                 rejected: AtomicU64::new(0),
                 seed: random_seed(),
-                cleanups: Mutex::new(Vec::new()),
+                cleanups: Mutex::new(Cleanups::default()),
                 report: OnceLock::new(),
+                runtime: tokio::runtime::Handle::try_current().ok(),
             }),
         }
     }
@@ -478,11 +525,10 @@ impl DrainController {
 
     /// Starts a drain. Returns `true` if this call started it, `false` if a drain was already
     /// under way (its first reason is kept). The phase is `Draining` when this returns;
-    /// the later phases are walked by one task spawned on the current tokio runtime.
-    ///
-    /// # Panics
-    ///
-    /// If called outside a tokio runtime.
+    /// the later phases are walked by one task, spawned on the current tokio runtime. Called
+    /// from a thread without one (a signal or admin thread), the task goes to the runtime
+    /// the controller was built on, or, if it was built outside any runtime too, to a
+    /// small runtime on a thread of its own. It never panics.
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")] async fn main() {
@@ -510,7 +556,29 @@ impl DrainController {
         );
         self.shared.set_phase(Phase::Draining);
         self.shared.draining.cancel();
-        tokio::spawn(self.shared.clone().run(started));
+        let run = self.shared.clone().run(started);
+        match tokio::runtime::Handle::try_current()
+            .ok()
+            .or_else(|| self.shared.runtime.clone())
+        {
+            Some(rt) => drop(rt.spawn(run)),
+            None => {
+                let spawned = std::thread::Builder::new()
+                    .name("tower-drain".into())
+                    .spawn(move || {
+                        match tokio::runtime::Builder::new_current_thread()
+                            .enable_all()
+                            .build()
+                        {
+                            Ok(rt) => rt.block_on(run),
+                            Err(e) => tracing::error!(error = %e, "tower-drain: no runtime"),
+                        }
+                    });
+                if let Err(e) = spawned {
+                    tracing::error!(error = %e, "tower-drain: cannot start the drain's thread");
+                }
+            }
+        }
         true
     }
 

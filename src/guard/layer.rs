@@ -72,11 +72,12 @@ pub struct GuardLayer {
     cfg: Arc<Config>,
 }
 
+/// `d` if it is neither zero nor over [`MAX_DURATION`](crate::controller::MAX_DURATION).
 fn non_zero(setting: &'static str, d: Duration) -> Result<Duration, ConfigError> {
     if d.is_zero() {
         Err(ConfigError::new(setting, "must be greater than zero"))
     } else {
-        Ok(d)
+        crate::controller::at_most_max(setting, d)
     }
 }
 
@@ -129,7 +130,7 @@ impl GuardLayer {
     ///
     /// # Errors
     ///
-    /// `d` is zero.
+    /// `d` is zero or longer than [`MAX_DURATION`](crate::controller::MAX_DURATION).
     ///
     /// ```
     /// use std::time::Duration;
@@ -162,7 +163,7 @@ impl GuardLayer {
     ///
     /// # Errors
     ///
-    /// `d` is zero.
+    /// `d` is zero or longer than [`MAX_DURATION`](crate::controller::MAX_DURATION).
     ///
     /// ```
     /// use std::time::Duration;
@@ -207,7 +208,7 @@ impl GuardLayer {
     ///
     /// # Errors
     ///
-    /// `d` is zero.
+    /// `d` is zero or longer than [`MAX_DURATION`](crate::controller::MAX_DURATION).
     ///
     /// ```
     /// use std::time::Duration;
@@ -228,7 +229,7 @@ impl GuardLayer {
     ///
     /// # Errors
     ///
-    /// `d` is zero.
+    /// `d` is zero or longer than [`MAX_DURATION`](crate::controller::MAX_DURATION).
     ///
     /// ```
     /// use std::time::Duration;
@@ -251,7 +252,7 @@ impl GuardLayer {
     ///
     /// # Errors
     ///
-    /// `every` is zero.
+    /// `every` is zero or longer than [`MAX_DURATION`](crate::controller::MAX_DURATION).
     ///
     /// ```
     /// use std::time::Duration;
@@ -333,7 +334,7 @@ impl GuardLayer {
     ///
     /// # Errors
     ///
-    /// `d` is zero.
+    /// `d` is zero or longer than [`MAX_DURATION`](crate::controller::MAX_DURATION).
     ///
     /// ```
     /// use std::time::Duration;

@@ -40,7 +40,10 @@ impl TrackLayer<MemoryStore> {
 
 impl<St: ConnectionStore> TrackLayer<St> {
     /// Tracks requests with the given store for per-key limits. The store's
-    /// [`shutdown`](ConnectionStore::shutdown) clean-up runs at the end of the controller's drain.
+    /// [`shutdown`](ConnectionStore::shutdown) clean-up runs at the end of the controller's
+    /// drain, once per store however many layers share it (see
+    /// [`store_id`](ConnectionStore::store_id)), so building one layer per connection holds
+    /// no state per connection.
     ///
     /// ```
     /// use tower_drain::track::{MemoryStore, TrackLayer};
@@ -49,10 +52,13 @@ impl<St: ConnectionStore> TrackLayer<St> {
     /// # drop(layer);
     /// ```
     pub fn with_store(watch: DrainWatch, store: St) -> Self {
-        let s = store.clone();
-        watch
-            .shared
-            .register_cleanup(Box::new(move || s.shutdown()));
+        // A `MemoryStore` keeps nothing outside the process: nothing to clean up.
+        if std::any::TypeId::of::<St>() != std::any::TypeId::of::<MemoryStore>() {
+            let s = store.clone();
+            watch
+                .shared
+                .register_cleanup(store.store_id(), Box::new(move || s.shutdown()));
+        }
         Self {
             watch,
             store,

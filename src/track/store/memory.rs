@@ -101,6 +101,10 @@ impl ConnectionStore for MemoryStore {
             }))
         })))
     }
+
+    fn store_id(&self) -> Option<usize> {
+        Some(Arc::as_ptr(&self.inner) as usize)
+    }
 }
 
 pub(crate) struct MemoryLease {

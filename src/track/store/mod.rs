@@ -60,6 +60,35 @@ pub trait ConnectionStore: Clone + Send + Sync + 'static {
     fn shutdown(&self) -> Pin<Box<dyn Future<Output = Option<CleanupSummary>> + Send>> {
         Box::pin(std::future::ready(None))
     }
+
+    /// Identifies the state this handle shares with its clones (for example the address of
+    /// its inner `Arc`), so that a controller runs one [`shutdown`](Self::shutdown) per store
+    /// however many layers are built with clones of it (one stack per connection, say).
+    ///
+    /// The default, `None`, makes each [`TrackLayer`](crate::track::TrackLayer) built with the
+    /// store register a clean-up of its own, kept until the drain (a warning is logged once
+    /// many pile up). Stores that clean up at shutdown should return `Some`.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// # use std::future::{ready, Ready};
+    /// # use tower_drain::track::{ConnectionStore, Lease, StoreError};
+    /// #[derive(Clone, Debug, Default)]
+    /// struct MyStore(Arc<()>);
+    /// impl ConnectionStore for MyStore {
+    /// #   type Future = Ready<Result<Option<Lease>, StoreError>>;
+    /// #   fn acquire(&self, _key: &str, _limit: u32) -> Self::Future { ready(Ok(None)) }
+    ///     // ...
+    ///     fn store_id(&self) -> Option<usize> {
+    ///         Some(Arc::as_ptr(&self.0) as usize)
+    ///     }
+    /// }
+    /// let a = MyStore::default();
+    /// assert_eq!(a.store_id(), a.clone().store_id());
+    /// ```
+    fn store_id(&self) -> Option<usize> {
+        None
+    }
 }
 
 /// One slot held in a [`ConnectionStore`]; dropping it releases the slot.
