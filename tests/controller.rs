@@ -40,7 +40,7 @@ impl ConnectionStore for CountingStore {
     }
 
     fn store_id(&self) -> Option<usize> {
-        self.with_id.then(|| Arc::as_ptr(&self.cleanups) as usize)
+        self.with_id.then_some(Arc::as_ptr(&self.cleanups) as usize)
     }
 }
 

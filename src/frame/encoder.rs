@@ -170,6 +170,20 @@ pub trait FinalFrame: Send + Sync + 'static {
 
     /// The final frame.
     fn encode(&self, ctx: &FrameContext<'_>) -> Final;
+
+    /// The keep-alive the guard's [`heartbeat`](crate::guard::GuardLayer::heartbeat) sends
+    /// after a silence, at an event boundary: a whole record of the protocol that clients
+    /// ignore, or `None` (the default) for protocols without one.
+    ///
+    /// ```
+    /// use tower_drain::frame::{FinalFrame, Grpc, NdJson, Sse};
+    /// assert_eq!(Sse::new().heartbeat(), Some(&b":\n\n"[..]));
+    /// assert_eq!(NdJson::new().heartbeat(), Some(&b"{\"type\":\"heartbeat\"}\n"[..]));
+    /// assert_eq!(Grpc::new().heartbeat(), None);
+    /// ```
+    fn heartbeat(&self) -> Option<&'static [u8]> {
+        None
+    }
 }
 
 fn content_type_starts_with(headers: &HeaderMap, prefixes: &[&str]) -> bool {
@@ -392,6 +406,11 @@ impl FinalFrame for Sse {
         content_type_starts_with(headers, &["text/event-stream"])
     }
 
+    /// An SSE comment line, `:\n\n`, which `EventSource` ignores.
+    fn heartbeat(&self) -> Option<&'static [u8]> {
+        Some(b":\n\n")
+    }
+
     fn boundary(&self) -> Boundary {
         Boundary::Sse
     }
@@ -455,6 +474,13 @@ impl FinalFrame for NdJson {
 
     fn boundary(&self) -> Boundary {
         Boundary::Lines
+    }
+
+    /// A whole JSON record, `{"type":"heartbeat"}\n`: strict JSON Lines parsers reject the
+    /// blank line some servers send. Clients already tell the final frame apart by its
+    /// `"type"`; a heartbeat is one more record to skip.
+    fn heartbeat(&self) -> Option<&'static [u8]> {
+        Some(b"{\"type\":\"heartbeat\"}\n")
     }
 
     fn encode(&self, ctx: &FrameContext<'_>) -> Final {
@@ -561,6 +587,7 @@ impl FinalFrame for Grpc {
 pub struct FnFrame<F> {
     boundary: Boundary,
     content_type: Option<Arc<str>>,
+    heartbeat: Option<&'static [u8]>,
     f: F,
 }
 
@@ -573,6 +600,7 @@ where
         Self {
             boundary,
             content_type: None,
+            heartbeat: None,
             f,
         }
     }
@@ -580,6 +608,20 @@ where
     /// Applies only to responses whose content type starts with `prefix`.
     pub fn content_type(mut self, prefix: &str) -> Self {
         self.content_type = Some(Arc::from(prefix));
+        self
+    }
+
+    /// The keep-alive record for the guard's heartbeat (none by default): a whole record of
+    /// the protocol, ending at a boundary.
+    ///
+    /// ```
+    /// use tower_drain::frame::{Boundary, FinalFrame, FnFrame, Final, FrameContext};
+    /// let enc = FnFrame::new(Boundary::Lines, |_: &FrameContext<'_>| Final::data("BYE\n"))
+    ///     .with_heartbeat(b"PING\n");
+    /// assert_eq!(enc.heartbeat(), Some(&b"PING\n"[..]));
+    /// ```
+    pub fn with_heartbeat(mut self, record: &'static [u8]) -> Self {
+        self.heartbeat = Some(record);
         self
     }
 }
@@ -601,6 +643,10 @@ where
 
     fn encode(&self, ctx: &FrameContext<'_>) -> Final {
         (self.f)(ctx)
+    }
+
+    fn heartbeat(&self) -> Option<&'static [u8]> {
+        self.heartbeat
     }
 }
 

@@ -61,7 +61,7 @@ pub(crate) use self::body::{FinalGate, FrameConfig, GateRef, Injecting};
 pub use self::boundary::Boundary;
 pub(crate) use self::boundary::Tracker;
 pub use self::encoder::{Final, FinalFrame, FnFrame, FrameContext, FrameKind, Grpc, NdJson, Sse};
-pub(crate) use self::service::{run_to_completion, should_inject};
+pub(crate) use self::service::{run_to_completion, should_inject, unfix_length};
 pub use self::service::{Frame, FrameLayer, Inject, ResponseFuture, RunToCompletion};
 
 #[cfg(test)]

@@ -166,6 +166,7 @@ impl<F> fmt::Debug for ResponseFuture<F> {
 impl<F, ResB, E> Future for ResponseFuture<F>
 where
     F: Future<Output = Result<Response<ResB>, E>>,
+    ResB: Body,
 {
     type Output = Result<Response<FrameBody<ResB>>, E>;
 
@@ -192,14 +193,25 @@ where
 /// an outer guard layer. (The fused [`DrainService`](crate::stack::DrainService) call builds
 /// its streams' state itself, with the flag inside.)
 #[inline]
-fn respond<B>(cfg: Option<Arc<FrameConfig>>, res: Response<B>) -> Response<FrameBody<B>> {
+fn respond<B>(cfg: Option<Arc<FrameConfig>>, mut res: Response<B>) -> Response<FrameBody<B>> {
     match cfg {
         Some(cfg) => {
+            unfix_length(&mut res);
             let rtc = run_to_completion(&res);
             res.map(|b| FrameBody::inject(b, cfg, rtc, FinalGate::new()))
         }
         None => res.map(FrameBody::passthrough),
     }
+}
+
+const GRPC_STATUS: header::HeaderName = header::HeaderName::from_static("grpc-status");
+
+/// Prepares the headers of a response whose body may get frames added (final frames,
+/// heartbeats): its `content-length` no longer holds, so it goes (HTTP/1.1 then sends the body
+/// chunked). The body's `size_hint` has no upper bound for as long as a frame may be added.
+#[inline]
+pub(crate) fn unfix_length<B>(res: &mut Response<B>) {
+    res.headers_mut().remove(header::CONTENT_LENGTH);
 }
 
 /// Whether the application asked for `res` to run to completion ([`RunToCompletion`]).
@@ -208,13 +220,17 @@ pub(crate) fn run_to_completion<B>(res: &Response<B>) -> bool {
     res.extensions().get::<RunToCompletion>().is_some()
 }
 
-/// Only streaming responses of the encoder's protocol (or opted in), never bodiless statuses
-/// or already-encoded bodies (put `FrameLayer` inside any compression layer).
-pub(crate) fn should_inject<B>(res: &Response<B>, encoder: &dyn FinalFrame) -> bool {
+/// Only streaming responses of the encoder's protocol (or opted in), never bodiless statuses,
+/// bodies that have already ended (a gRPC "Trailers-Only" answer, with `grpc-status` in its
+/// headers and an empty body, keeps its END_STREAM on the HEADERS frame) or already-encoded
+/// bodies (put `FrameLayer` inside any compression layer).
+pub(crate) fn should_inject<B: Body>(res: &Response<B>, encoder: &dyn FinalFrame) -> bool {
     let status = res.status();
     if status.is_informational()
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED
+        || res.body().is_end_stream()
+        || res.headers().contains_key(GRPC_STATUS)
     {
         return false;
     }

@@ -14,15 +14,12 @@ use tokio::time::{Instant, Sleep};
 
 use super::future::CallState;
 use super::layer::{CheckFn, CheckFuture, Config};
-use crate::frame::{Boundary, FinalGate, FrameKind, GateRef, Tracker};
+use crate::frame::{FinalGate, FrameKind, GateRef, Tracker};
 use crate::route::RoutePath;
 
 /// How long a stream whose limit was reached mid-event may take to reach the event's end
 /// before it is ended without a final frame (clients discard an incomplete event).
 pub(crate) const MID_EVENT_GRACE: Duration = Duration::from_secs(5);
-
-const SSE_HEARTBEAT: &[u8] = b":\n\n";
-const LINE_HEARTBEAT: &[u8] = b"\n";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Step {
@@ -192,13 +189,7 @@ impl Limits {
         let lifetime_at = cfg
             .max_lifetime
             .map(|d| started + d.mul_f64(1.0 - cfg.lifetime_jitter * u1));
-        let heartbeat = cfg
-            .heartbeat
-            .and_then(|_| match cfg.frame.encoder.boundary() {
-                Boundary::Sse => Some(SSE_HEARTBEAT),
-                Boundary::Lines => Some(LINE_HEARTBEAT),
-                _ => None,
-            });
+        let heartbeat = cfg.heartbeat.and_then(|_| cfg.frame.encoder.heartbeat());
         let reval = match (&cfg.revalidate, parts) {
             (Some((every, check)), Some(parts)) => Some(Box::new(Reval {
                 parts: *parts,
@@ -983,7 +974,7 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn ndjson_heartbeat_is_a_newline_and_grpc_gets_deadline_exceeded_trailers() {
+    async fn ndjson_heartbeat_is_a_json_record_and_grpc_gets_deadline_exceeded_trailers() {
         let drain = DrainController::new();
         let layer = GuardLayer::new(drain.watch())
             .encoder(NdJson::new())
@@ -992,7 +983,8 @@ mod tests {
         let (feed, res) = streaming("application/x-ndjson");
         let mut body = spawn(through(&layer, Request::new(()), res).await.into_body());
         advance(Duration::from_secs(1)).await;
-        assert_eq!(text(poll(&mut body)), "\n");
+        // A whole JSON Lines record, never a blank line.
+        assert_eq!(text(poll(&mut body)), "{\"type\":\"heartbeat\"}\n");
         drop(feed);
 
         let layer = GuardLayer::new(drain.watch())

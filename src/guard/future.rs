@@ -105,6 +105,7 @@ fn retry_after_secs(d: Duration) -> HeaderValue {
 impl<F, B, E> Future for ResponseFuture<F>
 where
     F: Future<Output = Result<Response<B>, E>>,
+    B: http_body::Body,
 {
     type Output = Result<Response<GuardedBody<B>>, E>;
 
@@ -195,16 +196,20 @@ pub(crate) fn timed_out_response<B>(mut st: CallState) -> Response<GuardedBody<B
 /// Whether the guard treats `res` as a stream that gets a final frame: never the answer to a
 /// `HEAD`, else the same decision as the frame layer's.
 #[inline]
-pub(crate) fn injects<B>(st: &CallState, res: &Response<B>) -> bool {
+pub(crate) fn injects<B: http_body::Body>(st: &CallState, res: &Response<B>) -> bool {
     !st.head && should_inject(res, &*st.cfg.frame.encoder)
 }
 
-fn finish<B, E>(st: CallState, res: Result<Response<B>, E>) -> Result<Response<GuardedBody<B>>, E> {
+fn finish<B: http_body::Body, E>(
+    st: CallState,
+    res: Result<Response<B>, E>,
+) -> Result<Response<GuardedBody<B>>, E> {
     match res {
-        Ok(res) => {
+        Ok(mut res) => {
             let inject = injects(&st, &res);
             Ok(match finish_ok(st, &res, inject) {
                 Guarded::Stream(stream) => {
+                    crate::frame::unfix_length(&mut res);
                     // An inner frame layer left the stream's final-frame gate in the
                     // extensions (looked up for streams only).
                     let gate = res.extensions().get::<FinalGate>().cloned();

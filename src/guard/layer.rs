@@ -222,10 +222,11 @@ impl GuardLayer {
         Ok(self)
     }
 
-    /// After `d` without anything sent, inject a protocol keep-alive at an event boundary: an
-    /// SSE comment (`:\n\n`) or, for line-delimited protocols, an empty line (`\n`), so proxies
-    /// keep the connection open. Protocols without an in-band keep-alive (gRPC: use HTTP/2
-    /// PING) get none. Off by default.
+    /// After `d` without anything sent, inject the encoder's keep-alive
+    /// ([`FinalFrame::heartbeat`](crate::frame::FinalFrame::heartbeat)) at an event boundary:
+    /// an SSE comment (`:\n\n`) or, for NDJSON, the record `{"type":"heartbeat"}\n`, so
+    /// proxies keep the connection open. Protocols without an in-band keep-alive (gRPC: use
+    /// HTTP/2 PING) get none. Off by default.
     ///
     /// # Errors
     ///

@@ -103,6 +103,7 @@ impl<S: fmt::Debug> fmt::Debug for Guard<S> {
 impl<S, ReqB, ResB> Service<Request<ReqB>> for Guard<S>
 where
     S: Service<Request<ReqB>, Response = Response<ResB>>,
+    ResB: http_body::Body,
 {
     type Response = Response<GuardedBody<ResB>>;
     type Error = S::Error;

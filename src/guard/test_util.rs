@@ -58,7 +58,7 @@ pub(crate) fn sse() -> (Feed, Response<TestBody>) {
 }
 
 /// Runs `res` through a service wrapped in `layer`.
-pub(crate) async fn through<B: Send + 'static>(
+pub(crate) async fn through<B: Body + Send + 'static>(
     layer: &GuardLayer,
     req: Request<()>,
     res: Response<B>,

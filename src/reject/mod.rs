@@ -7,7 +7,9 @@
 //! forbids connection-specific headers). Requests that speak gRPC
 //! (`content-type: application/grpc…`) get a gRPC-shaped answer instead, which gRPC clients
 //! understand: HTTP `200` with `grpc-status: 14` (UNAVAILABLE) and a `grpc-message` (see
-//! [`Default503`]).
+//! [`Default503`]). gRPC-Web (`application/grpc-web…`) gets the plain HTTP answer: its clients
+//! map `503` to UNAVAILABLE themselves, and read statuses from the body, not from HTTP/2
+//! trailers.
 //!
 //! Browsers need one more thing: the SSE spec makes a non-`200` answer fatal for an
 //! `EventSource`, so a page whose reconnect lands on a draining server and gets `503` gives up

@@ -118,11 +118,15 @@ const GRPC_MESSAGE: HeaderValue = HeaderValue::from_static("server%20is%20shutti
 const EVENT_STREAM: HeaderValue = HeaderValue::from_static("text/event-stream");
 const NO_STORE: HeaderValue = HeaderValue::from_static("no-store");
 
-fn is_grpc(parts: &Parts) -> bool {
-    parts
-        .headers
-        .get(header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+/// A gRPC request over HTTP/2 (`application/grpc`, `application/grpc+proto`, …). gRPC-Web
+/// (`application/grpc-web…`) is not: its clients read the status from the body, not from
+/// HTTP/2 trailers, and map an HTTP `503` to UNAVAILABLE themselves, so it gets the plain HTTP
+/// answer (as the [`Grpc`] encoder leaves gRPC-Web streams alone).
+pub(crate) fn is_grpc(parts: &Parts) -> bool {
+    parts.headers.get(header::CONTENT_TYPE).is_some_and(|v| {
+        let v = v.as_bytes();
+        v.starts_with(b"application/grpc") && !v.starts_with(b"application/grpc-web")
+    })
 }
 
 /// Whether a `GET` names `text/event-stream` in its `accept` header (as every `EventSource`
@@ -697,6 +701,39 @@ mod tests {
             b = b.header(header::ACCEPT, *a);
         }
         b.body(()).unwrap().into_parts().0
+    }
+
+    #[test]
+    fn grpc_web_gets_the_http_answer_and_grpc_the_trailers_only_one() {
+        let mut r = Default503::new(Duration::from_secs(2));
+        let req = |ct: &str| {
+            Request::post("/demo.Svc/Call")
+                .header(header::CONTENT_TYPE, ct)
+                .body(())
+                .unwrap()
+                .into_parts()
+                .0
+        };
+        for ct in [
+            "application/grpc-web",
+            "application/grpc-web+proto",
+            "application/grpc-web-text",
+        ] {
+            let res: Response<String> = r.response(&req(ct));
+            assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE, "{ct}");
+            assert_eq!(res.headers()[header::RETRY_AFTER], "2", "{ct}");
+            assert!(res.headers().get("grpc-status").is_none(), "{ct}");
+            assert!(res.headers().get(header::CONTENT_TYPE).is_none(), "{ct}");
+        }
+        for ct in [
+            "application/grpc",
+            "application/grpc+proto",
+            "application/grpc+json",
+        ] {
+            let res: Response<String> = r.response(&req(ct));
+            assert_eq!(res.status(), StatusCode::OK, "{ct}");
+            assert_eq!(res.headers()["grpc-status"], "14", "{ct}");
+        }
     }
 
     #[test]

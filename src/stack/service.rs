@@ -77,6 +77,7 @@ impl<S, St, M> std::fmt::Debug for DrainService<S, St, M> {
 impl<S, St, M, ReqB, B> Service<Request<ReqB>> for DrainService<S, St, M>
 where
     S: Service<Request<ReqB>, Response = Response<B>> + Clone,
+    B: http_body::Body,
     M: Mode,
     Layers<S, St, M>: Service<
         Request<ReqB>,
@@ -201,6 +202,7 @@ impl<N, F, B, M, E> Future for ResponseFuture<N, F, B, M>
 where
     N: Future<Output = Result<Response<M::Body<TrackedBody<GuardedBody<FrameBody<B>>>>>, E>>,
     F: Future<Output = Result<Response<B>, E>>,
+    B: http_body::Body,
     M: Mode,
 {
     type Output = Result<Response<DrainBody<B>>, E>;
@@ -260,12 +262,12 @@ where
 /// encoder), the breaker hears of the outcome, and a stream gets both layers' state in one
 /// allocation.
 #[inline]
-fn respond<B, E>(
+fn respond<B: http_body::Body, E>(
     stream: StreamGuard,
     call: CallState,
     res: Result<Response<B>, E>,
 ) -> Result<Response<DrainBody<B>>, E> {
-    let res = match res {
+    let mut res = match res {
         Ok(res) => res,
         // `stream` is dropped after the breaker heard of the error, as in the nested layers.
         Err(e) => return Err(guard::finish_err(call, e)),
@@ -273,6 +275,7 @@ fn respond<B, E>(
     let inject = guard::injects(&call, &res);
     let (state, watched) = match guard::finish_ok(call, &res, inject) {
         Guarded::Stream(st) => {
+            frame::unfix_length(&mut res);
             let inj = Injecting::new(st.frame_config(), frame::run_to_completion(&res));
             (Some(StreamState::new(inj, st)), None)
         }
