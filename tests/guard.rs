@@ -102,7 +102,7 @@ async fn a_stream_past_its_lifetime_gets_the_timeout_frame_and_a_clean_end() {
 async fn a_failing_endpoint_trips_the_breaker_over_the_wire() {
     tokio::time::timeout(WATCHDOG, async {
         let drain = DrainController::new();
-        let stack = DrainStack::new(drain.watch());
+        let stack = DrainStack::new(drain.watch()).circuit_breaker(true);
         let breaker = stack.breaker().unwrap();
         let app = Router::new()
             .route(
@@ -123,6 +123,80 @@ async fn a_failing_endpoint_trips_the_breaker_over_the_wire() {
         let res = client.get(uri).await.unwrap();
         assert_eq!(res.status(), 503);
         assert_eq!(res.headers()["retry-after"], "30");
+    })
+    .await
+    .expect("watchdog");
+}
+
+/// The reproduction of a service-wide outage: the half-open probe's handler hangs (a long poll,
+/// a stuck dependency). Past the probe timeout it counts as failed, and after the next
+/// cool-down a new probe goes through and closes the circuit.
+#[tokio::test]
+async fn a_hung_half_open_probe_cannot_hold_every_request_at_503() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    tokio::time::timeout(WATCHDOG, async {
+        let drain = DrainController::new();
+        let cooldown = Duration::from_millis(300);
+        let stack = DrainStack::new(drain.watch()).guard(
+            tower_drain::guard::GuardLayer::new(drain.watch())
+                .failure_threshold(1)
+                .unwrap()
+                .cooldown(cooldown)
+                .unwrap(),
+        );
+        let breaker = stack.breaker().unwrap();
+        // Call 0 fails (opens the circuit), call 1 (the probe) hangs, later ones succeed.
+        let calls = Arc::new(AtomicUsize::new(0));
+        let app = Router::new()
+            .route(
+                "/api",
+                get(move || {
+                    let n = calls.fetch_add(1, Ordering::SeqCst);
+                    async move {
+                        match n {
+                            0 => (http::StatusCode::INTERNAL_SERVER_ERROR, "boom"),
+                            1 => std::future::pending().await,
+                            _ => (http::StatusCode::OK, "ok"),
+                        }
+                    }
+                }),
+            )
+            .layer(stack);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(axum::serve(listener, app).into_future());
+        let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
+        let uri: http::Uri = format!("http://{addr}/api").parse().unwrap();
+
+        assert_eq!(client.get(uri.clone()).await.unwrap().status(), 500);
+        assert_eq!(breaker.state(), tower_drain::guard::BreakerState::Open);
+        // After the cool-down, the next request is the probe, and it hangs.
+        tokio::time::sleep(cooldown).await;
+        let hung = tokio::spawn({
+            let (client, uri) = (client.clone(), uri.clone());
+            async move { client.get(uri).await }
+        });
+        while breaker.state() != tower_drain::guard::BreakerState::HalfOpen {
+            tokio::task::yield_now().await;
+        }
+        // Within a bounded time (probe timeout + cool-down) the service answers again.
+        let mut statuses = Vec::new();
+        let ok = loop {
+            let status = client.get(uri.clone()).await.unwrap().status();
+            statuses.push(status.as_u16());
+            if status == 200 {
+                break true;
+            }
+            if statuses.len() > 200 {
+                break false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        assert!(ok, "still turned away: {statuses:?}");
+        assert_eq!(breaker.state(), tower_drain::guard::BreakerState::Closed);
+        assert!(!hung.is_finished(), "the hung probe is still hanging");
+        hung.abort();
     })
     .await
     .expect("watchdog");

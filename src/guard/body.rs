@@ -1014,7 +1014,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_body_error_becomes_an_error_frame_and_a_clean_end() {
         let drain = DrainController::new();
-        let layer = GuardLayer::new(drain.watch());
+        let layer = GuardLayer::new(drain.watch()).circuit_breaker(true);
         let breaker = layer.breaker().unwrap();
         let (feed, res) = sse();
         let mut body = spawn(through(&layer, Request::new(()), res).await.into_body());

@@ -36,6 +36,8 @@ pub(crate) struct Config {
     pub(crate) heartbeat: Option<Duration>,
     pub(crate) revalidate: Option<(Duration, CheckFn)>,
     pub(crate) breaker: Option<Breaker>,
+    /// Set by `probe_timeout`; else the breaker waits a cool-down for its probe.
+    pub(crate) probe_timeout: Option<Duration>,
     pub(crate) breaker_status: StatusCode,
     pub(crate) is_failure: FailureFn,
     pub(crate) pass_errors: bool,
@@ -60,8 +62,9 @@ impl Config {
 /// breaker. Builds [`Guard`].
 ///
 /// Defaults: no response timeout (when set, `504` on expiry), no lifetime, idle or heartbeat
-/// limit, no revalidation, the circuit breaker on (5 consecutive failures, 30 s cool-down,
-/// `503` while open, `5xx` count as failures), body errors end the stream with an error frame,
+/// limit, no revalidation, the circuit breaker off (when on: 5 consecutive failures, 30 s
+/// cool-down, `503` while open, `5xx` count as failures, the probe waited for a cool-down at
+/// most; one breaker for every route under the layer), body errors end the stream with an error frame,
 /// final frames and heartbeats in SSE. Settings that can be invalid return
 /// `Result<Self, ConfigError>` naming the setting.
 ///
@@ -82,17 +85,16 @@ fn non_zero(setting: &'static str, d: Duration) -> Result<Duration, ConfigError>
 }
 
 impl GuardLayer {
-    /// A guard with the defaults (only the circuit breaker and clean stream errors are on),
-    /// reporting to `watch`'s controller (metrics, reconnect hints of final frames).
+    /// A guard with the defaults (only clean stream errors are on), reporting to `watch`'s
+    /// controller (metrics, reconnect hints of final frames).
     ///
     /// ```
     /// let drain = tower_drain::DrainController::new();
     /// let layer = tower_drain::guard::GuardLayer::new(drain.watch());
-    /// assert!(layer.breaker().is_some());
+    /// assert!(layer.breaker().is_none()); // the breaker is opt-in
     /// ```
     pub fn new(watch: DrainWatch) -> Self {
         let shared = watch.shared;
-        let metrics = shared.metrics.clone();
         let seed = crate::controller::random_seed();
         Self {
             cfg: Arc::new(Config {
@@ -107,7 +109,8 @@ impl GuardLayer {
                 idle_timeout: None,
                 heartbeat: None,
                 revalidate: None,
-                breaker: Some(Breaker::new(DEFAULT_THRESHOLD, DEFAULT_COOLDOWN, metrics)),
+                breaker: None,
+                probe_timeout: None,
                 breaker_status: StatusCode::SERVICE_UNAVAILABLE,
                 is_failure: Arc::new(|s: StatusCode| s.is_server_error()),
                 pass_errors: false,
@@ -281,7 +284,8 @@ impl GuardLayer {
         Ok(self)
     }
 
-    /// Turns the circuit breaker on (the default) or off.
+    /// Turns the circuit breaker on or off (off by default). One breaker covers every route
+    /// under this layer; see [`Breaker`] for its scope and how to have one per route.
     ///
     /// ```
     /// let drain = tower_drain::DrainController::new();
@@ -293,8 +297,10 @@ impl GuardLayer {
             return self;
         }
         let (threshold, cooldown) = self.breaker_settings();
-        let metrics = self.cfg.frame.shared.metrics.clone();
-        self.cfg().breaker = on.then(|| Breaker::new(threshold, cooldown, metrics));
+        self.cfg().breaker = None;
+        if on {
+            self.set_breaker(threshold, cooldown);
+        }
         self
     }
 
@@ -304,6 +310,14 @@ impl GuardLayer {
             .as_ref()
             .map(|b| (b.threshold(), b.cooldown()))
             .unwrap_or((DEFAULT_THRESHOLD, DEFAULT_COOLDOWN))
+    }
+
+    /// (Re)creates the breaker with these settings and the probe timeout (default: the
+    /// cool-down).
+    fn set_breaker(&mut self, threshold: u32, cooldown: Duration) {
+        let probe = self.cfg.probe_timeout.unwrap_or(cooldown);
+        let metrics = self.cfg.frame.shared.metrics.clone();
+        self.cfg().breaker = Some(Breaker::new(threshold, cooldown, probe, metrics));
     }
 
     /// Consecutive failures that open the circuit (default 5). Turns the breaker on.
@@ -325,8 +339,7 @@ impl GuardLayer {
             ));
         }
         let (_, cooldown) = self.breaker_settings();
-        let metrics = self.cfg.frame.shared.metrics.clone();
-        self.cfg().breaker = Some(Breaker::new(n, cooldown, metrics));
+        self.set_breaker(n, cooldown);
         Ok(self)
     }
 
@@ -347,8 +360,31 @@ impl GuardLayer {
     pub fn cooldown(mut self, d: Duration) -> Result<Self, ConfigError> {
         let d = non_zero("cooldown", d)?;
         let (threshold, _) = self.breaker_settings();
-        let metrics = self.cfg.frame.shared.metrics.clone();
-        self.cfg().breaker = Some(Breaker::new(threshold, d, metrics));
+        self.set_breaker(threshold, d);
+        Ok(self)
+    }
+
+    /// How long the half-open probe's outcome is waited for (default: the cool-down). A probe
+    /// whose response has not arrived by then (a hung handler, a long poll) counts as a
+    /// failure: the circuit opens for another cool-down and the next probe follows it, so no
+    /// single request can hold the circuit half-open. Turns the breaker on.
+    ///
+    /// # Errors
+    ///
+    /// `d` is zero or longer than [`MAX_DURATION`](crate::controller::MAX_DURATION).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let drain = tower_drain::DrainController::new();
+    /// let layer = tower_drain::guard::GuardLayer::new(drain.watch())
+    ///     .probe_timeout(Duration::from_secs(2)).unwrap();
+    /// assert_eq!(layer.breaker().unwrap().probe_timeout(), Duration::from_secs(2));
+    /// ```
+    pub fn probe_timeout(mut self, d: Duration) -> Result<Self, ConfigError> {
+        let d = non_zero("probe_timeout", d)?;
+        self.cfg().probe_timeout = Some(d);
+        let (threshold, cooldown) = self.breaker_settings();
+        self.set_breaker(threshold, cooldown);
         Ok(self)
     }
 

@@ -24,13 +24,21 @@
 //! fires; a forwarded frame costs a clock read at most and allocates nothing; no task is spawned
 //! per stream (the revalidation check is polled from the body).
 //!
-//! The **circuit breaker** (on by default) counts consecutive failures — the inner service's
-//! `Err`, `5xx` responses (configurable with [`failure_status`](GuardLayer::failure_status)),
-//! response timeouts, bodies that end in an error, failed revalidation checks. At the threshold
-//! (default 5) it opens: requests get `503` (configurable) with `retry-after` at once, without
-//! calling the service, for the cool-down (default 30 s). The first request after the cool-down
-//! is the one half-open probe (concurrent requests still get `503`): its success closes the
-//! circuit, its failure opens it again. See [`Breaker`].
+//! The **circuit breaker** (off by default: turn it on with
+//! [`circuit_breaker(true)`](GuardLayer::circuit_breaker) or any of its settings) counts
+//! consecutive failures — the inner service's `Err`, `5xx` responses (configurable with
+//! [`failure_status`](GuardLayer::failure_status)), response timeouts, bodies that end in an
+//! error, failed revalidation checks. At the threshold (default 5) it opens: requests get `503`
+//! (configurable) with `retry-after` at once, without calling the service, for the cool-down
+//! (default 30 s). The first request after the cool-down is the one half-open probe
+//! (concurrent requests still get `503`): its success closes the circuit, its failure opens it
+//! again, and so does a probe with no outcome after the
+//! [`probe_timeout`](GuardLayer::probe_timeout) (default: the cool-down).
+//!
+//! One breaker covers every route under its layer, so it is off until you choose its scope:
+//! one `GuardLayer` around a whole service shares one breaker, and a `GuardLayer` per route
+//! (axum's `route_layer`) gives each route its own, so that one slow or failing route cannot
+//! turn the others away. See [`Breaker`].
 //!
 //! # Layer order
 //!

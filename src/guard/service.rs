@@ -234,6 +234,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn response_timeout_fires_at_the_deadline_and_a_tie_goes_to_the_response() {
         let layer = GuardLayer::new(DrainController::new().watch())
+            .circuit_breaker(true)
             .response_timeout(Duration::from_secs(5))
             .unwrap();
         let breaker = layer.breaker().unwrap();

@@ -93,7 +93,7 @@ pub struct DrainStack<St = MemoryStore, M = Plain> {
 
 impl DrainStack<MemoryStore> {
     /// The stack with defaults: probe paths exempt from rejection, in-memory tracking without
-    /// a limit, the guard's defaults (circuit breaker on, no time limits; see
+    /// a limit, the guard's defaults (no circuit breaker, no time limits; see
     /// [`GuardLayer`]), SSE final frames.
     ///
     /// ```
