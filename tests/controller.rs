@@ -1,6 +1,7 @@
 //! The controller's robustness: a drain started from any thread, store clean-ups that panic,
 //! layers built per connection, and absurd durations.
 
+use std::convert::Infallible;
 use std::future::{ready, Ready};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -147,4 +148,89 @@ async fn distinct_stores_each_get_their_cleanup() {
     assert_eq!(b.cleanups.load(Ordering::SeqCst), 1);
     // Without a store id, each layer keeps its own (documented).
     assert_eq!(anonymous.cleanups.load(Ordering::SeqCst), 2);
+}
+
+/// The report adds up while streams keep opening (an exempt route) and ending during
+/// `Closing`, and some are still open at the deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_report_adds_up_under_concurrent_registration_during_closing() {
+    use bytes::Bytes;
+    use http_body_util::BodyExt;
+    use std::sync::atomic::AtomicBool;
+    use tower::{Layer, ServiceExt};
+    use tower_drain::frame::RunToCompletion;
+    use tower_drain::DrainStack;
+
+    let drain = DrainController::builder()
+        .propagation_delay(Duration::from_millis(50))
+        .drain_spread(Duration::from_millis(100))
+        .grace_period(Duration::from_millis(400))
+        .force_linger(Duration::from_millis(50))
+        .build()
+        .unwrap();
+    // Every third stream runs to completion (so the deadline finds it open); the others
+    // take their shutdown frame.
+    let n = Arc::new(AtomicUsize::new(0));
+    let inner = tower::service_fn(move |_req: http::Request<()>| {
+        let i = n.fetch_add(1, Ordering::Relaxed);
+        async move {
+            let ticks = futures_util::stream::unfold((), |()| async {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                Some((
+                    Ok::<_, Infallible>(http_body::Frame::data(Bytes::from("data: t\n\n"))),
+                    (),
+                ))
+            });
+            let mut res = http::Response::new(http_body_util::StreamBody::new(Box::pin(ticks)));
+            res.headers_mut()
+                .insert("content-type", "text/event-stream".parse().unwrap());
+            if i.is_multiple_of(3) {
+                res.extensions_mut().insert(RunToCompletion);
+            }
+            Ok::<_, Infallible>(res)
+        }
+    });
+    // Everything is exempt, so streams keep opening while closing.
+    let svc = DrainStack::new(drain.watch()).exempt(|_| true).layer(inner);
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut clients = Vec::new();
+    for _ in 0..8 {
+        let (svc, stop) = (svc.clone(), stop.clone());
+        clients.push(tokio::spawn(async move {
+            for round in 0..200 {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let res = svc.clone().oneshot(http::Request::new(())).await.unwrap();
+                let mut body = res.into_body();
+                // Read a few frames, or to the end; every other stream is left early.
+                for _ in 0..(round % 2 + 1) * 3 {
+                    match body.frame().await {
+                        Some(Ok(_)) => {}
+                        _ => break,
+                    }
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    drain.drain(DrainReason::Manual);
+    let report = tokio::time::timeout(Duration::from_secs(10), drain.report())
+        .await
+        .unwrap();
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        c.await.unwrap();
+    }
+    assert!(report.streams_at_drain > 0, "{report:?}");
+    assert!(report.opened_while_closing > 0, "{report:?}");
+    assert_eq!(
+        report.streams_at_drain + report.opened_while_closing,
+        report.closed_gracefully + report.force_closed,
+        "{report:?}"
+    );
+    assert!(
+        report.notified <= report.streams_at_drain + report.opened_while_closing,
+        "{report:?}"
+    );
 }

@@ -48,7 +48,7 @@ mod report;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -94,6 +94,8 @@ pub(crate) struct Shared {
     at_drain: AtomicU64,
     slots: AtomicU64,
     notified: AtomicU64,
+    /// The report's counts are final.
+    frozen: AtomicBool,
     rejected: AtomicU64,
     seed: u64,
     cleanups: Mutex<Cleanups>,
@@ -132,7 +134,11 @@ impl Shared {
     }
 
     pub(crate) fn count_notified(&self) {
-        self.notified.fetch_add(1, Ordering::Relaxed);
+        // After the report's counts are frozen, a stream registered since then may still be
+        // handed a frame; it is not part of the report.
+        if !self.frozen.load(Ordering::SeqCst) {
+            self.notified.fetch_add(1, Ordering::SeqCst);
+        }
         self.metrics.notified.increment(1);
     }
 
@@ -265,14 +271,18 @@ impl Shared {
         }
         let end = Instant::now();
 
+        // Final counts: nothing registered or ended from here on changes them, and a
+        // notification after the freeze is not counted either.
+        self.frozen.store(true, Ordering::SeqCst);
+        let counts = self.registry.stop();
         let report = ShutdownReport {
             reason: self.reason.get().cloned().unwrap_or(DrainReason::Manual),
             streams_at_drain: at_drain,
-            notified: self.notified.load(Ordering::Relaxed),
-            closed_gracefully: self.registry.graceful(),
-            force_closed,
+            notified: self.notified.load(Ordering::SeqCst),
+            closed_gracefully: counts.graceful,
+            force_closed: counts.forced,
             rejected: self.rejected.load(Ordering::Relaxed),
-            opened_while_closing: self.registry.late(),
+            opened_while_closing: counts.late,
             draining: closing_at - started,
             closing: cleanup_at - closing_at,
             cleanup: end - cleanup_at,
@@ -502,6 +512,7 @@ impl DrainController {
                 at_drain: AtomicU64::new(0),
                 slots: AtomicU64::new(0),
                 notified: AtomicU64::new(0),
+                frozen: AtomicBool::new(false),
                 rejected: AtomicU64::new(0),
                 seed: random_seed(),
                 cleanups: Mutex::new(Cleanups::default()),

@@ -8,8 +8,20 @@ use super::DrainReason;
 /// logged at `info` when the controller reaches [`Stopped`](super::Phase::Stopped), and
 /// serializable to JSON.
 ///
-/// Every stream open when `Closing` begins ends in exactly one of `closed_gracefully` and
-/// `force_closed`.
+/// The counts add up, stream by stream, under any concurrency:
+///
+/// ```text
+/// streams_at_drain + opened_while_closing == closed_gracefully + force_closed
+/// notified <= streams_at_drain + opened_while_closing
+/// ```
+///
+/// Every stream open when `Closing` begins, or opened after it (an exempt route, a layer
+/// without `RejectLayer`), ends in exactly one of `closed_gracefully` and `force_closed`, and
+/// is notified at most once. The counts are frozen when the report is made, just before
+/// `Stopped`: a stream opened after the grace deadline counts as force-closed (its body ends
+/// at once), and so does one still open when the report is made; streams opened later are not
+/// part of the report. (`notified` also counts streams of a `FrameLayer` used without a
+/// `TrackLayer`, which no other count sees.)
 ///
 /// # Example
 ///
@@ -37,11 +49,12 @@ pub struct ShutdownReport {
     /// Streams that ended after `Closing` began and before the grace deadline, by any means but
     /// force (frame delivered, client left, stream finished).
     pub closed_gracefully: u64,
-    /// Streams still open at the grace deadline.
+    /// Streams still open at the grace deadline, opened after it, or still open when the
+    /// report was made.
     pub force_closed: u64,
     /// Requests answered `503` while draining.
     pub rejected: u64,
-    /// Streams opened after `Closing` began (only possible on routes without `RejectLayer`).
+    /// Streams opened after `Closing` began (exempt routes, or routes without `RejectLayer`).
     pub opened_while_closing: u64,
     /// Time in `Draining` (the propagation delay).
     #[serde(rename = "draining_ms", serialize_with = "ms")]

@@ -15,7 +15,7 @@ const HALF_OPEN: u8 = 2;
 ///
 /// ```
 /// use tower_drain::guard::{BreakerState, GuardLayer};
-/// let layer = GuardLayer::new(tower_drain::DrainController::new().watch());
+/// let layer = GuardLayer::new(tower_drain::DrainController::new().watch()).circuit_breaker(true);
 /// assert_eq!(layer.breaker().unwrap().state(), BreakerState::Closed);
 /// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -472,6 +472,8 @@ impl GuardLayer {
     /// ```
     /// use tower_drain::guard::{BreakerState, GuardLayer};
     /// let layer = GuardLayer::new(tower_drain::DrainController::new().watch());
+    /// assert!(layer.breaker().is_none()); // off by default
+    /// let layer = layer.circuit_breaker(true);
     /// assert_eq!(layer.breaker().unwrap().state(), BreakerState::Closed);
     /// ```
     pub fn breaker(&self) -> Option<Breaker> {

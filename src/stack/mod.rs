@@ -298,7 +298,7 @@ impl<St, M> DrainStack<St, M> {
     ///
     /// ```
     /// use tower_drain::{DrainController, DrainStack, guard::BreakerState};
-    /// let stack = DrainStack::new(DrainController::new().watch());
+    /// let stack = DrainStack::new(DrainController::new().watch()).circuit_breaker(true);
     /// assert_eq!(stack.breaker().unwrap().state(), BreakerState::Closed);
     /// ```
     pub fn breaker(&self) -> Option<Breaker> {

@@ -7,18 +7,26 @@
 //! when its body is dropped on another thread.
 //!
 //! The drain accounting is exact and lock-step with the shards (the idea of tokio-util's
-//! `TaskTracker`, with the shard's lock as the unit of atomicity): [`close`](Registry::close)
-//! and [`force`](Registry::force) flag each shard under its lock, so every stream lands in
-//! exactly one bucket — ended before `Closing`, ended gracefully, or still open at the
-//! deadline — and the streams counted at the start of `Closing` are exactly those that end
-//! gracefully or are forced. From `Closing` on, one signed counter of the streams still open
-//! (those counted by `close` and those registered later, less those ended since) decides
-//! "closed and empty" in a single atomic word, so `wait_idle` is ABA-safe.
+//! `TaskTracker`, with the shard's lock as the unit of atomicity): [`close`](Registry::close),
+//! [`force`](Registry::force) and [`stop`](Registry::stop) flag each shard under its lock, and
+//! each shard keeps its own counts, so every stream lands in exactly one bucket — ended before
+//! `Closing`, ended gracefully, or force-closed — and the figures add up stream by stream:
+//!
+//! ```text
+//! streams_at_drain + opened_while_closing == closed_gracefully + force_closed
+//! ```
+//!
+//! A stream opened after the grace deadline counts as opened while closing and as force-closed
+//! (the deadline has passed: its body ends at once); one still open at `stop` without a
+//! deadline having passed counts as force-closed too. `stop` freezes the counts for the report.
+//! From `Closing` on, one signed counter of the streams still open (those counted by `close`
+//! and those registered later, less those ended since) decides "closed and empty" in a single
+//! atomic word, so `wait_idle` is ABA-safe.
 
 use std::cell::Cell;
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -87,6 +95,14 @@ struct ShardState {
     closing: bool,
     /// The grace deadline has passed (set by [`Registry::force`]).
     forced: bool,
+    /// The report's counts are final (set by [`Registry::stop`]).
+    stopped: bool,
+    /// Streams registered after `Closing` began (until `stop`).
+    late: u64,
+    /// Streams ended after `Closing` began and before the deadline.
+    graceful: u64,
+    /// Streams open at the deadline, registered after it, or open at `stop`.
+    forced_n: u64,
     /// The next id's sequence number in this shard.
     next: u64,
     live: HashMap<u64, Entry, BuildHasherDefault<IdHasher>>,
@@ -100,10 +116,19 @@ pub(crate) struct Registry {
     open: AtomicI64,
     /// Set once `close` has added its count to `open` (so `open` is exact from then on).
     closed: AtomicBool,
-    graceful: AtomicU64,
-    late: AtomicU64,
     idle: Notify,
     epoch: Instant,
+}
+
+/// The drain's counts (see the module docs for the identity they satisfy).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Counts {
+    /// Streams registered after `Closing` began.
+    pub(crate) late: u64,
+    /// Streams ended after `Closing` began, before the deadline.
+    pub(crate) graceful: u64,
+    /// Streams force-closed.
+    pub(crate) forced: u64,
 }
 
 /// How a stream's end counted in the drain accounting.
@@ -140,8 +165,6 @@ impl Registry {
             shards: (0..SHARDS).map(|_| Shard::default()).collect(),
             open: AtomicI64::new(0),
             closed: AtomicBool::new(false),
-            graceful: AtomicU64::new(0),
-            late: AtomicU64::new(0),
             idle: Notify::new(),
             epoch: Instant::now(),
         }
@@ -166,9 +189,15 @@ impl Registry {
         s.next += 1;
         s.live.insert(id, entry);
         let late = s.closing;
+        if late && !s.stopped {
+            s.late += 1;
+            if s.forced {
+                // Past the deadline: its body ends at once.
+                s.forced_n += 1;
+            }
+        }
         drop(s);
         if late {
-            self.late.fetch_add(1, Ordering::Relaxed);
             self.open.fetch_add(1, Ordering::AcqRel);
         }
         id
@@ -185,6 +214,9 @@ impl Registry {
         let mut s = self.lock((id as usize) & (SHARDS - 1));
         let entry = s.live.remove(&id);
         let (closing, forced) = (s.closing, s.forced);
+        if closing && !forced && !s.stopped {
+            s.graceful += 1;
+        }
         drop(s);
         if !closing {
             return (Ended::BeforeDrain, entry);
@@ -192,7 +224,6 @@ impl Registry {
         let ended = if forced {
             Ended::Forced
         } else {
-            self.graceful.fetch_add(1, Ordering::Relaxed);
             Ended::Gracefully
         };
         if self.open.fetch_sub(1, Ordering::AcqRel) == 1 {
@@ -221,7 +252,31 @@ impl Registry {
 
     /// Marks the grace deadline; returns the streams still open (the force-closed ones).
     pub(crate) fn force(&self) -> u64 {
-        self.flag_each(|s| s.forced = true)
+        self.flag_each(|s| {
+            if !s.forced && !s.stopped {
+                s.forced = true;
+                s.forced_n += s.live.len() as u64;
+            }
+        })
+    }
+
+    /// Freezes the counts for the report: streams still open and not yet counted (no deadline
+    /// passed) count as force-closed; nothing registered or ended later changes the counts.
+    pub(crate) fn stop(&self) -> Counts {
+        let mut c = Counts::default();
+        for i in 0..SHARDS {
+            let mut s = self.lock(i);
+            if !s.stopped {
+                if !s.forced {
+                    s.forced_n += s.live.len() as u64;
+                }
+                s.stopped = true;
+            }
+            c.late += s.late;
+            c.graceful += s.graceful;
+            c.forced += s.forced_n;
+        }
+        c
     }
 
     /// Sets a drain flag in each shard under its lock; returns the streams each shard held at
@@ -236,12 +291,17 @@ impl Registry {
             .sum()
     }
 
-    pub(crate) fn graceful(&self) -> u64 {
-        self.graceful.load(Ordering::Relaxed)
-    }
-
-    pub(crate) fn late(&self) -> u64 {
-        self.late.load(Ordering::Relaxed)
+    /// The counts so far (final once [`stop`](Self::stop) has run).
+    #[cfg(test)]
+    pub(crate) fn counts(&self) -> Counts {
+        let mut c = Counts::default();
+        for i in 0..SHARDS {
+            let s = self.lock(i);
+            c.late += s.late;
+            c.graceful += s.graceful;
+            c.forced += s.forced_n;
+        }
+        c
     }
 
     /// Closing has begun and no stream is open: one load of one word (after the flag), so
@@ -313,13 +373,46 @@ mod tests {
         assert_eq!(r.deregister(a).0, Ended::BeforeDrain);
         assert_eq!(r.close(), 2);
         let d = r.register(entry());
-        assert_eq!(r.late(), 1);
+        assert_eq!(r.counts().late, 1);
         assert_eq!(r.deregister(b).0, Ended::Gracefully);
         assert_eq!(r.force(), 2);
         assert_eq!(r.deregister(c).0, Ended::Forced);
         assert_eq!(r.deregister(d).0, Ended::Forced);
-        assert_eq!(r.graceful(), 1);
+        // Opened after the deadline: late and forced.
+        let e = r.register(entry());
+        let c = r.stop();
+        assert_eq!(
+            c,
+            Counts {
+                late: 2,
+                graceful: 1,
+                forced: 3
+            }
+        );
+        // Frozen: later streams change nothing.
+        r.deregister(e);
+        let f = r.register(entry());
+        r.deregister(f);
+        assert_eq!(r.counts(), c);
         assert_eq!(r.active(), 0);
+    }
+
+    #[tokio::test]
+    async fn streams_open_at_stop_without_a_deadline_count_as_forced() {
+        let r = Registry::new();
+        let a = r.register(entry());
+        assert_eq!(r.close(), 1);
+        r.deregister(a);
+        // A late stream (an exempt route) still open when the drain stops.
+        let _b = r.register(entry());
+        assert_eq!(
+            r.stop(),
+            Counts {
+                late: 1,
+                graceful: 1,
+                forced: 1
+            }
+        );
     }
 
     #[tokio::test]
@@ -409,13 +502,22 @@ mod tests {
         })
         .join()
         .unwrap();
-        assert_eq!((r.late(), r.active()), (1, 301));
+        assert_eq!((r.counts().late, r.active()), (1, 301));
         assert!(!r.is_idle());
         assert_eq!(r.force(), 301);
         for id in forced.iter().chain([&late]) {
             assert_eq!(r.deregister(*id).0, Ended::Forced);
         }
-        assert_eq!(r.graceful(), 300);
+        let c = r.stop();
+        assert_eq!(
+            c,
+            Counts {
+                late: 1,
+                graceful: 300,
+                forced: 301
+            }
+        );
+        assert_eq!(600 + c.late, c.graceful + c.forced);
         assert_eq!(r.active(), 0);
         assert!(r.is_idle());
     }
