@@ -72,3 +72,57 @@ pub use crate::stack::DrainStack;
 
 /// The boxed error type used where this crate creates errors of its own.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A stream was ended in the middle of a record: the grace deadline passed, or a guard limit
+/// was reached, and no event boundary came in time, so no whole final frame could be
+/// written. The body ends with this error, which makes the server abort the response (an
+/// HTTP/1.1 connection closed without the last chunk, an HTTP/2 `RST_STREAM`), so the client
+/// sees a failure: a clean end of a stream always means whole records.
+///
+/// ```
+/// let err: tower_drain::BoxError = tower_drain::Aborted::new().into();
+/// assert!(err.is::<tower_drain::Aborted>());
+/// assert_eq!(err.to_string(), "stream ended in the middle of a record");
+/// ```
+#[derive(Clone, Copy, Default)]
+pub struct Aborted {
+    _p: (),
+}
+
+impl Aborted {
+    /// The error.
+    pub const fn new() -> Self {
+        Self { _p: () }
+    }
+}
+
+impl std::fmt::Debug for Aborted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Aborted")
+    }
+}
+
+impl std::fmt::Display for Aborted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("stream ended in the middle of a record")
+    }
+}
+
+impl std::error::Error for Aborted {}
+
+/// A body's poll result with its error boxed, and a clean end turned into [`Aborted`] when
+/// the body's logic had to end mid-record (`aborted`).
+#[inline(always)]
+pub(crate) fn boxed_result<E: Into<BoxError>>(
+    res: std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, E>>>,
+    aborted: impl FnOnce() -> bool,
+) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, BoxError>>> {
+    use std::task::Poll;
+    match res {
+        Poll::Ready(Some(Ok(f))) => Poll::Ready(Some(Ok(f))),
+        Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+        Poll::Ready(None) if aborted() => Poll::Ready(Some(Err(Aborted::new().into()))),
+        Poll::Ready(None) => Poll::Ready(None),
+        Poll::Pending => Poll::Pending,
+    }
+}

@@ -294,3 +294,97 @@ async fn a_grpc_trailers_only_error_keeps_its_end_stream_over_h2c() {
         }
     }
 }
+
+/// A body that sends `first`, then fails once `fail` fires (or never sends anything more
+/// without one).
+fn half_record(
+    content_type: &'static str,
+    first: &'static str,
+    fail: Option<oneshot::Receiver<()>>,
+) -> Response {
+    let chunks = futures_util::stream::unfold((0u8, fail), move |(n, fail)| async move {
+        match (n, fail) {
+            (0, fail) => Some((Ok(Bytes::from_static(first.as_bytes())), (1, fail))),
+            (_, Some(fail)) => {
+                let _ = fail.await;
+                Some((Err(std::io::Error::other("upstream failed")), (2, None)))
+            }
+            (_, None) => std::future::pending().await,
+        }
+    });
+    let mut res = Response::new(Body::from_stream(chunks));
+    res.headers_mut()
+        .insert("content-type", content_type.parse().unwrap());
+    res
+}
+
+/// Ended in the middle of a record, a response must not look complete: HTTP/1.1 gets no
+/// last chunk, HTTP/2 a `RST_STREAM` instead of END_STREAM.
+async fn a_record_cut_in_the_middle_is_a_failure_not_a_clean_end(version: Version) {
+    let drain = DrainController::builder()
+        .grace_period(Duration::from_millis(300))
+        .force_linger(Duration::from_millis(100))
+        .build()
+        .unwrap();
+    let (fail_tx, fail_rx) = oneshot::channel::<()>();
+    let fail_rx = std::sync::Arc::new(std::sync::Mutex::new(Some(fail_rx)));
+    let app = Router::new()
+        .route(
+            "/stuck",
+            get(|| async { half_record("text/event-stream", "data: stuck", None) }),
+        )
+        .layer(DrainStack::new(drain.watch()))
+        .merge(
+            Router::new()
+                .route(
+                    "/broken",
+                    get(move || {
+                        let fail = fail_rx.lock().unwrap().take();
+                        async move { half_record("application/x-ndjson", "{\"a\":", fail) }
+                    }),
+                )
+                .layer(DrainStack::new(drain.watch()).encoder(NdJson::new())),
+        );
+    let addr = serve(app).await;
+
+    // A body error in the middle of an NDJSON line (once the client has the half line).
+    let res = send(addr, version, get_req("/broken")).await;
+    let mut fail_tx = Some(fail_tx);
+    let (text, clean) = read_to_end(res.into_body(), |_| {
+        if let Some(tx) = fail_tx.take() {
+            let _ = tx.send(());
+        }
+    })
+    .await;
+    assert_eq!(text, "{\"a\":");
+    assert!(!clean, "{version:?}: a cut line must not end cleanly");
+
+    // An SSE event still incomplete at the grace deadline.
+    let res = send(addr, version, get_req("/stuck")).await;
+    let mut drained = false;
+    let (text, clean) = read_to_end(res.into_body(), |t| {
+        if !drained && t == "data: stuck" {
+            drained = true;
+            drain.drain(DrainReason::Manual);
+        }
+    })
+    .await;
+    assert_eq!(text, "data: stuck");
+    assert!(
+        !clean,
+        "{version:?}: a forced end mid-event must not end cleanly"
+    );
+    let report = within("the report", drain.report()).await;
+    assert_eq!(report.force_closed, 1);
+    assert_eq!(report.notified, 0);
+}
+
+#[tokio::test]
+async fn http1_a_record_cut_in_the_middle_is_a_failure() {
+    a_record_cut_in_the_middle_is_a_failure_not_a_clean_end(Version::HTTP_11).await;
+}
+
+#[tokio::test]
+async fn http2_a_record_cut_in_the_middle_is_a_failure() {
+    a_record_cut_in_the_middle_is_a_failure_not_a_clean_end(Version::HTTP_2).await;
+}

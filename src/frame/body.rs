@@ -104,6 +104,8 @@ enum Step {
     Trailers,
     /// Ended.
     Done,
+    /// Ended in the middle of a record at the deadline: the body reports [`Aborted`](crate::Aborted).
+    Aborted,
 }
 
 struct Injector {
@@ -221,22 +223,27 @@ impl<B: Default> Default for FrameBody<B> {
 impl<B> Body for FrameBody<B>
 where
     B: Body<Data = Bytes>,
+    B::Error: Into<crate::BoxError>,
 {
     type Data = Bytes;
-    type Error = B::Error;
+    type Error = crate::BoxError;
 
     #[inline(always)]
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, crate::BoxError>>> {
         let this = self.project();
-        poll_parts(
+        let res = poll_parts(
             this.inner,
             this.inj.as_mut().map(Pin::as_mut),
             GateRef::of(this.gate),
             cx,
-        )
+        );
+        let inj = this.inj;
+        crate::boxed_result(res, || {
+            inj.as_mut().is_some_and(|i| i.as_mut().take_aborted())
+        })
     }
 
     #[inline]
@@ -305,11 +312,26 @@ pub(crate) fn end_of<B: Body>(inner: &B, state: Option<&Injecting>) -> bool {
     }
 }
 
+impl Injecting {
+    /// Whether the stream ended in the middle of a record at the deadline (the body then
+    /// reports [`Aborted`](crate::Aborted) instead of a clean end, once).
+    #[inline]
+    pub(crate) fn take_aborted(self: Pin<&mut Self>) -> bool {
+        let inj = self.project().inj;
+        let aborted = inj.step == Step::Aborted;
+        if aborted {
+            // Reported once; the body has ended.
+            inj.step = Step::Done;
+        }
+        aborted
+    }
+}
+
 /// [`FrameBody::size_hint`] over parts held apart.
 pub(crate) fn hint_of<B: Body>(inner: &B, state: Option<&Injecting>) -> SizeHint {
     match state {
         None => inner.size_hint(),
-        Some(s) if s.inj.step == Step::Done => SizeHint::with_exact(0),
+        Some(s) if matches!(s.inj.step, Step::Done | Step::Aborted) => SizeHint::with_exact(0),
         Some(_) => {
             let mut h = SizeHint::new();
             h.set_lower(inner.size_hint().lower());
@@ -411,7 +433,7 @@ where
     let (mut signal, delay, inj) = (state.signal, state.delay, state.inj);
     loop {
         match inj.step {
-            Step::Done => return Poll::Ready(None),
+            Step::Done | Step::Aborted => return Poll::Ready(None),
             Step::Trailers => {
                 inj.step = Step::Done;
                 if let Some(t) = inj.trailers.take() {
@@ -484,9 +506,11 @@ where
                 continue;
             }
             if inj.step == Step::Forced {
-                // Mid-event at the deadline: end without a frame rather than corrupt the
-                // event; clients discard an incomplete event.
-                inj.step = Step::Done;
+                // Mid-event at the deadline: no whole frame can go out. End with an error, so
+                // the client sees a failure, not a clean end after half a record.
+                inj.step = Step::Aborted;
+                // An outer guard that sees the error knows it for this layer's abort.
+                let _ = gate.claim();
                 return Poll::Ready(None);
             }
         }

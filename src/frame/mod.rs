@@ -6,7 +6,10 @@
 //! never cuts an event in two, even one split across several body frames), sends the final
 //! frame made by a [`FinalFrame`] encoder and ends the body, so the HTTP/1.1 chunked body
 //! terminates or the HTTP/2 stream closes normally. At the grace deadline a stream still open
-//! gets the forced variant if it is at a boundary, and ends at once otherwise.
+//! gets the forced variant if it is at a boundary; otherwise the body fails with
+//! [`Aborted`](crate::Aborted), so the server aborts the response (no last chunk on HTTP/1.1,
+//! `RST_STREAM` on HTTP/2) and the client sees a failure: a clean end always means whole
+//! records. The body's error type is [`BoxError`](crate::BoxError).
 //!
 //! Encoders: [`Sse`] (default), [`NdJson`], [`Grpc`] (trailers), [`FnFrame`] (a closure).
 //! Only responses the encoder recognises by content type are touched (or those carrying the

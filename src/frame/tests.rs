@@ -71,7 +71,7 @@ where
         .unwrap()
 }
 
-fn data(p: std::task::Poll<Option<Result<BodyFrame<Bytes>, Infallible>>>) -> Bytes {
+fn data<E: std::fmt::Debug>(p: std::task::Poll<Option<Result<BodyFrame<Bytes>, E>>>) -> Bytes {
     match p {
         std::task::Poll::Ready(Some(Ok(f))) => f.into_data().expect("a data frame"),
         other => panic!("expected data, got {other:?}"),

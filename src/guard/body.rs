@@ -34,6 +34,9 @@ enum Step {
     Passthrough,
     /// Ended.
     Done,
+    /// Ended in the middle of a record (a limit with no boundary in time): the body reports
+    /// [`Aborted`](crate::Aborted).
+    Aborted,
 }
 
 /// A running revalidation: the request's parts, the check, and the check in flight.
@@ -446,7 +449,8 @@ impl Stream {
     }
 
     /// The inner body ended (`None`) or failed while streaming: an error becomes the final
-    /// error frame at a boundary (or a clean end mid-event), unless errors pass through.
+    /// error frame at a boundary, and is passed on mid-record (the response is aborted), or
+    /// always when errors pass through.
     #[cold]
     fn inner_ended<E: fmt::Display>(
         &mut self,
@@ -456,6 +460,12 @@ impl Stream {
         Poll::Ready(match res {
             // Not an end; the callers forward data frames themselves.
             Some(Ok(frame)) => Some(Ok(frame)),
+            Some(Err(e)) if gate.is_claimed() => {
+                // The inner frame layer ended mid-record at the deadline (its final frame is
+                // claimed, so it sent nothing more): not a failure of the service.
+                self.step = Step::Done;
+                Some(Err(e))
+            }
             Some(Err(e)) => {
                 self.record_error(&e);
                 if self.cfg.pass_errors {
@@ -471,10 +481,10 @@ impl Stream {
                         }
                     }
                 } else {
-                    // Mid-event (or a final frame already went out): end cleanly; clients
-                    // discard an incomplete event.
+                    // Mid-record: no whole error frame can go out. The error goes on, so the
+                    // client sees a failure, not a clean end after half a record.
                     self.step = Step::Done;
-                    None
+                    Some(Err(e))
                 }
             }
             None => {
@@ -501,24 +511,26 @@ fn record_error(cfg: &Config, id: Option<u64>, uri: &RoutePath, e: &dyn fmt::Dis
 impl<B> Body for GuardedBody<B>
 where
     B: Body<Data = Bytes>,
-    B::Error: fmt::Display,
+    B::Error: fmt::Display + Into<crate::BoxError>,
 {
     type Data = Bytes;
-    type Error = B::Error;
+    type Error = crate::BoxError;
 
     #[inline]
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, crate::BoxError>>> {
         let this = self.project();
-        poll_parts(
+        let res = poll_parts(
             this.inner.as_pin_mut(),
             this.watched,
             this.st.as_deref_mut(),
             GateRef::of(this.gate),
             cx,
-        )
+        );
+        let st = this.st;
+        crate::boxed_result(res, || st.as_mut().is_some_and(|s| s.take_aborted()))
     }
 
     #[inline]
@@ -675,6 +687,17 @@ where
 }
 
 impl Stream {
+    /// Whether the stream ended in the middle of a record (the body then reports
+    /// [`Aborted`](crate::Aborted), once).
+    #[inline]
+    pub(crate) fn take_aborted(&mut self) -> bool {
+        let aborted = self.step == Step::Aborted;
+        if aborted {
+            self.step = Step::Done;
+        }
+        aborted
+    }
+
     /// The frame configuration of the stream's encoder (the frame layer's state of a fused
     /// stream is made with it).
     pub(crate) fn frame_config(&self) -> Arc<crate::frame::FrameConfig> {
@@ -726,7 +749,7 @@ where
 {
     loop {
         match st.step {
-            Step::Done => return Poll::Ready(None),
+            Step::Done | Step::Aborted => return Poll::Ready(None),
             Step::Trailers => {
                 st.step = Step::Done;
                 if let Some(t) = st.trailers.take() {
@@ -767,7 +790,7 @@ where
                         path = st.uri.path(),
                         "no event boundary within the grace period: ending without a final frame"
                     );
-                    st.step = Step::Done;
+                    st.step = Step::Aborted;
                     return Poll::Ready(None);
                 }
             }
@@ -909,7 +932,8 @@ mod tests {
         assert!(text(poll(&mut body)).starts_with(TIMEOUT_FRAME));
         assert!(matches!(poll(&mut body), Poll::Ready(None)));
 
-        // An event that never completes: the body ends after the grace, without a frame.
+        // An event that never completes: after the grace, the body fails (no whole frame
+        // can go out), so the client sees an aborted response, not a clean end.
         let (feed, res) = sse();
         let mut body = spawn(through(&layer, Request::new(()), res).await.into_body());
         feed.data("data: half");
@@ -917,6 +941,10 @@ mod tests {
         advance(Duration::from_secs(10)).await;
         assert_pending!(poll(&mut body));
         advance(MID_EVENT_GRACE).await;
+        match poll(&mut body) {
+            Poll::Ready(Some(Err(e))) => assert!(e.is::<crate::Aborted>(), "{e}"),
+            other => panic!("expected the abort, got {other:?}"),
+        }
         assert!(matches!(poll(&mut body), Poll::Ready(None)));
         drop(feed);
     }
@@ -1044,14 +1072,15 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_body_error_mid_event_or_in_grpc_ends_the_stream_the_protocol_way() {
         let drain = DrainController::new();
-        // Mid-event: no frame (it would corrupt the event), a clean end.
+        // Mid-event: no frame (it would corrupt the event); the error goes on, so the
+        // response is aborted rather than ended cleanly after half an event.
         let layer = GuardLayer::new(drain.watch());
         let (feed, res) = sse();
         let mut body = spawn(through(&layer, Request::new(()), res).await.into_body());
         feed.data("data: par");
         feed.error();
         assert_eq!(text(poll(&mut body)), "data: par");
-        assert!(matches!(poll(&mut body), Poll::Ready(None)));
+        assert!(matches!(poll(&mut body), Poll::Ready(Some(Err(_)))));
         body.enter(|_, b| assert_ended(&*b));
 
         // gRPC (no limits set): the error travels as trailers only, then the end.

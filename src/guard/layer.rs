@@ -420,8 +420,9 @@ impl GuardLayer {
     }
 
     /// When the inner body yields an error mid-stream: `false` (the default) sends the final
-    /// *error* frame (at an event boundary; mid-event the body just ends) and ends the body
-    /// cleanly instead of resetting it; `true` passes the error on. Either way the error is
+    /// *error* frame at an event boundary and ends the body cleanly instead of resetting it
+    /// (mid-record no whole frame can go out, so the error is passed on and the response is
+    /// aborted); `true` always passes the error on. Either way the error is
     /// logged with the stream's number and path, counted in `stream_errors_total` and as a
     /// breaker failure.
     ///

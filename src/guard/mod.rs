@@ -17,8 +17,10 @@
 //!   after that long without output. [`revalidate`](GuardLayer::revalidate) runs an async check
 //!   with the request's parts every interval (staggered per stream); `false` ends the stream
 //!   with the *unauthorized* frame. An error from the inner body becomes the final *error*
-//!   frame. A limit reached mid-event waits for the event's end (up to 5 s, then the body ends
-//!   without a frame, which clients discard as an incomplete event).
+//!   frame at an event boundary; mid-record, the error goes on and the response is aborted. A
+//!   limit reached mid-event waits for the event's end (up to 5 s, then the body fails with
+//!   [`Aborted`](crate::Aborted), so the response is aborted too). A clean end always means
+//!   whole records. The body's error type is [`BoxError`](crate::BoxError).
 //!
 //! All of a stream's timers share one pinned `Sleep`, moved with `Sleep::reset` only when it
 //! fires; a forwarded frame costs a clock read at most and allocates nothing; no task is spawned

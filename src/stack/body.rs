@@ -180,22 +180,22 @@ impl<B> Default for DrainBody<B> {
 impl<B> Body for DrainBody<B>
 where
     B: Body<Data = Bytes>,
-    B::Error: fmt::Display,
+    B::Error: fmt::Display + Into<crate::BoxError>,
 {
     type Data = Bytes;
-    type Error = B::Error;
+    type Error = crate::BoxError;
 
     #[inline(always)]
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, crate::BoxError>>> {
         let this = self.project();
         let mut inner = match this.inner.project() {
             InnerProj::Body { body } => body,
             InnerProj::Frame { frame } => {
                 let r = frame.take().map(|f| Ok(Frame::data(f)));
-                track_body::account(this.track, &r, || true);
+                track_body::account::<Bytes, crate::BoxError>(this.track, &r, || true);
                 return Poll::Ready(r);
             }
         };
@@ -244,7 +244,15 @@ where
                 res = poll_layers(inner, Some(state.as_mut()), this.watched, this.track, cx);
             }
         }
-        res
+        let state = this.state;
+        crate::boxed_result(res, || {
+            state.as_mut().is_some_and(|s| {
+                let s = s.as_mut().project();
+                // Both report once (either may have ended the stream mid-record).
+                let frame = s.inj.take_aborted();
+                s.st.take_aborted() || frame
+            })
+        })
     }
 
     #[inline]

@@ -220,7 +220,7 @@ const CASES: &[Case] = &[
         acts: &[P, P, P, P],
     },
     Case {
-        name: "sse error mid-event: a clean end",
+        name: "sse error mid-event: the response is aborted",
         content_type: SSE,
         stack: plain,
         script: &[Data("data: 1\n\n"), Data("data: par"), Fail],
@@ -250,7 +250,7 @@ const CASES: &[Case] = &[
         acts: &[P, P, Drain, P, P, P],
     },
     Case {
-        name: "sse drained mid-event, then failing: a clean end",
+        name: "sse drained mid-event, then failing: the response is aborted",
         content_type: SSE,
         stack: plain,
         script: &[Data("data: 1\n\n"), Data("data: pa"), Fail],
@@ -264,7 +264,7 @@ const CASES: &[Case] = &[
         acts: &[P, P, Drain, P, P, P],
     },
     Case {
-        name: "sse stuck mid-event past the grace period: forced end",
+        name: "sse stuck mid-event past the grace period: aborted",
         content_type: SSE,
         stack: plain,
         script: &[Data("data: 1\n\n"), Data("data: stuck"), Pending],
@@ -364,8 +364,9 @@ async fn the_fused_body_keeps_each_layers_behaviour() {
     assert!(t[4].starts_with("data rt\n\n"), "{t:#?}");
     assert!(t[5].starts_with("data event: shutdown\n"), "{t:#?}");
 
-    let (t, _) = both(find("sse error mid-event: a clean end")).await;
-    assert!(t[3].starts_with("end | end true"), "{t:#?}");
+    // A clean end always means whole records: mid-record, the error goes on.
+    let (t, _) = both(find("sse error mid-event: the response is aborted")).await;
+    assert!(t[3].starts_with("error upstream failed"), "{t:#?}");
     assert!(t[3].ends_with("active 0"), "{t:#?}");
 
     let (t, _) = both(find("sse events, then trailers")).await;
@@ -374,11 +375,12 @@ async fn the_fused_body_keeps_each_layers_behaviour() {
     assert!(t[3].starts_with("end | end true"), "{t:#?}");
     assert!(t[3].ends_with("active 0"), "{t:#?}");
 
-    let (t, _) = both(find(
-        "sse stuck mid-event past the grace period: forced end",
-    ))
-    .await;
-    assert!(t[5].starts_with("end | end true"), "{t:#?}");
+    let (t, _) = both(find("sse stuck mid-event past the grace period: aborted")).await;
+    assert!(
+        t[5].starts_with("error stream ended in the middle of a record"),
+        "{t:#?}"
+    );
+    assert!(t[6].starts_with("end | end true"), "{t:#?}");
     assert_eq!(t.last().unwrap(), "notified 0", "{t:#?}");
 
     let (t, _) = both(find(
