@@ -52,6 +52,7 @@
 //! ```
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+mod grpc;
 mod macros;
 mod route;
 

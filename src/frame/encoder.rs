@@ -531,18 +531,13 @@ impl Grpc {
     }
 }
 
-/// Percent-encodes a `grpc-message` as the gRPC HTTP/2 spec asks (bytes outside 0x20..=0x7E
-/// and `%`).
+/// What a `grpc-message` percent-encodes: bytes outside 0x20..=0x7E (controls and, through
+/// UTF-8, every non-ASCII character), `%` itself, and the space (as grpc-go does).
+const GRPC_MESSAGE: &percent_encoding::AsciiSet = &percent_encoding::CONTROLS.add(b' ').add(b'%');
+
+/// Percent-encodes a `grpc-message` as the gRPC HTTP/2 spec asks.
 pub(crate) fn grpc_percent_encode(msg: &str) -> String {
-    let mut out = String::with_capacity(msg.len());
-    for b in msg.bytes() {
-        if (0x20..=0x7e).contains(&b) && b != b'%' && b != b' ' {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
+    percent_encoding::utf8_percent_encode(msg, GRPC_MESSAGE).to_string()
 }
 
 impl FinalFrame for Grpc {

@@ -63,6 +63,7 @@ pub use self::body::FrameBody;
 pub(crate) use self::body::{FinalGate, FrameConfig, GateRef, Injecting};
 pub use self::boundary::Boundary;
 pub(crate) use self::boundary::Tracker;
+pub(crate) use self::encoder::grpc_percent_encode;
 pub use self::encoder::{Final, FinalFrame, FnFrame, FrameContext, FrameKind, Grpc, NdJson, Sse};
 pub(crate) use self::service::{run_to_completion, should_inject, unfix_length};
 pub use self::service::{Frame, FrameLayer, Inject, ResponseFuture, RunToCompletion};

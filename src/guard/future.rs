@@ -24,8 +24,21 @@ pub(crate) struct CallState {
     /// revalidation), else the body's creation stands in for it.
     pub(crate) started: Option<Instant>,
     pub(crate) head: bool,
+    /// A gRPC request: the guard's own answers are gRPC-native.
+    pub(crate) grpc: bool,
+    /// The response timeout of this call: the guard's, or the request's own `grpc-timeout`
+    /// when shorter.
+    pub(crate) timeout: Option<Duration>,
     pub(crate) uri: RoutePath,
     pub(crate) parts: Option<Box<Parts>>,
+}
+
+/// A request the circuit breaker turned away: the answer's status (HTTP) and retry delay.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Rejection {
+    pub(crate) status: StatusCode,
+    pub(crate) retry_after: Duration,
+    pub(crate) grpc: bool,
 }
 
 impl CallState {
@@ -67,8 +80,7 @@ pin_project! {
             state: Option<CallState>,
         },
         Rejected {
-            status: StatusCode,
-            retry_after: Duration,
+            rejection: Rejection,
         },
         Done,
     }
@@ -86,12 +98,9 @@ impl<F> ResponseFuture<F> {
         }
     }
 
-    pub(crate) fn rejected(status: StatusCode, retry_after: Duration) -> Self {
+    pub(crate) fn rejected(rejection: Rejection) -> Self {
         Self {
-            kind: Kind::Rejected {
-                status,
-                retry_after,
-            },
+            kind: Kind::Rejected { rejection },
         }
     }
 }
@@ -130,11 +139,8 @@ where
                 }
                 state.take().expect("polled after completion")
             }
-            KindProj::Rejected {
-                status,
-                retry_after,
-            } => {
-                let res = Ok(rejection(*status, *retry_after));
+            KindProj::Rejected { rejection: r } => {
+                let res = Ok(rejection(*r));
                 kind.set(Kind::Done);
                 return Poll::Ready(res);
             }
@@ -146,12 +152,21 @@ where
     }
 }
 
-/// The answer to a request the circuit breaker turned away.
-pub(crate) fn rejection<B>(status: StatusCode, retry_after: Duration) -> Response<GuardedBody<B>> {
+/// The answer to a request the circuit breaker turned away: the status with `retry-after`,
+/// or for gRPC `UNAVAILABLE` with the rest of the cool-down as its pushback.
+pub(crate) fn rejection<B>(r: Rejection) -> Response<GuardedBody<B>> {
+    if r.grpc {
+        return crate::grpc::trailers_only(
+            crate::grpc::UNAVAILABLE,
+            "circuit breaker open: the service is failing",
+            Some(r.retry_after),
+        )
+        .map(|()| GuardedBody::empty());
+    }
     let mut res = Response::new(GuardedBody::empty());
-    *res.status_mut() = status;
+    *res.status_mut() = r.status;
     res.headers_mut()
-        .insert(header::RETRY_AFTER, retry_after_secs(retry_after));
+        .insert(header::RETRY_AFTER, retry_after_secs(r.retry_after));
     res
 }
 
@@ -168,7 +183,7 @@ pub(crate) fn poll_timeout(
         Some(sleep) => sleep,
         None => {
             // The deadline counts from the call's start (taken whenever there is a timeout).
-            let Some(deadline) = st.cfg.response_timeout.zip(st.started).map(|(d, s)| s + d) else {
+            let Some(deadline) = st.timeout.zip(st.started).map(|(d, s)| s + d) else {
                 return Poll::Pending;
             };
             timeout.insert(Box::pin(tokio::time::sleep_until(deadline)))
@@ -184,10 +199,18 @@ pub(crate) fn timed_out_response<B>(mut st: CallState) -> Response<GuardedBody<B
     st.cfg.frame.shared.metrics.timeouts_response.increment(1);
     tracing::warn!(
         path = st.uri.path(),
-        timeout_ms = st.cfg.response_timeout.unwrap_or_default().as_millis() as u64,
+        timeout_ms = st.timeout.unwrap_or_default().as_millis() as u64,
         "response timeout: inner future dropped"
     );
     st.outcome(false);
+    if st.grpc {
+        return crate::grpc::trailers_only(
+            crate::grpc::DEADLINE_EXCEEDED,
+            "response timeout: no response in time",
+            None,
+        )
+        .map(|()| GuardedBody::empty());
+    }
     let mut res = Response::new(GuardedBody::empty());
     *res.status_mut() = st.cfg.timeout_status;
     res

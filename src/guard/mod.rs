@@ -102,7 +102,8 @@ pub use self::body::GuardedBody;
 pub use self::breaker::{Breaker, BreakerState};
 pub use self::future::ResponseFuture;
 pub(crate) use self::future::{
-    finish_err, finish_ok, injects, poll_timeout, rejection, timed_out_response, CallState, Guarded,
+    finish_err, finish_ok, injects, poll_timeout, rejection, timed_out_response, CallState,
+    Guarded, Rejection,
 };
 pub use self::layer::GuardLayer;
 pub use self::service::Guard;

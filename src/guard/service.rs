@@ -7,7 +7,7 @@ use tokio::time::Instant;
 use tower_service::Service;
 
 use super::breaker::Admit;
-use super::future::{CallState, ResponseFuture};
+use super::future::{CallState, Rejection, ResponseFuture};
 use super::layer::Config;
 use super::GuardedBody;
 use crate::route::RoutePath;
@@ -47,8 +47,11 @@ impl<S> Guard<S> {
         &self,
         req: &Request<ReqB>,
         parts: Option<Box<http::request::Parts>>,
-    ) -> Result<CallState, (http::StatusCode, std::time::Duration)> {
+    ) -> Result<CallState, Rejection> {
         let cfg = &self.cfg;
+        // Only a guard that may answer by itself needs to know the protocol.
+        let grpc = (cfg.breaker.is_some() || cfg.response_timeout.is_some())
+            && crate::grpc::is_grpc(req.headers());
         let probe = match cfg.breaker.as_ref().map(|b| b.admit()) {
             None | Some(Admit::Pass) => None,
             Some(Admit::Probe(p)) => Some(p),
@@ -59,8 +62,17 @@ impl<S> Guard<S> {
                     path = req.uri().path(),
                     "circuit open: request rejected"
                 );
-                return Err((cfg.breaker_status, retry));
+                return Err(Rejection {
+                    status: cfg.breaker_status,
+                    retry_after: retry,
+                    grpc,
+                });
             }
+        };
+        // A gRPC call's own deadline applies when it is shorter than the guard's.
+        let timeout = match (cfg.response_timeout, grpc) {
+            (Some(d), true) => Some(crate::grpc::timeout_of(req.headers()).map_or(d, |t| t.min(d))),
+            (d, _) => d,
         };
         // The clock is read only when a setting needs the call's start.
         let started = (cfg.response_timeout.is_some()
@@ -72,6 +84,8 @@ impl<S> Guard<S> {
             probe,
             started,
             head: req.method() == Method::HEAD,
+            grpc,
+            timeout,
             uri: RoutePath::new(req.uri()),
             parts,
         })
@@ -128,7 +142,7 @@ where
         };
         match self.before(&req, parts) {
             Ok(state) => ResponseFuture::calling(self.inner.call(req), state),
-            Err((status, retry)) => ResponseFuture::rejected(status, retry),
+            Err(rejection) => ResponseFuture::rejected(rejection),
         }
     }
 }

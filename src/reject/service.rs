@@ -122,11 +122,8 @@ const NO_STORE: HeaderValue = HeaderValue::from_static("no-store");
 /// (`application/grpc-web…`) is not: its clients read the status from the body, not from
 /// HTTP/2 trailers, and map an HTTP `503` to UNAVAILABLE themselves, so it gets the plain HTTP
 /// answer (as the [`Grpc`] encoder leaves gRPC-Web streams alone).
-pub(crate) fn is_grpc(parts: &Parts) -> bool {
-    parts.headers.get(header::CONTENT_TYPE).is_some_and(|v| {
-        let v = v.as_bytes();
-        v.starts_with(b"application/grpc") && !v.starts_with(b"application/grpc-web")
-    })
+fn is_grpc(parts: &Parts) -> bool {
+    crate::grpc::is_grpc(&parts.headers)
 }
 
 /// Whether a `GET` names `text/event-stream` in its `accept` header (as every `EventSource`

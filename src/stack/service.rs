@@ -3,9 +3,8 @@ use std::marker::PhantomData;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
-use std::time::Duration;
 
-use http::{Request, Response, StatusCode};
+use http::{Request, Response};
 use pin_project_lite::pin_project;
 use tokio::time::Sleep;
 use tower_service::Service;
@@ -119,11 +118,10 @@ where
         let stream = track.register(&req);
         let call = match guard.before(&req, None) {
             Ok(call) => call,
-            Err((status, retry_after)) => {
+            Err(rejection) => {
                 return ResponseFuture {
                     kind: Kind::Rejected {
-                        status,
-                        retry_after,
+                        rejection,
                         stream: Some(stream),
                     },
                 }
@@ -190,8 +188,7 @@ pin_project! {
         },
         // Turned away by the circuit breaker.
         Rejected {
-            status: StatusCode,
-            retry_after: Duration,
+            rejection: guard::Rejection,
             stream: Option<StreamGuard>,
         },
         Done,
@@ -240,13 +237,9 @@ where
                     res.map(|b| DrainBody::nested(M::into_parts(b)))
                 }));
             }
-            KindProj::Rejected {
-                status,
-                retry_after,
-                stream,
-            } => {
+            KindProj::Rejected { rejection, stream } => {
                 let stream = stream.take().expect("polled after completion");
-                let res = guard::rejection::<()>(*status, *retry_after);
+                let res = guard::rejection::<()>(*rejection);
                 kind.set(Kind::Done);
                 (stream, res)
             }

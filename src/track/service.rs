@@ -3,6 +3,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
+use std::time::Duration;
 
 use http::{header, HeaderValue, Request, Response, StatusCode};
 use pin_project_lite::pin_project;
@@ -28,6 +29,8 @@ pub(crate) struct Config<St> {
     limit: Option<u32>,
     key: Option<KeyFn>,
     retry_after: HeaderValue,
+    /// The same delay, as gRPC answers' pushback.
+    pushback: Duration,
     on_store_error: StoreFailure,
 }
 
@@ -42,6 +45,7 @@ impl<S, St: Clone> Track<S, St> {
                 limit: layer.limit,
                 key: layer.key.clone(),
                 retry_after: HeaderValue::from(secs),
+                pushback: Duration::from_secs(secs),
                 on_store_error: layer.on_store_error,
             }),
         }
@@ -208,6 +212,8 @@ pin_project! {
         Rejected {
             status: StatusCode,
             retry_after: HeaderValue,
+            // A gRPC request: the answer is gRPC-native (see `crate::grpc`).
+            grpc: Option<Duration>,
         },
     }
 }
@@ -242,6 +248,7 @@ where
                             state.set(State::Rejected {
                                 status: StatusCode::TOO_MANY_REQUESTS,
                                 retry_after: cfg.retry_after.clone(),
+                                grpc: crate::grpc::is_grpc(req.headers()).then_some(cfg.pushback),
                             });
                             continue;
                         }
@@ -253,6 +260,8 @@ where
                                     state.set(State::Rejected {
                                         status: StatusCode::SERVICE_UNAVAILABLE,
                                         retry_after: cfg.retry_after.clone(),
+                                        grpc: crate::grpc::is_grpc(req.headers())
+                                            .then_some(cfg.pushback),
                                     });
                                     continue;
                                 }
@@ -276,7 +285,27 @@ where
                 }
                 StateProj::Rejected {
                     status,
+                    retry_after: _,
+                    grpc: Some(pushback),
+                } => {
+                    let (code, message) = if *status == StatusCode::TOO_MANY_REQUESTS {
+                        (
+                            crate::grpc::RESOURCE_EXHAUSTED,
+                            "too many concurrent streams for this key",
+                        )
+                    } else {
+                        (
+                            crate::grpc::UNAVAILABLE,
+                            "stream limits unavailable: the connection store failed",
+                        )
+                    };
+                    let res = crate::grpc::trailers_only(code, message, Some(*pushback));
+                    return Poll::Ready(Ok(res.map(|()| TrackedBody::new(ResB::default(), None))));
+                }
+                StateProj::Rejected {
+                    status,
                     retry_after,
+                    grpc: None,
                 } => {
                     let mut res = Response::new(TrackedBody::new(ResB::default(), None));
                     *res.status_mut() = *status;
