@@ -787,3 +787,74 @@ async fn starts_without_redis_and_stops_its_tasks_when_dropped() {
         "background tasks stopped after shutdown"
     );
 }
+
+/// `SCAN` calls the server has answered so far.
+async fn scan_calls(c: &mut redis::aio::MultiplexedConnection) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(c)
+        .await
+        .unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix("cmdstat_scan:calls="))
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Issue 15, item 11: a sweep paging through 100,000 foreign keys must not hold up the
+/// heartbeat, or this process's leases expire while it serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_sweep_over_100000_foreign_keys_does_not_delay_the_heartbeat() {
+    let server = Server::start();
+    let mut c = conn(server.url()).await;
+    for chunk in 0..100 {
+        let mut mset = redis::cmd("MSET");
+        for i in 0..1000 {
+            mset.arg(format!("foreign:{chunk}:{i}")).arg(1);
+        }
+        let _: () = mset.query_async(&mut c).await.unwrap();
+    }
+    let dbsize: u64 = redis::cmd("DBSIZE").query_async(&mut c).await.unwrap();
+    assert!(dbsize >= 100_000);
+    let prefix = unique_prefix("long-sweep");
+    let ttl = Duration::from_millis(300);
+    // Five keys per SCAN page: one sweep takes some 20,000 round trips, many TTLs.
+    let store = builder(server.url(), &prefix)
+        .lease_ttl(ttl)
+        .heartbeat_interval(Duration::from_millis(100))
+        .sweep_interval(Duration::from_millis(150))
+        .sweep_batch(5)
+        .build()
+        .unwrap();
+    let other = builder(server.url(), &prefix)
+        .lease_ttl(ttl)
+        .sweep_interval(Duration::ZERO)
+        .build()
+        .unwrap();
+    let _lease = store.acquire("zed", 1).await.unwrap().unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            let mut c = c.clone();
+            async move { scan_calls(&mut c).await > 0 }
+        })
+        .await,
+        "the sweep started"
+    );
+    let scans_before = scan_calls(&mut c).await;
+    let window = ttl * 4;
+    let started = tokio::time::Instant::now();
+    while started.elapsed() < window {
+        assert!(
+            other.acquire("zed", 1).await.unwrap().is_none(),
+            "the lease expired {:?} into a sweep: the heartbeat was held up",
+            started.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let scans = scan_calls(&mut c).await - scans_before;
+    assert!(
+        scans > 500,
+        "the sweep kept paging during the window ({scans} SCANs)"
+    );
+}
