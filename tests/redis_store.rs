@@ -1299,3 +1299,129 @@ mod cluster {
         drop(held);
     }
 }
+
+/// `rediss://` against a local TLS-only redis-server whose certificate a test CA signed.
+#[cfg(any(feature = "redis-tls-rustls", feature = "redis-tls-native"))]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rediss_with_a_private_ca() {
+    let server = support_redis::TlsServer::start();
+    let prefix = unique_prefix("tls");
+    let store = builder(&server.url, &prefix)
+        .tls_root_certificate(server.ca_pem.clone())
+        .build()
+        .unwrap();
+    let a = store
+        .acquire("tia", 1)
+        .await
+        .expect("TLS connection")
+        .unwrap();
+    assert!(
+        store.acquire("tia", 1).await.unwrap().is_none(),
+        "limit holds"
+    );
+    assert_eq!(store.heartbeat_now().await, 0);
+    drop(a);
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            store.pending_releases() == 0
+        })
+        .await
+    );
+    let b = store.acquire("tia", 1).await.unwrap().expect("released");
+    let summary = store.shutdown().await.unwrap();
+    assert_eq!(
+        (summary.before, summary.total_cleaned, summary.after),
+        (1, 1, 0)
+    );
+    drop(b);
+
+    // Without the CA the certificate is not trusted: acquire fails (fail-open / closed).
+    let untrusted = builder(&server.url, &prefix)
+        .acquire_timeout(Duration::from_secs(2))
+        .build()
+        .unwrap();
+    assert!(untrusted.acquire("tia", 1).await.is_err());
+}
+
+/// A foreign key of the wrong type fails its own command, not the whole heartbeat: the other
+/// keys are refreshed and their lost leases re-added, and the error is counted once per key.
+#[tokio::test]
+async fn a_wrong_type_key_does_not_fail_the_heartbeat() {
+    let server = Server::shared();
+    let prefix = unique_prefix("wrongtype");
+    let rec = DebuggingRecorder::new();
+    let snap = rec.snapshotter();
+    let store = metrics::with_local_recorder(&rec, || {
+        builder(server.url(), &prefix)
+            .heartbeat_interval(Duration::from_secs(9))
+            .build()
+            .unwrap()
+    });
+    let lost = store.acquire("lost", 5).await.unwrap().unwrap();
+    let clobbered = store.acquire("clobbered", 5).await.unwrap().unwrap();
+    let mut c = conn(server.url()).await;
+    let _: () = c.del(store.redis_key("lost")).await.unwrap();
+    let _: () = c
+        .set(store.redis_key("clobbered"), "a string")
+        .await
+        .unwrap();
+    assert_eq!(store.heartbeat_now().await, 1, "the lost lease is re-added");
+    assert_eq!(zcard(&mut c, &store.redis_key("lost")).await, 1);
+    let heartbeat_errors: u64 = snap
+        .snapshot()
+        .into_vec()
+        .into_iter()
+        .filter(|(k, _, _, _)| {
+            k.key().name() == tower_drain::metrics::STORE_ERRORS_TOTAL
+                && k.key()
+                    .labels()
+                    .any(|l| l.key() == "op" && l.value() == "heartbeat")
+        })
+        .map(|(_, _, _, v)| match v {
+            DebugValue::Counter(n) => n,
+            _ => 0,
+        })
+        .sum();
+    assert!(heartbeat_errors >= 1, "counted under op=heartbeat");
+    drop((lost, clobbered));
+}
+
+/// A key's expiry only moves later: a process with a shorter `lease_ttl` on the same prefix
+/// does not cut the key of one with a longer TTL short (acquire nor heartbeat).
+#[tokio::test]
+async fn a_shorter_ttl_never_shortens_a_keys_expiry() {
+    let server = Server::shared();
+    let prefix = unique_prefix("monotonic");
+    let long = builder(server.url(), &prefix)
+        .lease_ttl(Duration::from_secs(60))
+        .build()
+        .unwrap();
+    let short = builder(server.url(), &prefix)
+        .lease_ttl(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    let _l = long.acquire("mo", 5).await.unwrap().unwrap();
+    let key = long.redis_key("mo");
+    let mut c = conn(server.url()).await;
+    let pttl = |c: &mut redis::aio::MultiplexedConnection| {
+        let key = key.clone();
+        let mut c = c.clone();
+        async move { c.pttl::<_, i64>(&key).await.unwrap() }
+    };
+    assert!(pttl(&mut c).await > 50_000);
+    let _s = short.acquire("mo", 5).await.unwrap().unwrap();
+    assert!(
+        pttl(&mut c).await > 50_000,
+        "acquire kept the longer expiry"
+    );
+    assert_eq!(short.heartbeat_now().await, 0);
+    assert!(
+        pttl(&mut c).await > 50_000,
+        "heartbeat kept the longer expiry"
+    );
+    // And a longer TTL still extends a shorter one.
+    let k2 = short.redis_key("mo2");
+    let _s2 = short.acquire("mo2", 5).await.unwrap().unwrap();
+    let _l2 = long.acquire("mo2", 5).await.unwrap().unwrap();
+    assert!(c.pttl::<_, i64>(&k2).await.unwrap() > 50_000);
+}
