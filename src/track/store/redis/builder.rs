@@ -12,8 +12,9 @@ use tokio_util::sync::CancellationToken;
 use super::conn::Conn;
 use super::shared::{lock, new_instance_id, Clock, OpErrors, Shared};
 use super::store::{Handle, RedisStore};
+use super::sweep::sweep_task;
 use super::table::Table;
-use super::tasks::{heartbeat_task, release_task, sweep_task};
+use super::tasks::{heartbeat_task, release_task};
 use crate::track::store::StoreError;
 
 /// Builds a [`RedisStore`]; see [`RedisStore::builder`].

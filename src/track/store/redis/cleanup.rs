@@ -8,13 +8,13 @@ use std::time::Duration;
 use ::redis::Value;
 use tokio::time::{timeout, Instant};
 
-use super::conn::{by_slot, run_all};
+use super::route::send_all;
 use super::shared::{lock, Op, Shared};
 use super::tasks::Leases;
 use crate::controller::CleanupSummary;
 
 /// Stops the background tasks and `ZREM`s every lease still held, `cleanup_batch` members per
-/// round (one pipeline per hash slot on a cluster, sent concurrently), until none remain, the
+/// round (one pipeline per primary on a cluster, sent concurrently), until none remain, the
 /// iteration cap is reached or the time budget is spent.
 pub(super) async fn cleanup(shared: Arc<Shared>) -> CleanupSummary {
     let started = Instant::now();
@@ -36,17 +36,14 @@ pub(super) async fn cleanup(shared: Arc<Shared>) -> CleanupSummary {
         iterations += 1;
         let batch = take_batch(&mut queue, shared.cleanup_batch);
         let budget = shared.command_timeout.min(deadline - now);
-        let groups = by_slot(shared.conn.is_cluster(), batch);
-        let sends = groups
-            .into_iter()
-            .map(|(_, group)| remove_group(shared.clone(), group, budget));
         let mut failed = false;
-        for (group, removed) in run_all(sends.collect()).await {
-            match removed {
-                Some(n) => cleaned += n,
-                None => {
+        for sent in send_all(&shared, batch, budget, build_zrem).await {
+            match sent.replies {
+                Ok(replies) => cleaned += removed(&shared, &replies),
+                Err(e) => {
+                    shared.fail(Op::Cleanup, "shutdown clean-up", &e);
                     failed = true;
-                    for item in group.into_iter().rev() {
+                    for item in sent.items.into_iter().rev() {
                         queue.push_front(item);
                     }
                 }
@@ -112,45 +109,32 @@ fn take_batch(queue: &mut VecDeque<(Arc<str>, Vec<u64>)>, max: usize) -> Leases 
     batch
 }
 
-/// One pipeline of `ZREM key member…`; returns the group and how many members were removed, or
-/// `None` when the round trip failed (the group is retried).
-async fn remove_group(
-    shared: Arc<Shared>,
-    group: Leases,
-    budget: Duration,
-) -> (Leases, Option<u64>) {
+/// One `ZREM key member…` per key.
+fn build_zrem(shared: &Shared, _slot: u16, items: &Leases) -> ::redis::Pipeline {
     let mut pipe = ::redis::pipe();
-    for (key, ids) in &group {
+    let mut buf = String::new();
+    for (key, ids) in items {
         let cmd = pipe.cmd("ZREM").arg(&**key);
         for id in ids {
-            cmd.arg(shared.member(*id));
+            cmd.arg(shared.write_member(&mut buf, *id));
         }
     }
     pipe.ignore_errors();
-    let mut conn = shared.conn();
-    let removed = match timeout(budget, pipe.query_async::<Vec<Value>>(&mut conn)).await {
-        Ok(Ok(replies)) => {
-            let mut n = 0;
-            for r in &replies {
-                match r {
-                    Value::Int(x) => n += (*x).max(0) as u64,
-                    // A foreign key of the wrong type: nothing of ours to remove there.
-                    Value::ServerError(e) => {
-                        shared.fail(Op::Cleanup, "shutdown clean-up of one key", &e.to_string())
-                    }
-                    _ => {}
-                }
+    pipe
+}
+
+/// Members the `ZREM`s removed; a key failing on its own (a foreign key of the wrong type)
+/// holds nothing of ours and is counted as a clean-up error.
+fn removed(shared: &Shared, replies: &[Value]) -> u64 {
+    let mut n = 0;
+    for r in replies {
+        match r {
+            Value::Int(x) => n += (*x).max(0) as u64,
+            Value::ServerError(e) => {
+                shared.fail(Op::Cleanup, "shutdown clean-up of one key", &e.to_string())
             }
-            Some(n)
+            _ => {}
         }
-        Ok(Err(e)) => {
-            shared.fail(Op::Cleanup, "shutdown clean-up", &e);
-            None
-        }
-        Err(_) => {
-            shared.fail(Op::Cleanup, "shutdown clean-up", &"timed out");
-            None
-        }
-    };
-    (group, removed)
+    }
+    n
 }

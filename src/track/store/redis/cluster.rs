@@ -1,12 +1,8 @@
-//! Redis Cluster specifics (feature `redis-cluster`): the cluster connection, and the sweep
-//! that runs on every primary.
-//!
-//! Everything else works on a cluster because every command touches one key and every
-//! pipeline is grouped by hash slot (see `conn::by_slot`).
+//! Redis Cluster specifics (feature `redis-cluster`): the cluster connection, the primaries
+//! (for the sweep) and the slot map (for grouping pipelines per node).
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 
 use ::redis::cluster::{ClusterClientBuilder, ClusterConfig};
 use ::redis::cluster_async::ClusterConnection;
@@ -14,9 +10,8 @@ use ::redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
 use ::redis::{Cmd, Pipeline, RedisResult, Value};
 use tokio::time::timeout;
 
-use super::conn::{run_all, Conn};
-use super::shared::{Op, Shared};
-use super::tasks::{sweep_node, NodeLink};
+use super::conn::{Conn, NodeLink};
+use super::shared::Shared;
 use crate::track::store::StoreError;
 
 /// Connects lazily to the cluster seeded by `nodes` (the connection is made in the background
@@ -26,6 +21,7 @@ pub(super) fn connect(
     command_timeout: std::time::Duration,
     tls_root: Option<&[u8]>,
 ) -> Result<Conn, StoreError> {
+    #[allow(unused_mut)]
     let mut builder = ClusterClientBuilder::new(nodes.iter().map(String::as_str))
         .connection_timeout(command_timeout)
         .response_timeout(command_timeout)
@@ -52,8 +48,63 @@ pub(super) fn connect(
     ))
 }
 
+/// One slot range and the address of the primary serving it.
+pub(super) struct SlotRange {
+    pub(super) start: u16,
+    pub(super) end: u16,
+    pub(super) host: String,
+    pub(super) port: u16,
+}
+
+/// The slot map, from `CLUSTER SLOTS` (each entry: start, end, [host, port, id, …], replicas…).
+pub(super) async fn slot_map(shared: &Shared) -> Result<Vec<SlotRange>, String> {
+    let Conn::Cluster(mut conn) = shared.conn() else {
+        return Err("not a cluster".to_owned());
+    };
+    let reply = timeout(
+        shared.command_timeout,
+        conn.route_command(
+            ::redis::cmd("CLUSTER").arg("SLOTS").clone(),
+            RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random),
+        ),
+    )
+    .await
+    .map_err(|_| "timed out".to_owned())?
+    .map_err(|e| e.to_string())?;
+    let Value::Array(ranges) = reply else {
+        return Err("unexpected CLUSTER SLOTS reply".to_owned());
+    };
+    let mut out = Vec::new();
+    for range in ranges {
+        let Value::Array(range) = range else { continue };
+        let (Some(Value::Int(start)), Some(Value::Int(end)), Some(Value::Array(node))) =
+            (range.first(), range.get(1), range.get(2))
+        else {
+            continue;
+        };
+        let (Some(host), Some(Value::Int(port))) = (node.first(), node.get(1)) else {
+            continue;
+        };
+        let (Ok(host), Ok(port), Ok(start), Ok(end)) = (
+            ::redis::from_redis_value_ref::<String>(host),
+            u16::try_from(*port),
+            u16::try_from(*start),
+            u16::try_from(*end),
+        ) else {
+            continue;
+        };
+        out.push(SlotRange {
+            start,
+            end,
+            host,
+            port,
+        });
+    }
+    Ok(out)
+}
+
 /// One primary, reached by address through the cluster connection.
-struct Primary {
+pub(super) struct Primary {
     conn: ClusterConnection,
     host: String,
     port: u16,
@@ -89,63 +140,20 @@ impl NodeLink for Primary {
     }
 }
 
-/// The primaries, from `CLUSTER SLOTS` (each entry: start, end, [host, port, id], replicas…).
-async fn primaries(
-    shared: &Shared,
-    conn: &mut ClusterConnection,
-) -> Result<Vec<(String, u16)>, String> {
-    let reply = timeout(
-        shared.command_timeout,
-        conn.route_command(
-            ::redis::cmd("CLUSTER").arg("SLOTS").clone(),
-            RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random),
-        ),
-    )
-    .await
-    .map_err(|_| "timed out".to_owned())?
-    .map_err(|e| e.to_string())?;
-    let ranges: Vec<Vec<Value>> = ::redis::from_redis_value(reply).map_err(|e| e.to_string())?;
-    let mut out: Vec<(String, u16)> = Vec::new();
-    for range in ranges {
-        let Some(Value::Array(node)) = range.get(2) else {
-            continue;
-        };
-        let (Some(host), Some(Value::Int(port))) = (node.first(), node.get(1)) else {
-            continue;
-        };
-        let Ok(host) = ::redis::from_redis_value_ref::<String>(host) else {
-            continue;
-        };
-        let Ok(port) = u16::try_from(*port) else {
-            continue;
-        };
-        if !out.contains(&(host.clone(), port)) {
-            out.push((host, port));
+/// A link to every primary.
+pub(super) async fn primary_links(shared: &Shared) -> Result<Vec<Primary>, String> {
+    let Conn::Cluster(conn) = shared.conn() else {
+        return Err("not a cluster".to_owned());
+    };
+    let mut out: Vec<Primary> = Vec::new();
+    for r in slot_map(shared).await? {
+        if !out.iter().any(|p| p.host == r.host && p.port == r.port) {
+            out.push(Primary {
+                conn: conn.clone(),
+                host: r.host,
+                port: r.port,
+            });
         }
     }
     Ok(out)
-}
-
-/// Sweeps every primary concurrently; returns how many expired leases were removed.
-pub(super) async fn sweep_primaries(shared: &Arc<Shared>) -> u64 {
-    let Conn::Cluster(mut conn) = shared.conn() else {
-        return 0;
-    };
-    let nodes = match primaries(shared, &mut conn).await {
-        Ok(n) => n,
-        Err(e) => {
-            shared.fail(Op::Sweep, "sweep (listing the primaries)", &e);
-            return 0;
-        }
-    };
-    let sweeps = nodes.into_iter().map(|(host, port)| {
-        let shared = shared.clone();
-        let link = Primary {
-            conn: conn.clone(),
-            host,
-            port,
-        };
-        async move { sweep_node(&shared, link).await }
-    });
-    run_all(sweeps.collect()).await.into_iter().sum()
 }

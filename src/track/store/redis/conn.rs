@@ -1,9 +1,7 @@
 //! One connection type for a single node and a cluster, and the grouping that keeps every
 //! pipeline inside one hash slot.
 
-use std::collections::HashMap;
 use std::future::Future;
-use std::sync::Arc;
 
 use ::redis::aio::{ConnectionLike, ConnectionManager};
 use ::redis::{Cmd, Pipeline, RedisFuture, Value};
@@ -87,27 +85,6 @@ fn crc16(data: &[u8]) -> u16 {
     crc
 }
 
-/// Splits per-key work into the groups one pipeline may carry: everything in one group on a
-/// single node, one group per hash slot on a cluster (a cluster pipeline must stay in one slot).
-/// Returns the groups with their slot (0 on a single node).
-pub(super) fn by_slot<T>(
-    cluster: bool,
-    items: Vec<(Arc<str>, T)>,
-) -> Vec<(u16, Vec<(Arc<str>, T)>)> {
-    if !cluster {
-        return if items.is_empty() {
-            Vec::new()
-        } else {
-            vec![(0, items)]
-        };
-    }
-    let mut groups: HashMap<u16, Vec<(Arc<str>, T)>> = HashMap::new();
-    for (key, v) in items {
-        groups.entry(slot_of(&key)).or_default().push((key, v));
-    }
-    groups.into_iter().collect()
-}
-
 /// Runs the futures concurrently (one task each when there are several) and returns their
 /// outputs in order.
 pub(super) async fn run_all<F>(futures: Vec<F>) -> Vec<F::Output>
@@ -136,4 +113,71 @@ where
         }
     }
     out.into_iter().flatten().collect()
+}
+
+/// How a sweep reaches one node: a plain connection, or a cluster connection with every
+/// command pinned to one primary.
+pub(super) trait NodeLink: Send {
+    fn query<'a>(
+        &'a mut self,
+        cmd: ::redis::Cmd,
+    ) -> std::pin::Pin<Box<dyn Future<Output = ::redis::RedisResult<Value>> + Send + 'a>>;
+    fn query_pipe<'a>(
+        &'a mut self,
+        pipe: ::redis::Pipeline,
+        count: usize,
+    ) -> std::pin::Pin<Box<dyn Future<Output = ::redis::RedisResult<Vec<Value>>> + Send + 'a>>;
+}
+
+impl NodeLink for Conn {
+    fn query<'a>(
+        &'a mut self,
+        cmd: ::redis::Cmd,
+    ) -> std::pin::Pin<Box<dyn Future<Output = ::redis::RedisResult<Value>> + Send + 'a>> {
+        Box::pin(async move { cmd.query_async(self).await })
+    }
+
+    fn query_pipe<'a>(
+        &'a mut self,
+        pipe: ::redis::Pipeline,
+        _count: usize,
+    ) -> std::pin::Pin<Box<dyn Future<Output = ::redis::RedisResult<Vec<Value>>> + Send + 'a>> {
+        Box::pin(async move { pipe.query_async(self).await })
+    }
+}
+
+/// Where one pipeline goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) enum Route {
+    /// By its keys: the single node, or on a cluster the node owning the slot of the keys (all
+    /// in one slot); `MOVED` / `ASK` are followed.
+    Keys,
+    /// A cluster primary by address: the pipeline may span every slot that node serves.
+    #[cfg(feature = "redis-cluster")]
+    Node { host: String, port: u16 },
+}
+
+impl Conn {
+    /// Sends `pipe` (`count` commands) along `route`.
+    pub(super) async fn query_routed(
+        &mut self,
+        route: &Route,
+        pipe: Pipeline,
+        count: usize,
+    ) -> ::redis::RedisResult<Vec<Value>> {
+        match (route, self) {
+            #[cfg(feature = "redis-cluster")]
+            (Route::Node { host, port }, Conn::Cluster(c)) => {
+                let to = ::redis::cluster_routing::SingleNodeRoutingInfo::ByAddress {
+                    host: host.clone(),
+                    port: *port,
+                };
+                c.route_pipeline(pipe, 0, count, to).await
+            }
+            (_, conn) => {
+                let _ = count;
+                pipe.query_async(conn).await
+            }
+        }
+    }
 }

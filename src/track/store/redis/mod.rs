@@ -11,9 +11,9 @@
 //! | Sentinel | no (see below) |
 //!
 //! **Cluster.** Acquire is one script call on one key. Releases, heartbeats, re-adds of lost
-//! leases and the shutdown clean-up are grouped by hash slot: one pipeline per slot, all sent
-//! concurrently, so no pipeline ever spans two slots. The sweep runs on every primary (listed by
-//! `CLUSTER SLOTS` at each sweep). `MOVED` and `ASK` during resharding and failover are
+//! leases and the shutdown clean-up send one pipeline per primary (from a fresh `CLUSTER SLOTS`
+//! each time), all concurrently; a per-node pipeline that fails as a whole because a slot moved
+//! is sent again as one pipeline per hash slot, routed by key. The sweep runs on every primary. `MOVED` and `ASK` during resharding and failover are
 //! followed by the cluster client, not counted as failures. During a failover election the
 //! slots of the failed primary are unreachable: acquires on them fail (and the track layer
 //! fails open or closed as configured); the first heartbeat after the election re-adds the
@@ -40,8 +40,10 @@ mod cleanup;
 mod cluster;
 mod conn;
 mod lease;
+mod route;
 mod shared;
 mod store;
+mod sweep;
 mod table;
 mod tasks;
 #[cfg(test)]

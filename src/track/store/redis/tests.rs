@@ -6,8 +6,9 @@ use std::time::Duration;
 
 use super::conn::slot_of;
 use super::shared::{escape_key, lock, new_instance_id};
+use super::sweep::sweep_pattern;
 use super::table::Table;
-use super::tasks::{gt_unsupported, sweep_pattern};
+use super::tasks::gt_unsupported;
 use super::RedisStore;
 
 fn key_of(k: &str) -> String {
