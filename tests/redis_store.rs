@@ -1079,6 +1079,35 @@ mod cluster {
         drop((sweeper, held, ManuallyDrop::into_inner(leaked)));
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_cluster_store_starts_before_its_cluster_and_connects_when_it_is_up() {
+        let ports = support_redis::cluster::cluster_ports(3);
+        let urls: Vec<String> = ports
+            .iter()
+            .map(|p| format!("redis://127.0.0.1:{p}/"))
+            .collect();
+        let store = RedisStore::cluster_builder(urls)
+            .prefix(unique_prefix("cl-late"))
+            .acquire_timeout(Duration::from_millis(300))
+            .build()
+            .expect("builds while no node is up");
+        assert!(store.acquire("lee", 1).await.is_err(), "no cluster yet");
+        let cl = tokio::task::spawn_blocking(move || Cluster::start_on(ports, 0))
+            .await
+            .unwrap();
+        let mut granted = None;
+        for _ in 0..100 {
+            if let Ok(Some(l)) = store.acquire("lee", 1).await {
+                granted = Some(l);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(granted.is_some(), "connected once the cluster was up");
+        assert!(store.acquire("lee", 1).await.unwrap().is_none());
+        drop((granted, cl));
+    }
+
     /// Counter value of `tower_drain_store_errors_total{op}`.
     fn op_errors(snap: &Snapshotter, op: &str) -> u64 {
         snap.snapshot()

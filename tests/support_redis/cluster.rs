@@ -38,7 +38,11 @@ pub(crate) struct Cluster {
 impl Cluster {
     /// Starts and joins the cluster; panics with a clear message when it cannot.
     pub(crate) fn start(primaries: usize, replicas: usize) -> Cluster {
-        let n = primaries * (1 + replicas);
+        Cluster::start_on(cluster_ports(primaries * (1 + replicas)), replicas)
+    }
+
+    /// Starts and joins a cluster on `ports` (see [`cluster_ports`]).
+    pub(crate) fn start_on(ports: Vec<u16>, replicas: usize) -> Cluster {
         let dir = std::env::temp_dir().join(format!(
             "td-cluster-{}-{}",
             std::process::id(),
@@ -48,7 +52,6 @@ impl Cluster {
                 .as_nanos()
         ));
         std::fs::create_dir_all(&dir).unwrap();
-        let ports = cluster_ports(n);
         let mut nodes = Vec::new();
         for &port in &ports {
             let child = Command::new("redis-server")
@@ -211,7 +214,7 @@ impl Drop for Cluster {
 }
 
 /// `n` free ports whose cluster bus ports (+10000) are free too.
-fn cluster_ports(n: usize) -> Vec<u16> {
+pub(crate) fn cluster_ports(n: usize) -> Vec<u16> {
     let mut ports = Vec::new();
     let mut held = Vec::new();
     for _ in 0..1000 {

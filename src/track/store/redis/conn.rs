@@ -1,5 +1,4 @@
-//! One connection type for a single node and a cluster, and the grouping that keeps every
-//! pipeline inside one hash slot.
+//! One connection type for a single node and a cluster, hash slots, and routing a pipeline.
 
 use std::future::Future;
 

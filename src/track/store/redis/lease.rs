@@ -27,7 +27,7 @@ pub(super) async fn preload(shared: &Shared) {
     .await;
 }
 
-/// Future returned by [`RedisStore::acquire`](ConnectionStore::acquire): one `EVALSHA`,
+/// Future returned by [`RedisStore::acquire`](crate::track::ConnectionStore::acquire): one `EVALSHA`,
 /// bounded by the acquire timeout.
 #[must_use = "futures do nothing unless polled"]
 pub struct AcquireFuture {

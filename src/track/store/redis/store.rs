@@ -32,9 +32,7 @@ use crate::track::store::StoreError;
 /// Clones share one connection, one lease table and the background tasks (release, heartbeat,
 /// sweep: three independent tasks, so a long sweep never delays a heartbeat); the tasks stop
 /// when the last clone is dropped or after [`shutdown`](ConnectionStore::shutdown).
-///
-/// See the [module docs](self) for what is supported: single node, Redis Cluster, TLS, and why
-/// not Sentinel.
+
 ///
 /// # Data model
 ///
@@ -42,7 +40,8 @@ use crate::track::store::StoreError;
 /// sorted set `<prefix>:{<escaped key>}`, scored by the lease's expiry in Unix milliseconds of
 /// the Redis clock. The instance id is random per store (so per process start): a restarted
 /// process never reuses its predecessor's members. Every command touches exactly one key, the
-/// user key sits inside the hash tag, and every pipeline stays inside one hash slot on a cluster.
+/// user key sits inside the hash tag, and on a cluster every pipeline goes to the node serving
+/// all of its keys.
 ///
 /// - **acquire**: one `EVALSHA` (the script is loaded on `NOSCRIPT`, e.g. after a Redis restart)
 ///   that reads `TIME`, drops the key's expired leases, counts, adds the lease only under the
@@ -61,6 +60,41 @@ use crate::track::store::StoreError;
 ///   leases (`ZREMRANGEBYSCORE`) in batches.
 /// - **shutdown**: [`ConnectionStore::shutdown`] stops the tasks and `ZREM`s every lease still
 ///   held, in batches grouped by key, until none remain or the iteration cap is reached.
+///
+/// # Deployments
+///
+/// | deployment | support |
+/// |---|---|
+/// | single node (`redis://`, `redis+unix://`) | yes (feature `redis`) |
+/// | Redis Cluster, Valkey cluster, ElastiCache / Memorystore in cluster mode | yes, with `RedisStore::cluster_builder` (feature `redis-cluster`) |
+/// | TLS (`rediss://`) | yes, with feature `redis-tls-rustls` (rustls; installs the *ring* crypto provider unless the application installed one) or `redis-tls-native` (the platform's TLS library, OpenSSL on Linux); a private CA through `tls_root_certificate` |
+/// | Sentinel | no (see below) |
+///
+/// **Cluster.** Acquire is one script call on one key. Releases, heartbeats, re-adds of lost
+/// leases and the shutdown clean-up send one pipeline per primary (from a fresh `CLUSTER SLOTS`
+/// each time), all concurrently; a per-node pipeline that fails as a whole because a slot moved
+/// is sent again as one pipeline per hash slot, routed by key. The sweep runs on every
+/// primary. `MOVED` and `ASK` during resharding and failover are followed by the cluster
+/// client, not counted as failures. During a failover election the
+/// slots of the failed primary are unreachable: acquires on them fail (and the track layer
+/// fails open or closed as configured); the first heartbeat after the election re-adds the
+/// leases the promoted replica had not received.
+///
+/// **Clocks.** A lease's score is an expiry time on the clock of the node owning its key: the
+/// acquire script reads that node's `TIME`, and each heartbeat pipeline carries `TIME` from that
+/// node, which sets the per-slot clock offset used for the next heartbeat's scores. Because one
+/// heartbeat writes one score above every score written before (so that `ZADD XX CH` counts
+/// every present member), a lease on a node whose clock is behind the fastest node's lives up
+/// to that skew longer than `lease_ttl`, never shorter (but for the round trip that the clock
+/// offset is measured over). The processes' own clocks do not matter. Keep the nodes' clocks synchronised
+/// (NTP keeps them within milliseconds); a skew of `s` lets a crashed process's slots outlive
+/// it by at most `lease_ttl + s`.
+///
+/// **Sentinel is not supported.** The `redis` crate (1.x) resolves a Sentinel master once into a
+/// plain connection; nothing re-resolves it when the connection drops, and a demoted master
+/// keeps accepting connections as a read-only replica, so after a failover the store would
+/// keep talking to the old master (every write failing) until restarted. Use a cluster, or a
+/// single endpoint that follows the master (a managed service's primary endpoint, a proxy).
 ///
 /// # Example
 ///

@@ -123,7 +123,7 @@ pub(super) async fn heartbeat_task(shared: Arc<Shared>) {
     }
 }
 
-/// One heartbeat: refreshes every live lease (one pipeline on a single node, one per hash slot
+/// One heartbeat: refreshes every live lease (one pipeline on a single node, one per primary
 /// on a cluster, sent concurrently); returns how many leases were found missing and re-added.
 pub(super) async fn heartbeat(shared: &Arc<Shared>) -> u64 {
     heartbeat_with(shared, |_| async {}).await
