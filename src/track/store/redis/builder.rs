@@ -9,7 +9,7 @@ use ::redis::Client;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::conn::Conn;
+use super::conn::{Conn, SlotMap};
 use super::shared::{lock, new_instance_id, Clock, OpErrors, Shared};
 use super::store::{Handle, RedisStore};
 use super::sweep::sweep_task;
@@ -313,6 +313,7 @@ impl RedisStoreBuilder {
             cleanup_timeout: self.cleanup_timeout,
             clock: Clock::new(conn.is_cluster()),
             conn,
+            slot_map: SlotMap::default(),
             next_id: AtomicU64::new(0),
             table: Table::new(),
             release_tx: tx,

@@ -180,3 +180,42 @@ impl Conn {
         }
     }
 }
+
+/// Which primary serves each hash slot, as last read from the cluster (`CLUSTER SLOTS`), and
+/// when; a node pipeline that fails clears it.
+#[derive(Default)]
+pub(super) struct SlotMap {
+    inner: std::sync::Mutex<Option<(std::time::Instant, std::sync::Arc<SlotOwners>)>>,
+}
+
+/// `owner[slot]` indexes `nodes` (`u16::MAX`: no primary known).
+#[cfg_attr(not(feature = "redis-cluster"), allow(dead_code))]
+pub(super) struct SlotOwners {
+    pub(super) owner: Box<[u16]>,
+    pub(super) nodes: Vec<(String, u16)>,
+}
+
+#[cfg_attr(not(feature = "redis-cluster"), allow(dead_code))]
+impl SlotMap {
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, Option<(std::time::Instant, std::sync::Arc<SlotOwners>)>> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The map if it was read less than `max_age` ago.
+    pub(super) fn get(&self, max_age: std::time::Duration) -> Option<std::sync::Arc<SlotOwners>> {
+        match &*self.lock() {
+            Some((at, map)) if at.elapsed() < max_age => Some(map.clone()),
+            _ => None,
+        }
+    }
+
+    pub(super) fn set(&self, map: std::sync::Arc<SlotOwners>) {
+        *self.lock() = Some((std::time::Instant::now(), map));
+    }
+
+    pub(super) fn clear(&self) {
+        *self.lock() = None;
+    }
+}

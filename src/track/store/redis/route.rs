@@ -1,8 +1,9 @@
 //! Groups per-key work into pipelines that a single node or a cluster accepts, and sends them.
 //!
-//! Single node: one pipeline. Cluster: one pipeline per primary, from a fresh `CLUSTER SLOTS`
-//! (a cluster node runs commands of every slot it serves; the `redis` crate only refuses
-//! cross-slot pipelines it routes by key). A per-node pipeline that fails as a whole (a slot
+//! Single node: one pipeline. Cluster: one pipeline per primary, addressed by the slot map from
+//! `CLUSTER SLOTS` (read again when older than a second or after a failure): a cluster node runs
+//! commands of every slot it serves; the `redis` crate only refuses cross-slot pipelines it
+//! routes by key. A per-node pipeline that fails as a whole (a slot
 //! moved meanwhile: `MOVED` / `ASK`) is sent again as one pipeline per hash slot, routed by key,
 //! which follows the redirections. Without a slot map, it goes per slot at once.
 
@@ -13,6 +14,8 @@ use std::time::Duration;
 use ::redis::{Pipeline, RedisError, Value};
 use tokio::time::timeout;
 
+#[cfg(feature = "redis-cluster")]
+use super::conn::SlotOwners;
 use super::conn::{run_all, slot_of, Route};
 use super::shared::Shared;
 
@@ -60,29 +63,21 @@ async fn plan<T>(shared: &Shared, items: Items<T>) -> Vec<Group<T>> {
         }];
     }
     #[cfg(feature = "redis-cluster")]
-    if let Ok(map) = super::cluster::slot_map(shared).await {
-        let mut owner = vec![usize::MAX; 16_384];
-        for (i, r) in map.iter().enumerate() {
-            for s in r.start..=r.end.min(16_383) {
-                owner[usize::from(s)] = i;
-            }
-        }
-        let mut by_node: HashMap<usize, Items<T>> = HashMap::new();
+    if let Some(map) = owners(shared).await {
+        let mut by_node: HashMap<u16, Items<T>> = HashMap::new();
         let mut unmapped = Vec::new();
         for (key, v) in items {
-            match owner[usize::from(slot_of(&key))] {
-                usize::MAX => unmapped.push((key, v)),
+            match map.owner[usize::from(slot_of(&key))] {
+                u16::MAX => unmapped.push((key, v)),
                 i => by_node.entry(i).or_default().push((key, v)),
             }
         }
         let mut groups = per_slot(unmapped);
         for (i, items) in by_node {
             let slot = slot_of(&items[0].0);
+            let (host, port) = map.nodes[usize::from(i)].clone();
             groups.push(Group {
-                route: Route::Node {
-                    host: map[i].host.clone(),
-                    port: map[i].port,
-                },
+                route: Route::Node { host, port },
                 slot,
                 items,
             });
@@ -90,6 +85,36 @@ async fn plan<T>(shared: &Shared, items: Items<T>) -> Vec<Group<T>> {
         return groups;
     }
     per_slot(items)
+}
+
+/// How long a slot map read from the cluster is used before it is read again.
+#[cfg(feature = "redis-cluster")]
+const SLOT_MAP_AGE: Duration = Duration::from_secs(1);
+
+/// The slot map: cached, or read again with `CLUSTER SLOTS`.
+#[cfg(feature = "redis-cluster")]
+async fn owners(shared: &Shared) -> Option<Arc<SlotOwners>> {
+    if let Some(map) = shared.slot_map.get(SLOT_MAP_AGE) {
+        return Some(map);
+    }
+    let ranges = super::cluster::slot_map(shared).await.ok()?;
+    let mut owner = vec![u16::MAX; 16_384].into_boxed_slice();
+    let mut nodes: Vec<(String, u16)> = Vec::new();
+    for r in ranges {
+        let i = match nodes.iter().position(|n| n.0 == r.host && n.1 == r.port) {
+            Some(i) => i,
+            None => {
+                nodes.push((r.host, r.port));
+                nodes.len() - 1
+            }
+        };
+        for s in r.start..=r.end.min(16_383) {
+            owner[usize::from(s)] = i as u16;
+        }
+    }
+    let map = Arc::new(SlotOwners { owner, nodes });
+    shared.slot_map.set(map.clone());
+    Some(map)
 }
 
 /// Builds one pipeline per group with `build(shared, slot, items)` and sends them all
@@ -123,6 +148,8 @@ where
     let mut again = Vec::new();
     for (g, replies) in run_all(sends.collect()).await {
         if replies.is_err() && g.route != Route::Keys {
+            // The map may be stale (a slot moved): read it again next time.
+            shared.slot_map.clear();
             again.extend(g.items);
         } else {
             out.push(Sent {

@@ -12,7 +12,7 @@ use percent_encoding::{AsciiSet, NON_ALPHANUMERIC};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::conn::{slot_of, Conn};
+use super::conn::{slot_of, Conn, SlotMap};
 use super::table::Table;
 
 /// Bytes of a user key kept as they are in its Redis key; every other byte is percent-encoded.
@@ -38,6 +38,8 @@ pub(super) struct Shared {
     pub(super) cleanup_max_iterations: u32,
     pub(super) cleanup_timeout: Duration,
     pub(super) conn: Conn,
+    /// The cluster's slot map (unused on a single node).
+    pub(super) slot_map: SlotMap,
     pub(super) next_id: AtomicU64,
     pub(super) table: Table,
     pub(super) release_tx: mpsc::Sender<Release>,
