@@ -32,7 +32,6 @@ use crate::track::store::StoreError;
 /// Clones share one connection, one lease table and the background tasks (release, heartbeat,
 /// sweep: three independent tasks, so a long sweep never delays a heartbeat); the tasks stop
 /// when the last clone is dropped or after [`shutdown`](ConnectionStore::shutdown).
-
 ///
 /// # Data model
 ///
