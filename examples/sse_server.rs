@@ -20,7 +20,7 @@ use futures_util::stream::Stream;
 use http::{HeaderName, HeaderValue, StatusCode};
 use tower_drain::controller::MAX_DURATION;
 use tower_drain::probe::Probes;
-use tower_drain::track::{ConnectionStore, RedisStore};
+use tower_drain::track::{ConnectionStore, RedisStore, RedisStoreBuilder};
 use tower_drain::{DrainBuilder, DrainController, DrainStack};
 
 /// Settings from the environment; every invalid value names its variable.
@@ -164,15 +164,15 @@ async fn main() {
             .key_header(HeaderName::from_static("x-client-id"));
     }
 
-    let events = match &settings.redis_url {
+    let events = match redis_builder(settings.redis_url.as_deref()) {
         // Limits across every process sharing this Redis. Building the store does not
         // connect, so the server starts (and serves, fail-open) while Redis is down.
-        Some(url) => {
-            let store = RedisStore::builder(url.as_str())
+        Some((builder, variable)) => {
+            let store = builder
                 .lease_ttl(settings.redis_lease_ttl)
                 .build()
                 .unwrap_or_else(|e| {
-                    eprintln!("error: invalid REDIS_URL: {e}");
+                    eprintln!("error: invalid {variable}: {e}");
                     std::process::exit(2);
                 });
             events_router(stack.store(store), settings.tick)
@@ -221,4 +221,29 @@ async fn main() {
     writeln!(out, "{line}").expect("write stdout");
     out.flush().expect("flush stdout");
     std::process::exit(0);
+}
+
+/// The Redis store's builder and the variable it comes from: `REDIS_CLUSTER_NODES`
+/// (comma-separated seed URLs of a Redis Cluster; when set, `REDIS_URL` is ignored), else
+/// `REDIS_URL`.
+fn redis_builder(redis_url: Option<&str>) -> Option<(RedisStoreBuilder, &'static str)> {
+    if let Some(nodes) = var("REDIS_CLUSTER_NODES").filter(|n| !n.trim().is_empty()) {
+        let seeds: Vec<String> = nodes
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(String::from)
+            .collect();
+        #[cfg(feature = "redis-cluster")]
+        return Some((RedisStore::cluster_builder(seeds), "REDIS_CLUSTER_NODES"));
+        #[cfg(not(feature = "redis-cluster"))]
+        {
+            eprintln!(
+                "error: invalid REDIS_CLUSTER_NODES ({} nodes): this build lacks the `redis-cluster` feature",
+                seeds.len()
+            );
+            std::process::exit(2);
+        }
+    }
+    redis_url.map(|url| (RedisStore::builder(url), "REDIS_URL"))
 }

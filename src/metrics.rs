@@ -18,7 +18,7 @@
 //! | `tower_drain_breaker_trips_total` | counter | |
 //! | `tower_drain_stream_errors_total` | counter | |
 //! | `tower_drain_shutdown_duration_seconds` | histogram | |
-//! | `tower_drain_store_errors_total` | counter | |
+//! | `tower_drain_store_errors_total` | counter | `op` = `acquire` \| `release` \| `heartbeat` \| `sweep` \| `cleanup` |
 //! | `tower_drain_stale_leases_cleaned_total` | counter | |
 //!
 //! # Example
@@ -52,7 +52,8 @@ pub const BREAKER_TRIPS_TOTAL: &str = "tower_drain_breaker_trips_total";
 pub const STREAM_ERRORS_TOTAL: &str = "tower_drain_stream_errors_total";
 /// Histogram: time from the start of a drain to `Stopped`, in seconds.
 pub const SHUTDOWN_DURATION_SECONDS: &str = "tower_drain_shutdown_duration_seconds";
-/// Counter: connection-store operations that failed.
+/// Counter: connection-store operations that failed, labelled `op` = `acquire` (counted by
+/// `TrackLayer`), `release`, `heartbeat`, `sweep` or `cleanup` (counted by the store).
 pub const STORE_ERRORS_TOTAL: &str = "tower_drain_store_errors_total";
 /// Counter: leases removed by clean-up sweeps (expired ones and those released at shutdown).
 pub const STALE_LEASES_CLEANED_TOTAL: &str = "tower_drain_stale_leases_cleaned_total";
@@ -150,7 +151,7 @@ impl Metrics {
             breaker_trips: metrics::counter!(BREAKER_TRIPS_TOTAL),
             stream_errors: metrics::counter!(STREAM_ERRORS_TOTAL),
             shutdown_duration: metrics::histogram!(SHUTDOWN_DURATION_SECONDS),
-            store_errors: metrics::counter!(STORE_ERRORS_TOTAL),
+            store_errors: metrics::counter!(STORE_ERRORS_TOTAL, "op" => "acquire"),
             stale_leases_cleaned: metrics::counter!(STALE_LEASES_CLEANED_TOTAL),
         };
         // Register every counter and gauge at zero so exporters list them before first use.
@@ -170,6 +171,10 @@ impl Metrics {
             &m.stale_leases_cleaned,
         ] {
             c.increment(0);
+        }
+        // The store's own operations, so every label is listed from the start too.
+        for op in ["release", "heartbeat", "sweep", "cleanup"] {
+            metrics::counter!(STORE_ERRORS_TOTAL, "op" => op).increment(0);
         }
         m.active_streams.set(0.0);
         m.breaker_open.set(0.0);
