@@ -55,6 +55,9 @@
 mod macros;
 mod route;
 
+#[cfg(feature = "hyper")]
+#[cfg_attr(docsrs, doc(cfg(feature = "hyper")))]
+pub mod conn;
 pub mod controller;
 pub mod frame;
 pub mod guard;
