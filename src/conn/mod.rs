@@ -14,9 +14,11 @@
 //! | hard deadline | dropped | dropped |
 //!
 //! A connection accepted during `Closing` gets the same treatment: an HTTP/2 one receives
-//! GOAWAY as soon as its preface has been read (the requests it already sent are answered,
-//! with the `503` or gRPC `UNAVAILABLE` of the reject layer); an HTTP/1.1 one gets
-//! `connection: close` on its response. A connection that has not sent a byte yet is left
+//! GOAWAY as soon as its first request has arrived (that request is answered, with the
+//! `503` or gRPC `UNAVAILABLE` of the reject layer, or by an exempt route such as a health
+//! check; a GOAWAY sent right after the preface would race it, and clients such as hyper's
+//! then fail the call with a transport error instead); an HTTP/1.1 one gets
+//! `connection: close` on its response. A connection that has not sent a request yet is left
 //! alone until `Stopped`, for the same reason as an idle HTTP/1.1 one.
 //!
 //! The protocol is known from the first bytes the client sends (the HTTP/2 connection
@@ -245,7 +247,14 @@ impl Connections {
         async move {
             let proto = Arc::new(Proto::default());
             let io = TokioIo::new(Sniff::new(io, proto.clone()));
-            let svc = CloseOnDrain::new(TowerToHyperService::new(service), watch.clone());
+            let svc = CloseOnDrain::for_connection(
+                TowerToHyperService::new(service),
+                watch.clone(),
+                proto.clone(),
+            );
+            // Accepted while closing: GOAWAY only once its first request is in, so that
+            // request is answered (503 / UNAVAILABLE) rather than racing the GOAWAY.
+            let late = watch.phase() >= Phase::Closing;
             let shared = watch.shared.clone();
             let mut conn = pin!(http.serve_connection_with_upgrades(io, svc));
             let mut closing = pin!(watch.closing());
@@ -269,7 +278,8 @@ impl Connections {
                     }
                     // The protocol becomes known inside `conn.poll` (hyper reads the
                     // preface there), so this is checked after every poll of it.
-                    let goaway = is_closing && proto.get() == Proto::H2;
+                    let goaway =
+                        is_closing && proto.get() == Proto::H2 && (!late || proto.saw_request());
                     if !shut && (goaway || is_stopped) {
                         shut = true;
                         tracing::debug!(

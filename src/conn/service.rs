@@ -2,10 +2,12 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
 use http::{header, HeaderValue, Request, Response, StatusCode, Version};
 
+use super::sniff::Proto;
 use crate::{DrainWatch, Phase};
 
 const CLOSE: HeaderValue = HeaderValue::from_static("close");
@@ -46,12 +48,26 @@ const CLOSE: HeaderValue = HeaderValue::from_static("close");
 pub struct CloseOnDrain<S> {
     inner: S,
     watch: DrainWatch,
+    // The connection's state in `Connections` (told when a request arrives).
+    conn: Option<Arc<Proto>>,
 }
 
 impl<S> CloseOnDrain<S> {
     /// Wraps the hyper service `inner`.
     pub fn new(inner: S, watch: DrainWatch) -> Self {
-        Self { inner, watch }
+        Self {
+            inner,
+            watch,
+            conn: None,
+        }
+    }
+
+    pub(super) fn for_connection(inner: S, watch: DrainWatch, conn: Arc<Proto>) -> Self {
+        Self {
+            inner,
+            watch,
+            conn: Some(conn),
+        }
     }
 }
 
@@ -64,6 +80,9 @@ where
     type Future = CloseOnDrainFuture<S::Future>;
 
     fn call(&self, req: Request<ReqB>) -> Self::Future {
+        if let Some(conn) = &self.conn {
+            conn.request();
+        }
         let http1 = req.version() <= Version::HTTP_11;
         CloseOnDrainFuture {
             inner: self.inner.call(req),

@@ -2,7 +2,7 @@
 
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
@@ -13,11 +13,11 @@ const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// A connection's protocol, as far as its first bytes tell.
 #[derive(Debug)]
-pub(super) struct Proto(AtomicU8);
+pub(super) struct Proto(AtomicU8, AtomicBool);
 
 impl Default for Proto {
     fn default() -> Self {
-        Self(AtomicU8::new(Self::UNKNOWN))
+        Self(AtomicU8::new(Self::UNKNOWN), AtomicBool::new(false))
     }
 }
 
@@ -32,6 +32,15 @@ impl Proto {
 
     fn set(&self, p: u8) {
         self.0.store(p, Ordering::Release);
+    }
+
+    /// Whether a request has arrived on the connection (set by `CloseOnDrain`).
+    pub(super) fn saw_request(&self) -> bool {
+        self.1.load(Ordering::Acquire)
+    }
+
+    pub(super) fn request(&self) {
+        self.1.store(true, Ordering::Release);
     }
 }
 
