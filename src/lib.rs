@@ -61,6 +61,9 @@ pub mod conn;
 pub mod controller;
 pub mod frame;
 pub mod guard;
+#[cfg(feature = "tonic-health")]
+#[cfg_attr(docsrs, doc(cfg(feature = "tonic-health")))]
+pub mod health;
 pub mod metrics;
 pub mod probe;
 pub mod reject;

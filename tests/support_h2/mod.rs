@@ -101,6 +101,35 @@ impl H2 {
         id
     }
 
+    /// Sends a unary gRPC call (`POST path`, one length-prefixed `message`) on a new stream;
+    /// returns the id.
+    pub async fn grpc(&mut self, addr: SocketAddr, path: &str, message: &[u8]) -> u32 {
+        let id = self.next_stream;
+        self.next_stream += 2;
+        let mut block = Vec::new();
+        literal(&mut block, ":method", "POST");
+        literal(&mut block, ":scheme", "http");
+        literal(&mut block, ":path", path);
+        literal(&mut block, ":authority", &addr.to_string());
+        literal(&mut block, "content-type", "application/grpc");
+        literal(&mut block, "te", "trailers");
+        let mut data = vec![0];
+        data.extend((message.len() as u32).to_be_bytes());
+        data.extend(message);
+        let mut out = frame(HEADERS, 0x4, id, &block); // END_HEADERS
+        out.extend(frame(DATA, END_STREAM, id, &data));
+        self.tcp.write_all(&out).await.unwrap();
+        id
+    }
+
+    /// Connects and sends a unary gRPC call in the same write as the preface (as a client
+    /// does that does not wait for the server's SETTINGS).
+    pub async fn connect_and_grpc(addr: SocketAddr, path: &str, message: &[u8]) -> (Self, u32) {
+        let mut h2 = Self::connect(addr).await;
+        let id = h2.grpc(addr, path, message).await;
+        (h2, id)
+    }
+
     /// The next frame that is not connection bookkeeping (SETTINGS, PING, WINDOW_UPDATE are
     /// answered or skipped); `None` at EOF or a reset.
     pub async fn next(&mut self) -> Option<Frame> {
