@@ -10,7 +10,7 @@
 //! The reject layer exempts `/grpc.health.v1.Health/` paths by default, so `Check` keeps
 //! answering (`NOT_SERVING`) throughout the drain instead of being rejected with
 //! `UNAVAILABLE`; [`DrainHealthServer`] marks `Check` answers
-//! [`RunToCompletion`](crate::frame::RunToCompletion), so that under a
+//! [`RunToCompletion`], so that under a
 //! [`DrainStack`](crate::DrainStack) the frame layer does not replace them with the final
 //! frame either. A `Watch` stream is a stream like any other: under the stack it is tracked
 //! and ends at `Closing` with the final frame (with [`frame::Grpc`](crate::frame::Grpc),
