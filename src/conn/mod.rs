@@ -375,6 +375,3 @@ impl Connections {
         }
     }
 }
-
-#[cfg(test)]
-mod tests;

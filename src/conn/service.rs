@@ -30,17 +30,17 @@ const CLOSE: HeaderValue = HeaderValue::from_static("close");
 ///
 /// let drain = DrainController::new();
 /// let svc = CloseOnDrain::new(
-///     hyper::service::service_fn(|_req: Request<()>| async {
-///         Ok::<_, Infallible>(Response::new(()))
+///     hyper::service::service_fn(|_req: Request<String>| async {
+///         Ok::<_, Infallible>(Response::new(String::from("ok")))
 ///     }),
 ///     drain.watch(),
 /// );
-/// let res = svc.call(Request::new(())).await.unwrap();
+/// let res = svc.call(Request::new(String::new())).await.unwrap();
 /// assert!(res.headers().get("connection").is_none());
 ///
 /// drain.drain(DrainReason::Manual);
 /// drain.closing().await;
-/// let res = svc.call(Request::new(())).await.unwrap();
+/// let res = svc.call(Request::new(String::new())).await.unwrap();
 /// assert_eq!(res.headers()["connection"], "close");
 /// # }
 /// ```
