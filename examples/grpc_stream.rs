@@ -31,7 +31,7 @@
 //! connection still open at the hard deadline (grace + linger) is dropped. The services
 //! go in a `tonic::service::Routes`, which is a plain tower service.
 //!
-//! gRPC health checking (`grpc.health.v1.Health`, from `tonic-health`) is served too:
+//! With the `tonic-health` feature, gRPC health checking (`grpc.health.v1.Health`) is served too:
 //! `demo.Ticker` and the server (`""`) report `SERVING`, and `NOT_SERVING` from the moment
 //! the drain starts; `Check` is exempt from rejection, so it keeps answering while the
 //! server closes.
@@ -51,6 +51,7 @@ use tonic_prost::ProstCodec;
 use tower::ServiceBuilder;
 use tower_drain::conn::Connections;
 use tower_drain::frame::{self, RunToCompletion};
+#[cfg(feature = "tonic-health")]
 use tower_drain::health::DrainHealth;
 use tower_drain::{DrainBuilder, DrainStack};
 
@@ -168,12 +169,15 @@ async fn main() {
     println!("listening on http://{}", listener.local_addr().unwrap());
     std::io::stdout().flush().unwrap();
 
-    let (health, health_service) = DrainHealth::new(drain.watch());
-    health.set_serving::<TickerServer>().await;
-
     // The stack goes around every route; `frame::Grpc` makes the final frame UNAVAILABLE
     // trailers. Health checks pass the reject layer (exempt by default).
-    let routes = Routes::new(TickerServer { every }).add_service(health_service);
+    let routes = Routes::new(TickerServer { every });
+    #[cfg(feature = "tonic-health")]
+    let routes = {
+        let (health, health_service) = DrainHealth::new(drain.watch());
+        health.set_serving::<TickerServer>().await;
+        routes.add_service(health_service)
+    };
     let svc = ServiceBuilder::new()
         .layer(DrainStack::new(drain.watch()).encoder(frame::Grpc::new()))
         .service(routes);

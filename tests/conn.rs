@@ -271,6 +271,13 @@ async fn http1_idle_connection_is_not_closed_at_closing_and_its_next_answer_clos
         conns.push((path, tcp));
     }
 
+    // One more kept-alive connection that stays idle throughout.
+    let mut idle = TcpStream::connect(s.addr).await.unwrap();
+    idle.write_all(b"GET /other HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    read_response(&mut idle).await;
+
     s.drain.drain(DrainReason::Manual);
     s.drain.closing().await;
     // A third connection's request after `Closing` has been answered: by then every
@@ -301,8 +308,20 @@ async fn http1_idle_connection_is_not_closed_at_closing_and_its_next_answer_clos
         assert_eq!(n, 0, "nothing after the last response");
     }
     assert_eq!(s.drain.phase(), Phase::Closing);
+    // The idle one is still open while closing …
+    let mut probe = [0u8; 1];
+    assert!(
+        matches!(idle.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "an idle connection is left open at Closing"
+    );
     drop(hold);
     within("report", s.drain.report()).await;
+    // … and closed when the server stops.
+    let mut rest = Vec::new();
+    let n = within("idle close at Stopped", idle.read_to_end(&mut rest))
+        .await
+        .unwrap();
+    assert_eq!(n, 0);
     within("server end", s.server).await.unwrap();
 }
 
