@@ -22,8 +22,19 @@
 //!                                        # SHUTDOWN_GRACE_PERIOD, RECONNECT_DELAY, …
 //! ```
 //!
-//! It prints `listening on http://ADDR`, drains on SIGTERM / SIGINT, and prints the shutdown
-//! report as one JSON line before it exits.
+//! It prints `listening on http://ADDR`, drains on SIGTERM / SIGINT (a second signal cuts the
+//! drain short), and prints the shutdown report as one JSON line before it exits.
+//!
+//! Connections are served by [`Connections`] rather than tonic's `Server`, whose
+//! `serve_with_shutdown` has no per-connection control: each HTTP/2 connection gets GOAWAY
+//! when `Closing` begins, so channels move their next calls to another backend, and any
+//! connection still open at the hard deadline (grace + linger) is dropped. The services
+//! go in a `tonic::service::Routes`, which is a plain tower service.
+//!
+//! With the `tonic-health` feature, gRPC health checking (`grpc.health.v1.Health`) is served too:
+//! `demo.Ticker` and the server (`""`) report `SERVING`, and `NOT_SERVING` from the moment
+//! the drain starts; `Check` is exempt from rejection, so it keeps answering while the
+//! server closes.
 
 use std::convert::Infallible;
 use std::future::{ready, Future, Ready};
@@ -34,11 +45,14 @@ use std::time::Duration;
 
 use futures_util::{Stream, StreamExt};
 use tonic::server::{Grpc, NamedService, ServerStreamingService};
-use tonic::transport::server::TcpIncoming;
-use tonic::transport::Server;
+use tonic::service::Routes;
 use tonic::Status;
 use tonic_prost::ProstCodec;
+use tower::ServiceBuilder;
+use tower_drain::conn::Connections;
 use tower_drain::frame::{self, RunToCompletion};
+#[cfg(feature = "tonic-health")]
+use tower_drain::health::DrainHealth;
 use tower_drain::{DrainBuilder, DrainStack};
 
 /// What `protoc` would have generated.
@@ -156,16 +170,21 @@ async fn main() {
     std::io::stdout().flush().unwrap();
 
     // The stack goes around every route; `frame::Grpc` makes the final frame UNAVAILABLE
-    // trailers. tonic's graceful shutdown waits for open calls, so it is told to start once
-    // the drain has ended every stream (`stopped`).
-    let server = Server::builder()
+    // trailers. Health checks pass the reject layer (exempt by default).
+    let routes = Routes::new(TickerServer { every });
+    #[cfg(feature = "tonic-health")]
+    let routes = {
+        let (health, health_service) = DrainHealth::new(drain.watch());
+        health.set_serving::<TickerServer>().await;
+        routes.add_service(health_service)
+    };
+    let svc = ServiceBuilder::new()
         .layer(DrainStack::new(drain.watch()).encoder(frame::Grpc::new()))
-        .add_service(TickerServer { every })
-        .serve_with_incoming_shutdown(TcpIncoming::from(listener), drain.stopped());
-    let server = tokio::spawn(server);
+        .service(routes);
+    let server = tokio::spawn(Connections::new(drain.watch()).serve(listener, svc));
 
     let report = drain.report().await;
-    // A connection whose last frame could not be written is cut when the process exits.
+    // Every connection is closed, or dropped at the hard deadline, by then or just after.
     let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
     println!("{}", serde_json::json!({ "shutdown_report": report }));
 }

@@ -1,13 +1,18 @@
-//! The tower-drain stack on a plain hyper 1.x server, with hyper-util's `GracefulShutdown`.
+//! The tower-drain stack on a plain hyper 1.x server: your own accept loop, each connection
+//! served by `conn::Connections::serve_connection`.
 //!
-//! hyper's graceful shutdown waits for every response to finish, and an SSE stream never
-//! does. The drain controller closes the streams first; this example shows where its futures
-//! plug into the accept loop:
+//! hyper-util's `GracefulShutdown` waits for every response to finish, and an SSE stream
+//! never does; it also acts only once the server stops. Here the drain drives each
+//! connection instead:
 //!
-//! 1. SIGTERM / SIGINT start the drain; new requests get `503`, every `/events` stream gets
-//!    its shutdown frame and ends (streams still open at the grace deadline are force-closed);
-//! 2. `drain.stopped()` ends the accept loop once no stream is left;
-//! 3. `GracefulShutdown::shutdown()` then has only idle keep-alive connections to close.
+//! 1. SIGTERM / SIGINT start the drain (a second one cuts it short); new requests get `503`,
+//!    every `/events` stream gets its shutdown frame and ends (streams still open at the
+//!    grace deadline are force-closed);
+//! 2. when `Closing` begins, HTTP/2 connections get GOAWAY and HTTP/1.1 responses carry
+//!    `connection: close`;
+//! 3. `drain.stopped()` ends the accept loop; idle connections close, and whatever is still
+//!    open at the hard deadline (grace + linger) is dropped, so the loop below that waits
+//!    for the connection tasks is bounded.
 //!
 //! ```text
 //! cargo run --example hyper_server    # ADDR (default 127.0.0.1:3000), TICK_MS (1000),
@@ -25,11 +30,8 @@ use http::{header, Request, Response, StatusCode};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
-use hyper_util::service::TowerToHyperService;
 use tower::ServiceBuilder;
+use tower_drain::conn::Connections;
 use tower_drain::{DrainBuilder, DrainStack};
 
 type Body = UnsyncBoxBody<Bytes, Infallible>;
@@ -83,38 +85,27 @@ async fn main() {
     println!("listening on http://{}", listener.local_addr().unwrap());
     std::io::stdout().flush().unwrap();
 
-    let http = auto::Builder::new(TokioExecutor::new());
-    let graceful = GracefulShutdown::new();
+    // HTTP/1.1 and h2c (prior knowledge) on one port.
+    let conns = Connections::new(drain.watch());
+    let mut tasks = tokio::task::JoinSet::new();
     let stopped = drain.stopped();
     tokio::pin!(stopped);
     loop {
         tokio::select! {
             conn = listener.accept() => {
                 let Ok((tcp, _)) = conn else { continue };
-                let conn = http.serve_connection_with_upgrades(
-                    TokioIo::new(tcp),
-                    TowerToHyperService::new(svc.clone()),
-                );
-                let conn = graceful.watch(conn.into_owned());
-                tokio::spawn(async move {
-                    let _ = conn.await;
-                });
+                tasks.spawn(conns.serve_connection(tcp, svc.clone()));
             }
+            // Reap finished connection tasks as they end.
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
             // Keep accepting while draining (new requests get a clean 503), stop once every
             // stream is gone or the grace period has force-closed the rest.
             () = &mut stopped => break,
         }
     }
     drop(listener);
-
-    // Only idle keep-alive connections remain; bound the wait anyway, as hyper-util's own
-    // example does.
-    if tokio::time::timeout(Duration::from_secs(2), graceful.shutdown())
-        .await
-        .is_err()
-    {
-        eprintln!("some connections did not close in time; exiting anyway");
-    }
+    // Every connection ends by the hard deadline at the latest.
+    while tasks.join_next().await.is_some() {}
     let report = drain.report().await;
     println!("{}", serde_json::json!({ "shutdown_report": report }));
 }

@@ -7,7 +7,6 @@
 //! ```
 
 use std::convert::Infallible;
-use std::future::IntoFuture;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -18,6 +17,7 @@ use axum::routing::get;
 use axum::Router;
 use futures_util::stream::Stream;
 use http::{HeaderName, HeaderValue, StatusCode};
+use tower_drain::conn::Connections;
 use tower_drain::controller::MAX_DURATION;
 use tower_drain::probe::Probes;
 use tower_drain::track::{ConnectionStore, RedisStore, RedisStoreBuilder};
@@ -152,7 +152,11 @@ async fn main() {
     let prometheus = metrics_exporter_prometheus::PrometheusBuilder::new()
         .install_recorder()
         .expect("install the Prometheus recorder");
-    let drain: DrainController = settings.drain.build().expect("validated above");
+    // Forced streams get half a second to hand over their last frame; then every connection
+    // still open is dropped, so the process exits within a second of the grace deadline.
+    let drain: DrainController = (settings.drain.force_linger(Duration::from_millis(500)))
+        .build()
+        .expect("validated above");
     drain.listen_for_signals();
 
     let mut stack = DrainStack::new(drain.watch())
@@ -206,14 +210,16 @@ async fn main() {
         out.flush().expect("flush stdout");
     }
 
-    let server = tokio::spawn(
-        axum::serve(listener, app)
-            .with_graceful_shutdown(drain.stopped())
-            .into_future(),
-    );
+    // HTTP/1.1 and h2c on one port. Each connection follows the drain: HTTP/2 ones get
+    // GOAWAY when `Closing` begins, HTTP/1.1 responses carry `connection: close` from then
+    // on, and whatever is still open at the hard deadline (grace + linger) is dropped. It
+    // accepts until `Stopped`, so late clients get a 503 rather than a refused connection.
+    let server = tokio::spawn(Connections::new(drain.watch()).serve(listener, app));
     let report = drain.report().await;
-    // Connections still open after Stopped are those whose last frame could not be written:
-    // give them a moment, then exit (which cuts them).
+    // After a forced drain every connection is gone by now (dropped at the hard deadline,
+    // as `Stopped` comes). After an early `Stopped`, idle connections close at once; one
+    // with a request still in flight (say, a client that never finishes its headers) could
+    // keep the server until the hard deadline: do not wait more than 2 s for it.
     let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
 
     let line = serde_json::json!({ "shutdown_report": report });

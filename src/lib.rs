@@ -56,9 +56,15 @@ mod grpc;
 mod macros;
 mod route;
 
+#[cfg(feature = "hyper")]
+#[cfg_attr(docsrs, doc(cfg(feature = "hyper")))]
+pub mod conn;
 pub mod controller;
 pub mod frame;
 pub mod guard;
+#[cfg(feature = "tonic-health")]
+#[cfg_attr(docsrs, doc(cfg(feature = "tonic-health")))]
+pub mod health;
 pub mod metrics;
 pub mod probe;
 pub mod reject;

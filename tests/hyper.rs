@@ -1,4 +1,4 @@
-//! `examples/hyper_server` (the stack on plain hyper with hyper-util's `GracefulShutdown`)
+//! `examples/hyper_server` (the stack on plain hyper, connections served by `conn::Connections`)
 //! stops within the grace period although streams are open when SIGTERM arrives.
 
 mod support;

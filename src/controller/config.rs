@@ -17,6 +17,7 @@ use super::DrainController;
 /// | [`progress_interval`](Self::progress_interval) | 5 s | |
 /// | [`cleanup_timeout`](Self::cleanup_timeout) | 5 s | |
 /// | [`force_linger`](Self::force_linger) | 1 s | |
+/// | [`force_on_second_signal`](Self::force_on_second_signal) | `true` | |
 ///
 /// # Example
 ///
@@ -58,6 +59,7 @@ pub struct DrainConfig {
     pub(crate) progress_interval: Duration,
     pub(crate) cleanup_timeout: Duration,
     pub(crate) force_linger: Duration,
+    pub(crate) force_on_second_signal: bool,
     pub(crate) message: Cow<'static, str>,
 }
 
@@ -102,6 +104,27 @@ impl DrainConfig {
     pub fn drain_spread(&self) -> Duration {
         self.drain_spread
     }
+    /// Whether a second SIGTERM / SIGINT cuts a drain short (see
+    /// [`DrainBuilder::force_on_second_signal`]).
+    ///
+    /// ```
+    /// assert!(tower_drain::DrainController::new().config().force_on_second_signal());
+    /// ```
+    pub fn force_on_second_signal(&self) -> bool {
+        self.force_on_second_signal
+    }
+
+    /// The force linger: after the grace deadline, how long forced streams (and, with the
+    /// `hyper` feature, connections) get before they are dropped (see
+    /// [`DrainBuilder::force_linger`]).
+    ///
+    /// ```
+    /// assert_eq!(tower_drain::DrainController::new().config().force_linger().as_secs(), 1);
+    /// ```
+    pub fn force_linger(&self) -> Duration {
+        self.force_linger
+    }
+
     /// The human-readable message carried by shutdown frames.
     ///
     /// ```
@@ -123,6 +146,7 @@ impl Default for DrainConfig {
             progress_interval: Duration::from_secs(5),
             cleanup_timeout: Duration::from_secs(5),
             force_linger: Duration::from_secs(1),
+            force_on_second_signal: true,
             message: Cow::Borrowed("Server is shutting down, please reconnect"),
         }
     }
@@ -285,6 +309,23 @@ impl DrainBuilder {
     /// cut by the server when it stops.
     pub fn force_linger(mut self, d: Duration) -> Self {
         self.config.force_linger = d;
+        self
+    }
+
+    /// Whether a second SIGTERM / SIGINT during a drain started by a signal cuts it short
+    /// (default `true`; see [`DrainController::listen_for_signals`] and
+    /// [`DrainController::force_now`]). With `false` further signals are ignored and the
+    /// drain always runs its course.
+    ///
+    /// ```
+    /// let drain = tower_drain::DrainController::builder()
+    ///     .force_on_second_signal(false)
+    ///     .build()
+    ///     .unwrap();
+    /// assert!(!drain.config().force_on_second_signal());
+    /// ```
+    pub fn force_on_second_signal(mut self, yes: bool) -> Self {
+        self.config.force_on_second_signal = yes;
         self
     }
 

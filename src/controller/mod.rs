@@ -88,6 +88,11 @@ pub(crate) struct Shared {
     closing: CancellationToken,
     forced: CancellationToken,
     stopped: CancellationToken,
+    /// Cancelled by [`DrainController::force_now`] (a second signal): skip what is left of
+    /// the propagation delay and of the grace period.
+    hurry: CancellationToken,
+    /// When the drain started.
+    started: OnceLock<Instant>,
     reason: OnceLock<DrainReason>,
     pub(crate) registry: Registry,
     pub(crate) metrics: Metrics,
@@ -126,6 +131,26 @@ impl Shared {
 
     pub(crate) fn forced_token(&self) -> &CancellationToken {
         &self.forced
+    }
+
+    /// Resolves at the hard deadline: the grace deadline (or the moment
+    /// [`DrainController::force_now`] cut it short) plus the force linger. Connections still
+    /// open then are dropped. Never resolves without a drain.
+    #[cfg(feature = "hyper")]
+    pub(crate) async fn hard_deadline(&self) {
+        self.draining.cancelled().await;
+        let started = *self
+            .started
+            .get()
+            .expect("set before Draining is signalled");
+        match started.checked_add(self.config.grace_period) {
+            Some(grace_end) => tokio::select! {
+                _ = tokio::time::sleep_until(grace_end) => {}
+                _ = self.hurry.cancelled() => {}
+            },
+            None => self.hurry.cancelled().await,
+        }
+        tokio::time::sleep(self.config.force_linger).await;
     }
 
     pub(crate) fn count_rejected(&self) {
@@ -226,7 +251,10 @@ impl Shared {
         if !cfg.propagation_delay.is_zero() {
             // Without a delay, close at once: a timer due now still waits for the time
             // driver's next turn (up to a millisecond) before streams hear of the drain.
-            tokio::time::sleep_until(started + cfg.propagation_delay).await;
+            tokio::select! {
+                _ = tokio::time::sleep_until(started + cfg.propagation_delay) => {}
+                _ = self.hurry.cancelled() => {}
+            }
         }
 
         let closing_at = Instant::now();
@@ -243,6 +271,7 @@ impl Shared {
             tokio::select! {
                 biased;
                 _ = self.registry.wait_idle() => break 0,
+                _ = self.hurry.cancelled() => break self.force(),
                 _ = tokio::time::sleep_until(deadline) => break self.force(),
                 _ = progress.tick() => {
                     tracing::info!(
@@ -506,6 +535,8 @@ impl DrainController {
                 closing: CancellationToken::new(),
                 forced: CancellationToken::new(),
                 stopped: CancellationToken::new(),
+                hurry: CancellationToken::new(),
+                started: OnceLock::new(),
                 reason: OnceLock::new(),
                 registry: Registry::new(),
                 metrics: Metrics::new(),
@@ -559,6 +590,7 @@ impl DrainController {
             return false;
         }
         let started = Instant::now();
+        let _ = self.shared.started.set(started);
         tracing::info!(
             reason = reason.as_str(),
             grace_ms = self.shared.config.grace_period.as_millis() as u64,
@@ -596,6 +628,13 @@ impl DrainController {
     /// Spawns a task that starts a drain with [`DrainReason::Signal`] on SIGTERM or SIGINT
     /// (Ctrl-C on non-Unix platforms). Dropping the handle does not stop it; abort it to.
     ///
+    /// A second SIGTERM or SIGINT during the drain calls [`force_now`](Self::force_now):
+    /// what is left of the propagation delay and of the grace period is skipped, the
+    /// remaining streams are force-closed at once, and the report follows. Only a signal
+    /// counts as the first one: a drain started otherwise (`POST /drain`) and then signalled
+    /// once still gets its full grace period. Opt out with
+    /// [`DrainBuilder::force_on_second_signal`]. The task ends at `Stopped`.
+    ///
     /// # Panics
     ///
     /// If called outside a tokio runtime, or if the signal handlers cannot be installed.
@@ -609,30 +648,103 @@ impl DrainController {
     /// ```
     pub fn listen_for_signals(&self) -> tokio::task::JoinHandle<()> {
         let this = self.clone();
+        let second = self.shared.config.force_on_second_signal;
         #[cfg(unix)]
         {
             use tokio::signal::unix::{signal, SignalKind};
             let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
             let mut int = signal(SignalKind::interrupt()).expect("install SIGINT handler");
             tokio::spawn(async move {
-                tokio::select! {
-                    _ = term.recv() => tracing::info!("SIGTERM received"),
-                    _ = int.recv() => tracing::info!("SIGINT received"),
-                    _ = this.draining() => return,
+                let mut seen = 0u32;
+                loop {
+                    let name = tokio::select! {
+                        _ = term.recv() => "SIGTERM",
+                        _ = int.recv() => "SIGINT",
+                        _ = this.draining(), if seen == 0 => return,
+                        _ = this.stopped() => return,
+                    };
+                    seen += 1;
+                    if seen == 1 {
+                        tracing::info!(signal = name, "{name} received");
+                        this.drain(DrainReason::Signal);
+                        if !second {
+                            return;
+                        }
+                    } else {
+                        this.second_signal(name);
+                    }
                 }
-                this.drain(DrainReason::Signal);
             })
         }
         #[cfg(not(unix))]
         {
             tokio::spawn(async move {
-                tokio::select! {
-                    r = tokio::signal::ctrl_c() => { r.expect("install Ctrl-C handler"); }
-                    _ = this.draining() => return,
+                let mut seen = 0u32;
+                loop {
+                    tokio::select! {
+                        r = tokio::signal::ctrl_c() => { r.expect("install Ctrl-C handler"); }
+                        _ = this.draining(), if seen == 0 => return,
+                        _ = this.stopped() => return,
+                    }
+                    seen += 1;
+                    if seen == 1 {
+                        tracing::info!("Ctrl-C received");
+                        this.drain(DrainReason::Signal);
+                        if !second {
+                            return;
+                        }
+                    } else {
+                        this.second_signal("Ctrl-C");
+                    }
                 }
-                this.drain(DrainReason::Signal);
             })
         }
+    }
+
+    fn second_signal(&self, name: &str) {
+        tracing::warn!(
+            signal = name,
+            streams_left = self.active_streams(),
+            "tower-drain second {name} received: skipping the rest of the grace period, \
+             force-closing remaining streams now"
+        );
+        self.force_now();
+    }
+
+    /// Cuts a drain short: skips what is left of the propagation delay and of the grace
+    /// period, so the streams still open are force-closed at once (their forced frame, then
+    /// the [`force_linger`](DrainBuilder::force_linger)), and the report and `Stopped`
+    /// follow. This is what a second SIGTERM / SIGINT does (see
+    /// [`listen_for_signals`](Self::listen_for_signals)).
+    ///
+    /// Returns `true` if it cut a drain short, `false` if no drain is under way, or it has
+    /// already reached `Stopped` or been cut short.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
+    /// use std::time::Duration;
+    /// use tower_drain::{DrainController, DrainReason};
+    /// let drain = DrainController::builder()
+    ///     .grace_period(Duration::from_secs(30))
+    ///     .propagation_delay(Duration::from_secs(10))
+    ///     .build()
+    ///     .unwrap();
+    /// assert!(!drain.force_now()); // nothing to cut short
+    /// drain.drain(DrainReason::Signal);
+    /// assert!(drain.force_now());
+    /// let start = tokio::time::Instant::now();
+    /// let report = drain.report().await;
+    /// assert!(start.elapsed() < Duration::from_secs(10)); // no propagation delay, no grace
+    /// assert_eq!(report.force_closed, 0);
+    /// # }
+    /// ```
+    pub fn force_now(&self) -> bool {
+        if !self.is_draining() || self.phase() == Phase::Stopped || self.shared.hurry.is_cancelled()
+        {
+            return false;
+        }
+        self.shared.hurry.cancel();
+        true
     }
 
     /// Waits for `Stopped` and returns the [`ShutdownReport`].

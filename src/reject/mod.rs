@@ -18,8 +18,9 @@
 //! by itself after the frame's `retry:` delay; its documentation explains the trade-off.
 //!
 //! Requests already in flight are not affected. While serving, the cost is one atomic load.
-//! Probe paths (`/healthz`, `/readyz`, `/status`, `/drain`, `/metrics`) are exempt by default;
-//! change that with [`exempt`](RejectLayer::exempt). Place this layer outermost.
+//! Probe paths (`/healthz`, `/readyz`, `/status`, `/drain`, `/metrics`) and gRPC health
+//! checking (paths under `/grpc.health.v1.Health/`) are exempt by default; change that with
+//! [`exempt`](RejectLayer::exempt). Place this layer outermost.
 //!
 //! # Example
 //!

@@ -168,12 +168,13 @@ impl<B: Default> RejectResponse<B> for Default503 {
 
 type ExemptFn = Arc<dyn Fn(&Parts) -> bool + Send + Sync>;
 
-/// The default exemption: the probe paths.
+/// The default exemption: the probe paths, and gRPC health checking.
 fn probe_paths(parts: &Parts) -> bool {
+    let path = parts.uri.path();
     matches!(
-        parts.uri.path(),
+        path,
         "/healthz" | "/readyz" | "/status" | "/drain" | "/metrics"
-    )
+    ) || path.starts_with("/grpc.health.v1.Health/")
 }
 
 mod sealed {
@@ -731,6 +732,17 @@ mod tests {
             assert_eq!(res.status(), StatusCode::OK, "{ct}");
             assert_eq!(res.headers()["grpc-status"], "14", "{ct}");
         }
+    }
+
+    #[test]
+    fn probes_and_grpc_health_are_exempt_by_default() {
+        let exempt =
+            |path: &str| probe_paths(&Request::post(path).body(()).unwrap().into_parts().0);
+        assert!(exempt("/readyz"));
+        assert!(exempt("/grpc.health.v1.Health/Check"));
+        assert!(exempt("/grpc.health.v1.Health/Watch"));
+        assert!(!exempt("/grpc.health.v1.HealthX/Check"));
+        assert!(!exempt("/demo.Ticker/Watch"));
     }
 
     #[test]
