@@ -63,6 +63,7 @@ pub mod probe;
 pub mod reject;
 pub mod stack;
 pub mod track;
+pub mod ws;
 
 pub use crate::controller::{
     CleanupSummary, ConfigError, DrainBuilder, DrainConfig, DrainController, DrainReason,

@@ -50,6 +50,13 @@ impl StreamGuard {
     }
 }
 
+impl StreamGuard {
+    /// The controller's state this stream is registered in.
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+}
+
 impl Drop for StreamGuard {
     fn drop(&mut self) {
         // The start time lives in the registry entry only (one copy per stream).
