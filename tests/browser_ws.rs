@@ -468,8 +468,10 @@ async fn chromium_sees_an_upgrade_rejected_while_closing_as_1006() {
     use futures_util::StreamExt;
 
     let browser = Browser::start().await;
-    let a = start_server_with_grace("a", 0, Duration::from_secs(2)).await;
-    // A client that never reads keeps A in `Closing` until its grace deadline.
+    let a = start_server_with_grace("a", 0, Duration::from_secs(10)).await;
+    // The page loads while A serves; its socket opens only once A is closing.
+    browser.goto(&format!("http://{}/", a.addr)).await;
+    // A client that does not read keeps A in `Closing` until it leaves.
     let (mut deaf, _) = tokio_tungstenite::connect_async(format!("ws://{}/ws", a.addr))
         .await
         .unwrap();
@@ -477,7 +479,7 @@ async fn chromium_sees_an_upgrade_rejected_while_closing_as_1006() {
     a.drain.drain(DrainReason::Manual);
     a.drain.closing().await;
 
-    browser.goto(&format!("http://{}/?ws=1", a.addr)).await;
+    browser.client().execute("openWs();", vec![]).await.unwrap();
     let rec = browser
         .until("the close", "(r) => r.some((e) => e.kind === 'ws-close')")
         .await;
@@ -490,9 +492,8 @@ async fn chromium_sees_an_upgrade_rejected_while_closing_as_1006() {
         summary(&rec)
     );
 
+    drop(deaf); // the server's socket sees the peer leave and ends
     let report = a.drain().await;
-    // The handshake, and the page's `/favicon.ico` (answered by the stack's fallback).
-    assert!(report.rejected >= 1, "{report:?}");
-    assert_eq!(report.force_closed, 1);
-    drop(deaf);
+    assert_eq!(report.rejected, 1, "{report:?}");
+    assert_eq!((report.closed_gracefully, report.force_closed), (1, 0));
 }

@@ -155,7 +155,7 @@ async fn clients_get_1001_and_the_reason_at_their_share_of_the_spread() {
 
 #[tokio::test]
 async fn a_client_that_never_answers_the_close_is_cut_at_the_deadline_and_counted() {
-    let grace = Duration::from_millis(800);
+    let grace = Duration::from_millis(1500);
     let drain = DrainController::builder()
         .propagation_delay(Duration::ZERO)
         .grace_period(grace)
