@@ -48,9 +48,7 @@ impl StreamGuard {
             keyed: key.map(|key| Box::new(Keyed { key, _lease: lease })),
         }
     }
-}
 
-impl StreamGuard {
     /// The controller's state this stream is registered in.
     pub(crate) fn shared(&self) -> &Arc<Shared> {
         &self.shared

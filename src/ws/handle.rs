@@ -66,10 +66,10 @@ pub(crate) struct Pending {
 }
 
 impl Slot {
-    pub(crate) fn new(shared: Arc<Shared>, guard: StreamGuard) -> Self {
+    pub(crate) fn new(guard: StreamGuard) -> Self {
         Self(Arc::new(Mutex::new(Some(Pending {
+            shared: Arc::clone(guard.shared()),
             guard,
-            shared,
             started: Instant::now(),
             lifetime: None,
         }))))

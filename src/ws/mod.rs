@@ -32,7 +32,8 @@
 //! # Limits, idle and heartbeat
 //!
 //! The per-key limit applies at the upgrade request, and the socket holds its slot (lease)
-//! until its handle drops. The guard's `max_lifetime` ends a socket with
+//! until its handle drops. The guard's `max_lifetime` (without its lifetime jitter) ends a
+//! socket with
 //! `Close(1001, "maximum connection lifetime reached, reconnect")`, after which it waits up to
 //! [`LIFETIME_CLOSE_TIMEOUT`] for the peer. The guard's idle timeout and heartbeat are not
 //! applied to sockets: they act on response-body frames, and after the upgrade no body is
@@ -100,7 +101,6 @@ mod axum;
 mod tungstenite;
 
 use std::future::Future;
-use std::sync::Arc;
 use std::time::Duration;
 
 use http::{header, Method, Request, Version};
@@ -222,8 +222,7 @@ pub(crate) fn hand_over<B>(req: &mut Request<B>, guard: StreamGuard) -> Option<S
     if !may_upgrade(req) || !is_upgrade(req) {
         return Some(guard);
     }
-    let shared = Arc::clone(guard.shared());
-    req.extensions_mut().insert(Slot::new(shared, guard));
+    req.extensions_mut().insert(Slot::new(guard));
     None
 }
 
