@@ -170,3 +170,11 @@ fn close_codes_and_reasons_are_checked() {
     let long = "x".repeat(124);
     assert_eq!(validate(1001, &long).unwrap_err().setting(), "close_reason");
 }
+
+#[test]
+fn handles_and_their_futures_can_cross_threads() {
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<WsHandle>();
+    send_sync::<Notified<'static>>();
+    send_sync::<Slot>();
+}
