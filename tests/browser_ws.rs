@@ -133,6 +133,11 @@ async fn start_server_with_grace(name: &'static str, port: u16, grace: Duration)
         .layer(DrainStack::new(drain.watch()));
     let app = Router::new()
         .route("/", get(|| async { Html(PAGE) }))
+        // Outside the stack, so that the browser's own request is never rejected.
+        .route(
+            "/favicon.ico",
+            get(|| async { http::StatusCode::NO_CONTENT }),
+        )
         .merge(streams);
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.set_reuseaddr(true).unwrap();
