@@ -1,6 +1,7 @@
 //! WebSockets across a drain, with tokio-tungstenite clients against a real axum server: close
 //! code `1001` with its reason at each socket's share of the spread, the force-close of a peer
-//! that never answers, the guard's lifetime, the per-key limit and the rejection while closing.
+//! that never answers, the guard's lifetime, the per-key limit, the rejection while closing,
+//! a tungstenite server socket, and HTTP/2 extended CONNECT.
 
 mod support;
 
@@ -365,5 +366,78 @@ async fn a_tungstenite_server_socket_drains_too() {
     let report = tokio::time::timeout(WATCHDOG, drain.report())
         .await
         .unwrap();
+    assert_eq!((report.notified, report.closed_gracefully), (1, 1));
+}
+
+/// HTTP/2 extended CONNECT (RFC 8441): the same tracking and close, through hyper's h2 client
+/// against a hyper-util server that enables the protocol.
+#[tokio::test]
+async fn an_http2_extended_connect_socket_drains_too() {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use tokio_tungstenite::tungstenite::protocol::Role;
+
+    let drain = DrainController::builder()
+        .propagation_delay(Duration::ZERO)
+        .build()
+        .unwrap();
+    // `any`: over HTTP/2 the upgrade is a `CONNECT`, not a `GET`.
+    let app = Router::new()
+        .route("/ws", axum::routing::any(handler))
+        .layer(DrainStack::new(drain.watch()));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+        builder.http2().enable_connect_protocol();
+        let svc = hyper_util::service::TowerToHyperService::new(app);
+        let _ = builder
+            .serve_connection_with_upgrades(TokioIo::new(tcp), svc)
+            .await;
+    });
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .handshake(TokioIo::new(tcp))
+        .await
+        .unwrap();
+    let mut conn = Box::pin(conn);
+    // The server's SETTINGS (with ENABLE_CONNECT_PROTOCOL) arrive as the connection runs.
+    tokio::time::timeout(WATCHDOG, async {
+        while !conn.is_extended_connect_protocol_enabled() {
+            tokio::select! {
+                r = conn.as_mut() => panic!("the connection ended: {r:?}"),
+                _ = tokio::time::sleep(Duration::from_millis(5)) => {}
+            }
+        }
+    })
+    .await
+    .expect("the server enables extended CONNECT");
+    tokio::spawn(conn);
+
+    let req = http::Request::builder()
+        .method(http::Method::CONNECT)
+        .uri(format!("http://{addr}/ws"))
+        .extension(hyper::ext::Protocol::from_static("websocket"))
+        .header("sec-websocket-version", "13")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let mut res = send.send_request(req).await.unwrap();
+    assert_eq!(res.status(), 200);
+    let upgraded = hyper::upgrade::on(&mut res).await.unwrap();
+    let mut ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Client, None).await;
+    until_active(&drain, 1).await;
+
+    drain.drain(DrainReason::Manual);
+    let mut close = None;
+    while let Some(Ok(msg)) = tokio::time::timeout(WATCHDOG, ws.next()).await.unwrap() {
+        if let Message::Close(f) = msg {
+            close = f.map(|f| (u16::from(f.code), f.reason.as_str().to_owned()));
+        }
+    }
+    assert_eq!(close, Some((1001, DEFAULT_DRAIN_REASON.to_owned())));
+    let report = tokio::time::timeout(WATCHDOG, drain.report())
+        .await
+        .unwrap();
+    assert_eq!(report.streams_at_drain, 1);
     assert_eq!((report.notified, report.closed_gracefully), (1, 1));
 }
