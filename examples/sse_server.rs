@@ -101,6 +101,39 @@ fn ticks(every: Duration) -> impl Stream<Item = Result<Event, Infallible>> {
     )
 }
 
+/// `GET /ws`: a text message `{"n":N}` every `tick`, the first at once; counted as a stream
+/// and closed with `1001` at its share of the drain spread (see `tower_drain::ws`).
+async fn ws_ticks(
+    upgrade: axum::extract::ws::WebSocketUpgrade,
+    mut handle: tower_drain::ws::WsHandle,
+    tick: Duration,
+) -> axum::response::Response {
+    use axum::extract::ws::Message;
+    upgrade.on_upgrade(move |mut socket| async move {
+        let mut interval = tokio::time::interval(tick);
+        let mut n = 0u64;
+        loop {
+            tokio::select! {
+                cause = handle.notified() => {
+                    tower_drain::ws::close(socket, handle, cause).await;
+                    return;
+                }
+                _ = interval.tick() => {
+                    let msg = Message::text(format!("{{\"n\":{n}}}"));
+                    if socket.send(msg).await.is_err() {
+                        return;
+                    }
+                    n += 1;
+                }
+                msg = socket.recv() => match msg {
+                    Some(Ok(_)) => {}
+                    _ => return,
+                },
+            }
+        }
+    })
+}
+
 /// `/events` (and every other non-probe path) under the full stack.
 fn events_router<St>(stack: DrainStack<St>, tick: Duration) -> Router
 where
@@ -116,6 +149,7 @@ where
                 res
             }),
         )
+        .route("/ws", get(move |up, handle| ws_ticks(up, handle, tick)))
         .fallback(|| async { (StatusCode::NOT_FOUND, "not found") })
         .layer(stack)
 }

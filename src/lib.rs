@@ -17,6 +17,9 @@
 //!    heartbeat, revalidation, circuit breaker), ending each with a final frame too;
 //! 5. a [`ShutdownReport`] says what happened.
 //!
+//! WebSockets drain too: [`ws`] tracks upgraded sockets as streams and closes them with
+//! `1001 Going Away` at their share of the spread.
+//!
 //! [`DrainController`] is the single source of truth (no globals); layers hold a read-only
 //! [`DrainWatch`]. [`DrainStack`] composes the layers in the right order:
 //! `Reject → Track → Guard → Frame → service`.
@@ -70,6 +73,7 @@ pub mod probe;
 pub mod reject;
 pub mod stack;
 pub mod track;
+pub mod ws;
 
 pub use crate::controller::{
     CleanupSummary, ConfigError, DrainBuilder, DrainConfig, DrainController, DrainReason,

@@ -132,6 +132,10 @@ where
 
     #[inline]
     fn call(&mut self, req: Request<ReqB>) -> Self::Future {
+        if let Some(d) = self.cfg.max_lifetime {
+            // A WebSocket tracked by an outer track layer lives no longer than a stream.
+            crate::ws::set_lifetime(&req, d);
+        }
         let (req, parts) = match &self.cfg.revalidate {
             Some(_) => {
                 let (parts, body) = req.into_parts();

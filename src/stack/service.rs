@@ -104,7 +104,12 @@ where
         let reject = &*self.layers;
         let track = reject.get_ref();
         let guard = track.get_ref();
-        if !reject.serving() || track.is_keyed() || guard.needs_parts() {
+        if !reject.serving()
+            || track.is_keyed()
+            || guard.needs_parts()
+            // An upgrade's registration goes to the socket's handle (see `ws`).
+            || crate::ws::may_upgrade(&req)
+        {
             // The service polled ready goes into the nested layers; a clone takes its place.
             let clone = self.inner.clone();
             let ready = std::mem::replace(&mut self.inner, clone);

@@ -48,6 +48,11 @@ impl StreamGuard {
             keyed: key.map(|key| Box::new(Keyed { key, _lease: lease })),
         }
     }
+
+    /// The controller's state this stream is registered in.
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
 }
 
 impl Drop for StreamGuard {

@@ -117,15 +117,17 @@ where
     }
 
     #[inline]
-    fn call(&mut self, req: Request<ReqB>) -> Self::Future {
+    fn call(&mut self, mut req: Request<ReqB>) -> Self::Future {
         let cfg = &self.cfg;
         if cfg.key.is_none() {
             // No key, so no limit: register and call, moving the request only once.
             let guard = self.register(&req);
+            // An upgrade's registration goes to the socket's handle, not the (101) body.
+            let guard = crate::ws::hand_over(&mut req, guard);
             return ResponseFuture {
                 state: State::Calling {
                     fut: self.inner.call(req),
-                    guard: Some(guard),
+                    guard,
                 },
             };
         }
@@ -159,10 +161,12 @@ where
             }
             (_, key) => {
                 let guard = StreamGuard::new(cfg.shared.clone(), route, key, None);
+                let mut req = req;
+                let guard = crate::ws::hand_over(&mut req, guard);
                 ResponseFuture {
                     state: State::Calling {
                         fut: self.inner.call(req),
-                        guard: Some(guard),
+                        guard,
                     },
                 }
             }
@@ -235,7 +239,7 @@ where
                     let res: Result<Option<Lease>, StoreError> = ready!(acquire.poll(cx));
                     let Pending {
                         mut inner,
-                        req,
+                        mut req,
                         route,
                         key,
                         cfg,
@@ -273,9 +277,10 @@ where
                         }
                     };
                     let guard = StreamGuard::new(cfg.shared.clone(), route, Some(key), lease);
+                    let guard = crate::ws::hand_over(&mut req, guard);
                     state.set(State::Calling {
                         fut: inner.call(req),
-                        guard: Some(guard),
+                        guard,
                     });
                 }
                 StateProj::Calling { fut, guard } => {
