@@ -1108,6 +1108,39 @@ mod cluster {
         drop((granted, cl));
     }
 
+    /// `rediss://` seeds: the cluster client reaches every node over TLS with the test CA.
+    #[cfg(any(feature = "redis-tls-rustls", feature = "redis-tls-native"))]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_tls_cluster_shares_a_limit_and_cleans_up() {
+        let (cl, ca) = tokio::task::spawn_blocking(Cluster::start_tls)
+            .await
+            .unwrap();
+        let prefix = unique_prefix("cl-tls");
+        let store = cbuilder(&cl, &prefix)
+            .tls_root_certificate(ca)
+            .build()
+            .unwrap();
+        let keys = names(30);
+        let mut held = Vec::new();
+        for k in &keys {
+            held.push(
+                store
+                    .acquire(k, 1)
+                    .await
+                    .expect("TLS to every primary")
+                    .unwrap(),
+            );
+            assert!(
+                store.acquire(k, 1).await.unwrap().is_none(),
+                "{k}: limit holds"
+            );
+        }
+        assert_eq!(store.heartbeat_now().await, 0);
+        let s = store.shutdown().await.unwrap();
+        assert_eq!((s.before, s.total_cleaned, s.after), (30, 30, 0));
+        drop(held);
+    }
+
     /// Counter value of `tower_drain_store_errors_total{op}`.
     fn op_errors(snap: &Snapshotter, op: &str) -> u64 {
         snap.snapshot()
