@@ -1108,6 +1108,40 @@ mod cluster {
         drop((granted, cl));
     }
 
+    /// `rediss://` seeds: the cluster client reaches every node over TLS with the test CA (a
+    /// cluster's root certificate goes through rustls only).
+    #[cfg(feature = "redis-tls-rustls")]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_tls_cluster_shares_a_limit_and_cleans_up() {
+        let (cl, ca) = tokio::task::spawn_blocking(Cluster::start_tls)
+            .await
+            .unwrap();
+        let prefix = unique_prefix("cl-tls");
+        let store = cbuilder(&cl, &prefix)
+            .tls_root_certificate(ca)
+            .build()
+            .unwrap();
+        let keys = names(30);
+        let mut held = Vec::new();
+        for k in &keys {
+            held.push(
+                store
+                    .acquire(k, 1)
+                    .await
+                    .expect("TLS to every primary")
+                    .unwrap(),
+            );
+            assert!(
+                store.acquire(k, 1).await.unwrap().is_none(),
+                "{k}: limit holds"
+            );
+        }
+        assert_eq!(store.heartbeat_now().await, 0);
+        let s = store.shutdown().await.unwrap();
+        assert_eq!((s.before, s.total_cleaned, s.after), (30, 30, 0));
+        drop(held);
+    }
+
     /// Counter value of `tower_drain_store_errors_total{op}`.
     fn op_errors(snap: &Snapshotter, op: &str) -> u64 {
         snap.snapshot()
@@ -1196,12 +1230,21 @@ mod cluster {
         }
         let cl_ref = &cl;
         tokio::task::block_in_place(|| cl_ref.wait_ok(Duration::from_secs(15)));
-        // Within one heartbeat (plus the client's slot refresh), every live stream's lease is
-        // back and no ended stream's lease is.
-        let c = cl.conn().await;
+        // Within one heartbeat (the next tick, and the one already under way), every live
+        // stream's lease is back and no ended stream's lease is.
+        let mut c = cl.conn().await;
         let instance = store.instance_id().to_owned();
         let redis_keys: Vec<String> = keys.iter().map(|k| store.redis_key(k)).collect();
-        let ok = eventually(heartbeat * 3, || {
+        // A write the promoted replica never received (replication is asynchronous): the
+        // lease of a live stream on the failed primary's slots is gone.
+        let lost = on_victim
+            .iter()
+            .copied()
+            .find(|&i| live[i])
+            .expect("a live stream on the failed primary");
+        let _: () = c.del(&redis_keys[lost]).await.unwrap();
+        assert_eq!(mine(&mut c, &redis_keys[lost], &instance).await, 0);
+        let ok = eventually(heartbeat * 2, || {
             let mut c = c.clone();
             let (redis_keys, live, instance) = (redis_keys.clone(), live.clone(), instance.clone());
             async move {

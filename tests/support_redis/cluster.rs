@@ -12,12 +12,14 @@ use super::ping;
 /// One cluster node process.
 pub(crate) struct Node {
     pub(crate) port: u16,
+    tls: bool,
     child: Mutex<Option<Child>>,
 }
 
 impl Node {
     pub(crate) fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
+        let scheme = if self.tls { "rediss" } else { "redis" };
+        format!("{scheme}://127.0.0.1:{}/", self.port)
     }
 
     /// SIGKILL, as a crash would.
@@ -33,6 +35,8 @@ impl Node {
 pub(crate) struct Cluster {
     pub(crate) nodes: Vec<Node>,
     dir: PathBuf,
+    /// With TLS: the directory of the test CA and node certificate (see `make_certs`).
+    tls: Option<PathBuf>,
 }
 
 impl Cluster {
@@ -43,6 +47,37 @@ impl Cluster {
 
     /// Starts and joins a cluster on `ports` (see [`cluster_ports`]).
     pub(crate) fn start_on(ports: Vec<u16>, replicas: usize) -> Cluster {
+        Cluster::start_with(ports, replicas, None)
+    }
+
+    /// A 3-primary cluster serving TLS only (`tls-cluster yes`), with a test CA's certificate;
+    /// returns it and the CA (PEM).
+    pub(crate) fn start_tls() -> (Cluster, Vec<u8>) {
+        let certs = std::env::temp_dir().join(format!(
+            "td-cluster-tls-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        ));
+        super::make_certs(&certs);
+        let ca = std::fs::read(certs.join("ca.pem")).unwrap();
+        (Cluster::start_with(cluster_ports(3), 0, Some(certs)), ca)
+    }
+
+    fn tls_args(&self) -> Vec<String> {
+        match &self.tls {
+            Some(d) => vec![
+                "--tls".into(),
+                "--cacert".into(),
+                d.join("ca.pem").display().to_string(),
+            ],
+            None => Vec::new(),
+        }
+    }
+
+    fn start_with(ports: Vec<u16>, replicas: usize, tls: Option<PathBuf>) -> Cluster {
         let dir = std::env::temp_dir().join(format!(
             "td-cluster-{}-{}",
             std::process::id(),
@@ -54,8 +89,22 @@ impl Cluster {
         std::fs::create_dir_all(&dir).unwrap();
         let mut nodes = Vec::new();
         for &port in &ports {
-            let child = Command::new("redis-server")
-                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            let mut cmd = Command::new("redis-server");
+            match &tls {
+                None => cmd.args(["--port", &port.to_string()]),
+                Some(certs) => cmd
+                    .args(["--port", "0", "--tls-port", &port.to_string()])
+                    .args(["--tls-cluster", "yes", "--tls-replication", "yes"])
+                    .args(["--tls-auth-clients", "no"])
+                    .arg("--tls-cert-file")
+                    .arg(certs.join("server.pem"))
+                    .arg("--tls-key-file")
+                    .arg(certs.join("server.key"))
+                    .arg("--tls-ca-cert-file")
+                    .arg(certs.join("ca.pem")),
+            };
+            let child = cmd
+                .args(["--bind", "127.0.0.1"])
                 .args(["--cluster-enabled", "yes"])
                 .args(["--cluster-config-file", &format!("nodes-{port}.conf")])
                 // Fast failure detection, and the other slots keep serving meanwhile.
@@ -73,13 +122,17 @@ impl Cluster {
                 });
             nodes.push(Node {
                 port,
+                tls: tls.is_some(),
                 child: Mutex::new(Some(child)),
             });
         }
-        let cluster = Cluster { nodes, dir };
+        let cluster = Cluster { nodes, dir, tls };
         let deadline = Instant::now() + Duration::from_secs(10);
         for node in &cluster.nodes {
-            while !ping(node.port) {
+            while !(ping(node.port)
+                || (cluster.tls.is_some()
+                    && std::net::TcpStream::connect(("127.0.0.1", node.port)).is_ok()))
+            {
                 assert!(
                     Instant::now() < deadline,
                     "cluster node {} did not start",
@@ -89,6 +142,7 @@ impl Cluster {
             }
         }
         let out = Command::new("redis-cli")
+            .args(cluster.tls_args())
             .arg("--cluster")
             .arg("create")
             .args(ports.iter().map(|p| format!("127.0.0.1:{p}")))
@@ -111,6 +165,7 @@ impl Cluster {
     /// `redis-cli -p <port> <args>` output.
     pub(crate) fn cli(&self, port: u16, args: &[&str]) -> String {
         let out = Command::new("redis-cli")
+            .args(self.tls_args())
             .args(["-p", &port.to_string()])
             .args(args)
             .output()
@@ -123,7 +178,7 @@ impl Cluster {
         let live = self
             .nodes
             .iter()
-            .find(|n| n.child.lock().unwrap().is_some() && ping(n.port))
+            .find(|n| n.child.lock().unwrap().is_some())
             .expect("a live node");
         let text = self.cli(live.port, &["cluster", "nodes"]);
         let mut out = Vec::new();
@@ -210,6 +265,9 @@ impl Drop for Cluster {
             n.kill();
         }
         let _ = std::fs::remove_dir_all(&self.dir);
+        if let Some(certs) = &self.tls {
+            let _ = std::fs::remove_dir_all(certs);
+        }
     }
 }
 

@@ -218,7 +218,8 @@ impl RedisStoreBuilder {
 
     /// Trusts the CA certificate `pem` (PEM) for `rediss://` connections instead of the system's
     /// root certificates, for a Redis whose certificate a private CA signed. Features
-    /// `redis-tls-rustls` or `redis-tls-native`.
+    /// `redis-tls-rustls` or `redis-tls-native`; on a cluster, `redis-tls-rustls` (with only
+    /// `redis-tls-native`, `build` fails naming this setting).
     ///
     /// ```no_run
     /// # #[tokio::main] async fn main() {

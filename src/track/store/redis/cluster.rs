@@ -29,13 +29,19 @@ pub(super) fn connect(
         .min_retry_wait(20)
         .max_retry_wait(500);
     if let Some(_pem) = tls_root {
-        #[cfg(any(feature = "redis-tls-rustls", feature = "redis-tls-native"))]
+        // The `redis` crate takes a cluster's root certificate through rustls only.
+        #[cfg(feature = "redis-tls-rustls")]
         {
             builder = builder.certs(::redis::TlsCertificates {
                 client_tls: None,
                 root_cert: Some(_pem.to_vec()),
             });
         }
+        #[cfg(not(feature = "redis-tls-rustls"))]
+        return Err(StoreError::new(
+            "invalid redis store setting: tls_root_certificate on a cluster needs the \
+             `redis-tls-rustls` feature",
+        ));
     }
     let client = builder
         .build()

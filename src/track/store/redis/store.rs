@@ -183,8 +183,9 @@ impl RedisStore {
         self.handle.shared.table.releasing_count()
     }
 
-    /// Runs one heartbeat now, as the background task does every interval: one pipeline
-    /// refreshing every live lease of this store, then re-adding any that Redis lost. Returns
+    /// Runs one heartbeat now, as the background task does every interval: one pipeline (one
+    /// per primary on a cluster) refreshing every live lease of this store, then re-adding any
+    /// that Redis lost. Returns
     /// how many were re-added. Useful after a known failover, and in tests and measurements.
     ///
     /// ```no_run
