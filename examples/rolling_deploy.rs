@@ -289,9 +289,19 @@ struct Outcome {
     max_tick_gap_ms: f64,
     ticks: u64,
     missed_ticks: u64,
+    /// What the failed RPCs said, by code and message.
+    rpc_errors: BTreeMap<String, u64>,
 }
 
 impl Outcome {
+    fn rpc_failed(&mut self, shared: &Shared, s: &tonic::Status) {
+        self.rpc_failed += 1;
+        let mut msg = format!("{:?}: {}", s.code(), s.message());
+        msg.truncate(120);
+        *self.rpc_errors.entry(msg).or_default() += 1;
+        shared.fail("rpc failed");
+    }
+
     fn merge(&mut self, o: Outcome) {
         self.streams += o.streams;
         self.final_frames += o.final_frames;
@@ -310,6 +320,9 @@ impl Outcome {
         self.max_tick_gap_ms = self.max_tick_gap_ms.max(o.max_tick_gap_ms);
         self.ticks += o.ticks;
         self.missed_ticks += o.missed_ticks;
+        for (k, n) in o.rpc_errors {
+            *self.rpc_errors.entry(k).or_default() += n;
+        }
     }
 
     fn failures(&self) -> u64 {
@@ -833,8 +846,7 @@ async fn grpc_watcher(
             out.rpc_retried += 1;
             out.final_frames += 1;
         } else {
-            out.rpc_failed += 1;
-            shared.fail("rpc failed");
+            out.rpc_failed(&shared, &status);
         }
         // gRPC-style backoff: 100 ms, doubling up to 1.6 s, reset by a stream that delivered.
         backoff = if track.last_tick.is_some_and(|t| t > asked) {
@@ -872,10 +884,7 @@ async fn grpc_caller(shared: Arc<Shared>, channel: tonic::transport::Channel) ->
                     break;
                 }
             }
-            Err(_) => {
-                out.rpc_failed += 1;
-                shared.fail("rpc failed");
-            }
+            Err(s) => out.rpc_failed(&shared, &s),
         }
         if wait_or_stop(&shared, 100).await {
             break;
@@ -942,16 +951,19 @@ fn haproxy_config(
 ) -> String {
     let mut c = String::new();
     let grpc = kind == Kind::Grpc;
+    // ROLLING_DEPLOY_LOG=1: one log line per request in the run's haproxy.log, and the run's
+    // directory is kept.
+    let level = if keep_logs() { "info" } else { "notice" };
     let _ = writeln!(
         c,
-        "global\n  maxconn {maxconn}\n  stats socket {} mode 600 level admin\n  tune.h2.max-concurrent-streams 100\n",
+        "global\n  log stderr format raw local0 {level}\n  maxconn {maxconn}\n  stats socket {} mode 600 level admin\n  tune.h2.max-concurrent-streams 100\n",
         socket.display()
     );
     let _ = writeln!(
         c,
         "defaults\n  mode http\n  maxconn {maxconn}\n  timeout connect 1s\n  timeout client 60s\n  \
          timeout server 60s\n  timeout tunnel 1h\n  timeout check {check_ms}ms\n  retries 3\n  \
-         option redispatch 1\n  retry-on conn-failure empty-response 503\n"
+         option redispatch 1\n  retry-on conn-failure empty-response 503\n  log global\n  option httplog\n"
     );
     let bind = if grpc { " proto h2" } else { "" };
     let _ = writeln!(
@@ -974,11 +986,15 @@ fn haproxy_config(
     }
     let _ = writeln!(c, "backend replicas\n  balance leastconn");
     if grpc {
-        // tonic has no /readyz: a TCP check (the listener closes once the drain is over); the
-        // drain's own UNAVAILABLE covers the calls in between.
+        // The gRPC server has no /readyz. An HTTP/2 GET on a method path is the next best
+        // thing: tonic answers it 200 (grpc-status 12) while serving, and the drain's reject
+        // layer answers a non-gRPC request 503 from `Closing` on.
         let _ = writeln!(
             c,
-            "  default-server check inter {check_ms}ms fall 1 rise 1 proto h2"
+            "  option httpchk
+  http-check send meth GET uri /demo.Ticker/Ready
+               http-check expect status 200
+               default-server check inter {check_ms}ms fall 1 rise 1 proto h2 check-proto h2"
         );
     } else {
         let _ = writeln!(
@@ -1116,6 +1132,10 @@ struct Retired {
     killed: bool,
     code: Option<i32>,
     report: Value,
+}
+
+fn keep_logs() -> bool {
+    std::env::var_os("ROLLING_DEPLOY_LOG").is_some_and(|v| v == "1")
 }
 
 fn free_port() -> u16 {
@@ -1516,7 +1536,11 @@ async fn run(kind: Kind, args: &Args, bins: &Path) -> Result<RunResult, String> 
     let failures = std::mem::take(&mut *shared.failures.lock().unwrap());
     let mut events = events.into_inner().unwrap();
     events.sort_by(|a, b| a.ms.total_cmp(&b.ms));
-    let _ = std::fs::remove_dir_all(&dir);
+    if keep_logs() {
+        eprintln!("logs kept in {}", dir.display());
+    } else {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
     Ok(RunResult {
         kind,
         outcome,
@@ -1698,6 +1722,7 @@ fn run_json(r: &RunResult, args: &Args) -> Value {
         "rpc_calls": o.rpc_calls,
         "rpc_failed": o.rpc_failed,
         "rpc_retried_after_drain_unavailable": o.rpc_retried,
+        "rpc_errors": o.rpc_errors,
         "client_visible_failures": o.failures(),
         "reconnect_ms": {
             "p50": percentile(&mut rec, 0.5),
@@ -1832,6 +1857,30 @@ fn table(runs: &[(RunResult, Value)]) -> String {
     row("shutdown reports: rejected (503)", &|_, r| {
         sum_report(&r.retired, "rejected").to_string()
     });
+    if runs.iter().any(|(r, _)| r.browser.is_some()) {
+        let b = |r: &RunResult| r.browser.as_ref().and_then(Value::as_array).cloned();
+        row("Chromium, 20 EventSources: CLOSED", &|_, r| {
+            b(r).map_or("-".into(), |v| {
+                v.iter().filter(|x| x["closed"] == true).count().to_string()
+            })
+        });
+        row("Chromium: reconnects (most for one source)", &|_, r| {
+            b(r).map_or("-".into(), |v| {
+                let n: Vec<u64> = v.iter().filter_map(|x| x["reconnects"].as_u64()).collect();
+                format!(
+                    "{} ({})",
+                    n.iter().sum::<u64>(),
+                    n.iter().max().unwrap_or(&0)
+                )
+            })
+        });
+        row("Chromium: longest gap between ticks (ms)", &|_, r| {
+            b(r).map_or("-".into(), |v| {
+                let m = v.iter().filter_map(|x| x["max_gap_ms"].as_u64()).max();
+                m.unwrap_or(0).to_string()
+            })
+        });
+    }
     row("run time (s)", &|_, r| {
         format!("{:.1}", r.duration_ms / 1000.0)
     });
@@ -1868,6 +1917,9 @@ fn table(runs: &[(RunResult, Value)]) -> String {
 
 fn replica_table(r: &RunResult) -> String {
     let mut s = format!("{}: replaced replicas\n", r.kind.name());
+    for (e, n) in &r.outcome.rpc_errors {
+        let _ = writeln!(s, "  failed RPCs: {n} x {e}");
+    }
     for x in &r.retired {
         let rep = &x.report;
         let _ = writeln!(
