@@ -27,7 +27,8 @@
 //!    `EventSource` does: it follows `retry:` (3 s when none was sent), reconnects with
 //!    `Last-Event-ID` when it has one, reconnects after a network error, and gives up for
 //!    good on a non-200 answer or a wrong `content-type`. `--h2` makes them speak h2c to
-//!    HAProxy, 100 streams per connection; `--ws-share F` moves a share F of them to `/ws`
+//!    HAProxy, 100 streams per connection, and `--h2-backend` makes HAProxy speak h2c to the
+//!    replicas as well; `--ws-share F` moves a share F of them to `/ws`
 //!    (WebSocket; reconnect 1 s ± 20 % after a close).
 //! 5. Rolls: for each replica in turn, start its replacement, wait until HAProxy's stats
 //!    socket says `UP`, `SIGTERM` the old one, and wait for it to exit (the baseline gets
@@ -83,6 +84,7 @@ struct Args {
     clients: usize,
     rounds: usize,
     h2: bool,
+    h2_backend: bool,
     h2_streams: usize,
     ws_share: f64,
     grpc: bool,
@@ -100,7 +102,7 @@ struct Args {
 }
 
 const USAGE: &str = "usage: rolling_deploy [--clients N] [--replicas N] [--rounds N] [--h2] \
-[--h2-streams N] [--ws-share F] [--grpc] [--browser] [--only drain|baseline] [--tick-ms MS] \
+[--h2-streams N] [--h2-backend] [--ws-share F] [--grpc] [--browser] [--only drain|baseline] [--tick-ms MS] \
 [--grace S] [--check-ms MS] [--reconnect S] [--spread-ms MS] [--json FILE] [--svg FILE] \
 [--no-build] [--bin-dir DIR]";
 
@@ -110,6 +112,7 @@ fn parse_args() -> Result<Args, String> {
         clients: 3000,
         rounds: 2,
         h2: false,
+        h2_backend: false,
         h2_streams: 100,
         ws_share: 0.0,
         grpc: false,
@@ -136,6 +139,7 @@ fn parse_args() -> Result<Args, String> {
             "--clients" => a.clients = num(&flag, value(&flag)?)?,
             "--rounds" => a.rounds = num(&flag, value(&flag)?)?,
             "--h2" => a.h2 = true,
+            "--h2-backend" => a.h2_backend = true,
             "--h2-streams" => a.h2_streams = num(&flag, value(&flag)?)?,
             "--ws-share" => a.ws_share = num(&flag, value(&flag)?)?,
             "--grpc" => a.grpc = true,
@@ -940,15 +944,21 @@ for (let i = 0; i < 20; i++) {{
 ///   idle-looking streams are not cut; WebSockets live in `tunnel`.
 /// * `http-response set-header x-served-by %s`: lets clients tell which replica served them
 ///   (for the timeline only).
+/// * gRPC (`--grpc`): `proto h2` on the `bind` and `server` lines, and the readiness check is
+///   an HTTP/2 `GET` on a method path (`check-proto h2`), since tonic serves no `/readyz`.
+/// * `--browser`: a second frontend on 4 more ports serves the page (`http-request return`)
+///   and adds `access-control-allow-origin: *`, because Chromium opens at most 6 HTTP/1.1
+///   connections per origin and the page's 20 `EventSource`s are spread over 4 origins.
 fn haproxy_config(
     kind: Kind,
+    args: &Args,
     maxconn: u64,
     port: u16,
     slots: &[u16],
-    check_ms: u64,
     socket: &Path,
     browser: Option<(&[u16], &Path)>,
 ) -> String {
+    let (h2_backend, check_ms) = (args.h2_backend, args.check_ms);
     let mut c = String::new();
     let grpc = kind == Kind::Grpc;
     // ROLLING_DEPLOY_LOG=1: one log line per request in the run's haproxy.log, and the run's
@@ -1002,6 +1012,10 @@ fn haproxy_config(
             "  option httpchk GET /readyz\n  http-check expect status 200\n  \
              default-server check inter {check_ms}ms fall 1 rise 1"
         );
+    }
+    if h2_backend && !grpc {
+        // h2c to the replicas too: their GOAWAY then reaches HAProxy's server connections.
+        let _ = writeln!(c, "  default-server proto h2");
     }
     let _ = writeln!(c, "  http-response set-header x-served-by %s");
     for (i, p) in slots.iter().enumerate() {
@@ -1330,10 +1344,10 @@ async fn run(kind: Kind, args: &Args, bins: &Path) -> Result<RunResult, String> 
     let maxconn = (nofile.saturating_sub(200) / 2).clamp(256, 100_000);
     let config = haproxy_config(
         kind,
+        args,
         maxconn,
         port,
         &slots,
-        args.check_ms,
         &socket,
         browser.then_some((&browser_ports[..], page.as_path())),
     );
@@ -1402,7 +1416,11 @@ async fn run(kind: Kind, args: &Args, bins: &Path) -> Result<RunResult, String> 
     let mut h2_pool = None;
     let mut tasks = tokio::task::JoinSet::new();
     if kind == Kind::Grpc {
-        let channels = args.clients.div_ceil(100).max(1);
+        let callers = (args.clients / 10).max(1);
+        // One HTTP/2 connection per channel. HAProxy allows 100 concurrent streams per
+        // connection; a client that opens more before HAProxy's SETTINGS arrive gets some
+        // refused, so stay well below.
+        let channels = (args.clients + callers).div_ceil(80).max(1);
         let channels: Vec<_> = (0..channels)
             .map(|_| {
                 tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{port}"))
@@ -1410,13 +1428,18 @@ async fn run(kind: Kind, args: &Args, bins: &Path) -> Result<RunResult, String> 
                     .connect_lazy()
             })
             .collect();
-        let callers = (args.clients / 10).max(1);
         for i in 0..args.clients {
             tasks.spawn(grpc_watcher(
                 shared.clone(),
                 channels[i % channels.len()].clone(),
                 args.tick_ms,
             ));
+            // Arrive over ~1 s rather than in one burst: thousands of streams opened at once
+            // on fresh HTTP/2 connections (before HAProxy and the replicas have announced
+            // their stream limits) get some answered with HAProxy error pages.
+            if i % 200 == 199 {
+                tokio::time::sleep(Duration::from_millis(60)).await;
+            }
         }
         for i in 0..callers {
             tasks.spawn(grpc_caller(
@@ -1754,6 +1777,8 @@ fn run_json(r: &RunResult, args: &Args) -> Value {
             "exit_code": x.code,
             "shutdown_report": x.report,
         })).collect::<Vec<_>>(),
+        "failures_before_the_roll": r.failures.iter().filter(|(t, _)| r.retired.first().is_none_or(|x| *t < x.term_ms)).count(),
+        "first_failures": r.failures.iter().take(50).map(|(t, what)| json!({"ms": t.round(), "what": what})).collect::<Vec<_>>(),
         "roll_events": r.events.iter().map(|e| json!({"ms": e.ms.round(), "event": e.what, "replica": e.replica})).collect::<Vec<_>>(),
         "browser": r.browser,
         "h2c_connections": r.h2_connections.map(|(pool, opened)| json!({"pool": pool, "opened": opened})),
@@ -2189,7 +2214,7 @@ async fn main() {
         let v = json!({
             "settings": {
                 "replicas": args.replicas, "clients": args.clients, "rounds": args.rounds,
-                "h2": args.h2, "ws_share": args.ws_share, "tick_ms": args.tick_ms,
+                "h2": args.h2, "h2_backend": args.h2_backend, "ws_share": args.ws_share, "tick_ms": args.tick_ms,
                 "grace_s": args.grace_s, "check_ms": args.check_ms,
                 "propagation_delay_ms": args.propagation_ms(), "reconnect_delay_s": args.reconnect_s,
                 "drain_spread_ms": args.spread_ms,

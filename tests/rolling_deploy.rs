@@ -46,8 +46,20 @@ fn roll() -> Value {
         .arg("--json")
         .arg(&json)
         .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
         .spawn()
         .expect("run examples/rolling_deploy (cargo test builds the examples)");
+    // Its table and per-replica lines go to the test's captured output (shown on failure).
+    let read = |mut r: Box<dyn std::io::Read + Send>| {
+        std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = r.read_to_string(&mut s);
+            s
+        })
+    };
+    let stdout = read(Box::new(child.stdout.take().unwrap()));
+    let stderr = read(Box::new(child.stderr.take().unwrap()));
     let started = Instant::now();
     let status = loop {
         if let Some(status) = child.try_wait().unwrap() {
@@ -60,6 +72,11 @@ fn roll() -> Value {
         }
         std::thread::sleep(Duration::from_millis(100));
     };
+    eprintln!(
+        "{}{}",
+        stderr.join().unwrap_or_default(),
+        stdout.join().unwrap_or_default()
+    );
     assert!(status.success(), "rolling_deploy failed: {status}");
     let text = std::fs::read_to_string(&json).unwrap();
     let _ = std::fs::remove_file(&json);
