@@ -7,12 +7,15 @@
 //!
 //! ```text
 //! cargo run --release --example rolling_deploy -- [--clients 3000] [--replicas 3] [--rounds 2]
-//!     [--h2] [--ws-share 0.1] [--grpc] [--browser] [--only drain|baseline]
-//!     [--json FILE] [--svg FILE]
+//!     [--h2] [--h2-backend] [--ws-share 0.1] [--grpc] [--browser] [--only drain|baseline]
+//!     [--grace 5] [--tick-ms 500] [--check-ms 200] [--reconnect 1] [--spread-ms 1000]
+//!     [--json FILE] [--svg FILE] [--no-build] [--bin-dir DIR]
 //! ```
 //!
 //! Needs `haproxy` on `PATH` (Debian: `apt-get install haproxy`); `--browser` also needs
-//! `chromium` and `chromedriver`. Everything listens on 127.0.0.1 only.
+//! `chromium` and `chromedriver`. Everything listens on 127.0.0.1 only. The run's files
+//! (HAProxy's configuration and log, each replica's stderr) go to a temporary directory that
+//! is removed at the end; `ROLLING_DEPLOY_LOG=1` keeps it and logs every request in HAProxy.
 //!
 //! # What it does
 //!
