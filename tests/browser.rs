@@ -8,6 +8,8 @@
 //!   by itself after the frame's `retry:` delay, reaches B, sends `Last-Event-ID` and receives
 //!   B's events.
 //!
+//! The WebDriver client is the `fantoccini` crate.
+//!
 //! Needs `chromium` and `chromedriver` (Debian: `apt-get install chromium chromium-driver`;
 //! `.ci/run` installs them). `CHROMIUM` / `CHROMEDRIVER` override the binaries. Without them
 //! the tests fail, naming the packages: they never pass silently.
@@ -25,9 +27,8 @@ use axum::response::sse::{Event, Sse};
 use axum::response::{Html, Response};
 use axum::routing::get;
 use axum::Router;
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper_util::rt::TokioIo;
+use fantoccini::wd::TimeoutConfiguration;
+use hyper_util::client::legacy::connect::HttpConnector;
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot};
 use tower_drain::{DrainController, DrainReason, DrainStack};
@@ -161,7 +162,7 @@ async fn next_seen(rx: &mut mpsc::UnboundedReceiver<Seen>) -> Seen {
 }
 
 // ---------------------------------------------------------------------------------------
-// The browser: chromedriver + headless Chromium, spoken to over W3C WebDriver.
+// The browser: chromedriver + headless Chromium, driven with fantoccini (W3C WebDriver).
 
 /// `name` from the environment variable `var`, else the first of `candidates` on `PATH`.
 fn find_binary(var: &str, candidates: &[&str]) -> PathBuf {
@@ -192,12 +193,11 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// A chromedriver process, the Chromium it starts, and one WebDriver session. Dropping it
-/// kills both and removes the profile directory.
+/// A chromedriver process, the Chromium it starts, and one WebDriver session (fantoccini).
+/// Dropping it kills both and removes the profile directory.
 struct Browser {
     driver: Child,
-    port: u16,
-    session: String,
+    client: fantoccini::Client,
     profile: PathBuf,
 }
 
@@ -219,17 +219,9 @@ impl Browser {
         ));
         let _ = std::fs::remove_dir_all(&profile);
         std::fs::create_dir_all(&profile).unwrap();
-        let mut browser = Browser {
-            port,
-            session: String::new(),
-            profile,
-            driver: Command::new("true").spawn().unwrap(),
-        };
-        std::mem::swap(&mut browser.driver, &mut driver);
-        let _ = driver.wait();
 
         // chromedriver says when it listens.
-        let stdout = browser.driver.stdout.take().unwrap();
+        let stdout = driver.stdout.take().unwrap();
         let ready = tokio::task::spawn_blocking(move || {
             let mut lines = BufReader::new(stdout).lines();
             let ok = lines
@@ -241,12 +233,12 @@ impl Browser {
             ok
         });
         let ready = tokio::time::timeout(WATCHDOG, ready).await;
-        assert!(
-            matches!(ready, Ok(Ok(true))),
-            "chromedriver did not start: {ready:?}"
-        );
+        if !matches!(ready, Ok(Ok(true))) {
+            let _ = driver.kill();
+            panic!("chromedriver did not start: {ready:?}");
+        }
 
-        let caps = json!({ "capabilities": { "alwaysMatch": {
+        let caps = json!({
             "browserName": "chrome",
             "goog:chromeOptions": {
                 "binary": chromium,
@@ -254,60 +246,34 @@ impl Browser {
                     "--headless", "--no-sandbox", "--disable-gpu",
                     "--disable-background-networking", "--disable-component-update",
                     "--disable-sync", "--no-first-run",
-                    format!("--user-data-dir={}", browser.profile.display()),
+                    format!("--user-data-dir={}", profile.display()),
                 ],
             },
-        }}});
-        let session = browser.command("POST", "/session", Some(caps)).await;
-        browser.session = session["sessionId"]
-            .as_str()
-            .expect("a session id")
-            .to_owned();
-        browser
-            .session_command("POST", "/timeouts", json!({ "script": 15_000 }))
-            .await;
-        browser
-    }
-
-    /// One WebDriver command; panics with chromedriver's message on an error.
-    async fn command(&self, method: &str, path: &str, body: Option<Value>) -> Value {
-        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", self.port))
-            .await
-            .expect("connect to chromedriver");
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-            .await
-            .unwrap();
-        tokio::spawn(conn);
-        let body = body.map(|b| b.to_string()).unwrap_or_default();
-        let req = http::Request::builder()
-            .method(method)
-            .uri(path)
-            .header("host", format!("127.0.0.1:{}", self.port))
-            .header("content-type", "application/json")
-            .body(Full::new(Bytes::from(body)))
-            .unwrap();
-        let res = tokio::time::timeout(WATCHDOG, sender.send_request(req))
-            .await
-            .unwrap_or_else(|_| panic!("WebDriver {method} {path}: no answer"))
-            .unwrap();
-        let status = res.status();
-        let bytes = res.into_body().collect().await.unwrap().to_bytes();
-        let v: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-        assert!(
-            status.is_success(),
-            "WebDriver {method} {path}: {status} {v}"
-        );
-        v["value"].clone()
-    }
-
-    async fn session_command(&self, method: &str, path: &str, body: Value) -> Value {
-        let path = format!("/session/{}{path}", self.session);
-        self.command(method, &path, Some(body)).await
+        });
+        let Value::Object(caps) = caps else {
+            unreachable!()
+        };
+        let client = tokio::time::timeout(
+            WATCHDOG,
+            fantoccini::ClientBuilder::new(HttpConnector::new())
+                .capabilities(caps)
+                .connect(&format!("http://127.0.0.1:{port}")),
+        )
+        .await
+        .expect("a WebDriver session within the watchdog")
+        .expect("a WebDriver session");
+        let mut timeouts = TimeoutConfiguration::default();
+        timeouts.set_script(Some(Duration::from_secs(15)));
+        client.update_timeouts(timeouts).await.unwrap();
+        Browser {
+            driver,
+            client,
+            profile,
+        }
     }
 
     async fn goto(&self, url: &str) {
-        self.session_command("POST", "/url", json!({ "url": url }))
-            .await;
+        self.client.goto(url).await.unwrap();
     }
 
     /// Waits (inside the page, woken by its own events) until the JavaScript predicate `test`
@@ -316,16 +282,10 @@ impl Browser {
         let script = format!(
             "const done = arguments[arguments.length - 1]; window.until({test}).then(done);"
         );
-        let v = tokio::time::timeout(
-            WATCHDOG,
-            self.session_command(
-                "POST",
-                "/execute/async",
-                json!({ "script": script, "args": [] }),
-            ),
-        )
-        .await
-        .unwrap_or_else(|_| panic!("timed out waiting for the page: {what}"));
+        let v = tokio::time::timeout(WATCHDOG, self.client.execute_async(&script, vec![]))
+            .await
+            .unwrap_or_else(|_| panic!("timed out waiting for the page: {what}"))
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
         v.as_array()
             .unwrap_or_else(|| panic!("{what}: no record: {v}"))
             .clone()
