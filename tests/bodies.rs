@@ -3,6 +3,8 @@
 //! already ended (a gRPC "Trailers-Only" answer) passes through untouched with its
 //! END_STREAM; a clean end always means whole records.
 
+mod support;
+
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -29,24 +31,6 @@ async fn within<F: std::future::Future>(what: &str, f: F) -> F::Output {
     tokio::time::timeout(WATCHDOG, f)
         .await
         .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
-}
-
-/// Serves `app` over HTTP/1.1 and h2c (prior knowledge) on one port.
-async fn serve(app: Router) -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let (tcp, _) = listener.accept().await.unwrap();
-            let svc = hyper_util::service::TowerToHyperService::new(app.clone());
-            tokio::spawn(async move {
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(tcp), svc)
-                    .await;
-            });
-        }
-    });
-    addr
 }
 
 /// Sends `req` on a fresh connection of the given version.
@@ -136,7 +120,7 @@ async fn a_fixed_length_body_gets_whole_frames_and_no_stale_length(version: Vers
             }),
         )
         .layer(stack);
-    let addr = serve(app).await;
+    let addr = support::serve_h1_h2(app).await;
 
     let res = send(addr, version, get_req("/export")).await;
     assert_eq!(res.status(), 200);
@@ -263,7 +247,7 @@ async fn a_grpc_trailers_only_error_keeps_its_end_stream_over_h2c() {
                 .route("/demo.Svc/Frame", post(unimplemented))
                 .layer(FrameLayer::with_encoder(drain.watch(), Grpc::new())),
         );
-    let addr = serve(app).await;
+    let addr = support::serve_h1_h2(app).await;
     let call = |path: &'static str| async move {
         let req = Request::post(path)
             .header("host", "localhost")
@@ -345,7 +329,7 @@ async fn a_record_cut_in_the_middle_is_a_failure_not_a_clean_end(version: Versio
                 )
                 .layer(DrainStack::new(drain.watch()).encoder(NdJson::new())),
         );
-    let addr = serve(app).await;
+    let addr = support::serve_h1_h2(app).await;
 
     // A body error in the middle of an NDJSON line (once the client has the half line).
     let res = send(addr, version, get_req("/broken")).await;

@@ -3,8 +3,9 @@
 //! UNAVAILABLE), an open circuit and a fail-closed store are UNAVAILABLE with a pushback, and
 //! a response timeout is DEADLINE_EXCEEDED, honouring the call's own `grpc-timeout`.
 
+mod support;
+
 use std::future::{ready, Ready};
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
@@ -51,29 +52,13 @@ fn open_stream() -> Response {
     res
 }
 
-async fn serve(app: Router) -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let (tcp, _) = listener.accept().await.unwrap();
-            let svc = hyper_util::service::TowerToHyperService::new(app.clone());
-            tokio::spawn(async move {
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(tcp), svc)
-                    .await;
-            });
-        }
-    });
-    addr
-}
-
-/// A server-streaming call to `path` with `metadata`; `Ok` once the response headers say OK.
+/// A server-streaming call to `path` with `metadata`: its stream once the response headers say
+/// OK (dropping it cancels the call).
 async fn call(
     channel: &Channel,
     path: &'static str,
     metadata: &[(&'static str, &'static str)],
-) -> Result<(), Status> {
+) -> Result<tonic::Streaming<Ping>, Status> {
     let mut grpc = tonic::client::Grpc::new(channel.clone());
     grpc.ready().await.expect("channel ready");
     let mut req = tonic::Request::new(Ping { n: 1 });
@@ -86,7 +71,7 @@ async fn call(
         ProstCodec::<Ping, Ping>::default(),
     )
     .await
-    .map(drop)
+    .map(tonic::Response::into_inner)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -138,7 +123,7 @@ async fn each_answer_of_the_stack_is_grpc_native() {
                     .response_timeout(Duration::from_millis(300))
                     .unwrap(),
             );
-        let addr = serve(
+        let addr = support::serve_h1_h2(
             limited
                 .merge(broken_store)
                 .merge(failing)
@@ -153,7 +138,7 @@ async fn each_answer_of_the_stack_is_grpc_native() {
             .unwrap();
 
         // The per-key limit: RESOURCE_EXHAUSTED, which retry policies do not retry by default.
-        call(&channel, "/demo.Svc/Limited", &[("x-client-id", "alice")])
+        let _held = call(&channel, "/demo.Svc/Limited", &[("x-client-id", "alice")])
             .await
             .expect("the first stream holds the slot");
         let s = call(&channel, "/demo.Svc/Limited", &[("x-client-id", "alice")])

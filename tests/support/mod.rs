@@ -34,6 +34,27 @@ pub async fn serve(app: Router, drain: &DrainController) -> Server {
     Server { addr, task }
 }
 
+/// Serves `app` over HTTP/1.1 and h2c (prior knowledge) on one port, on 127.0.0.1, until the
+/// test ends.
+pub async fn serve_h1_h2(app: Router) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let svc = hyper_util::service::TowerToHyperService::new(app.clone());
+            tokio::spawn(async move {
+                let _ = hyper_util::server::conn::auto::Builder::new(
+                    hyper_util::rt::TokioExecutor::new(),
+                )
+                .serve_connection(TokioIo::new(tcp), svc)
+                .await;
+            });
+        }
+    });
+    addr
+}
+
 /// Sends one request on a fresh connection and returns the response with a streaming body.
 pub async fn request(addr: SocketAddr, req: Request<Empty<Bytes>>) -> Response<Incoming> {
     let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
