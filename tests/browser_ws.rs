@@ -10,11 +10,10 @@
 //! `.ci/run` installs them). `CHROMIUM` / `CHROMEDRIVER` override the binaries. Without them
 //! the tests fail, naming the packages: they never pass silently.
 
+mod support;
+
 use std::convert::Infallible;
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
@@ -22,12 +21,12 @@ use axum::response::sse::{Event, Sse};
 use axum::response::Html;
 use axum::routing::get;
 use axum::Router;
-use fantoccini::wd::TimeoutConfiguration;
 use serde_json::{json, Value};
+use support::browser::Browser;
 use tower_drain::ws::{self, WsHandle, DEFAULT_DRAIN_REASON};
 use tower_drain::{DrainController, DrainReason, DrainStack, ShutdownReport};
 
-const WATCHDOG: Duration = Duration::from_secs(20);
+use support::WATCHDOG;
 const TICK: Duration = Duration::from_millis(100);
 
 /// The page: `?ws=1` opens a WebSocket on `/ws` (and reopens it 300 ms after every close while
@@ -172,183 +171,6 @@ impl Server {
     }
 }
 
-// ---------------------------------------------------------------------------------------
-// The browser: chromedriver + headless Chromium through fantoccini.
-
-/// `name` from the environment variable `var`, else the first of `candidates` on `PATH`.
-fn find_binary(var: &str, candidates: &[&str]) -> PathBuf {
-    if let Some(p) = std::env::var_os(var) {
-        return PathBuf::from(p);
-    }
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    for dir in std::env::split_paths(&path) {
-        for c in candidates {
-            let p = dir.join(c);
-            if p.is_file() {
-                return p;
-            }
-        }
-    }
-    panic!(
-        "the browser tests need {} on PATH (or ${var}); on Debian: \
-         `apt-get install chromium chromium-driver` (.ci/run does this)",
-        candidates.join(" or ")
-    );
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// chromedriver, the Chromium it starts and one WebDriver session. Dropping it kills both and
-/// removes the profile directory.
-struct Browser {
-    client: Option<fantoccini::Client>,
-    driver: Child,
-    profile: PathBuf,
-}
-
-impl Browser {
-    async fn start() -> Self {
-        let chromium = find_binary("CHROMIUM", &["chromium", "chromium-browser"]);
-        let chromedriver = find_binary("CHROMEDRIVER", &["chromedriver"]);
-        let port = free_port();
-        let profile = std::env::temp_dir().join(format!(
-            "tower-drain-chromium-ws-{}-{port}",
-            std::process::id()
-        ));
-        let _ = std::fs::remove_dir_all(&profile);
-        std::fs::create_dir_all(&profile).unwrap();
-        let mut driver = Command::new(&chromedriver)
-            .arg(format!("--port={port}"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("start {}: {e}", chromedriver.display()));
-        let mut browser = Browser {
-            client: None,
-            driver: Command::new("true").spawn().unwrap(),
-            profile,
-        };
-        std::mem::swap(&mut browser.driver, &mut driver);
-        let _ = driver.wait();
-
-        // chromedriver says when it listens.
-        let stdout = browser.driver.stdout.take().unwrap();
-        let ready = tokio::task::spawn_blocking(move || {
-            let mut lines = BufReader::new(stdout).lines();
-            let ok = lines
-                .by_ref()
-                .map_while(Result::ok)
-                .any(|l| l.contains("started successfully"));
-            // Keep draining its stdout so it never blocks on a full pipe.
-            std::thread::spawn(move || lines.for_each(drop));
-            ok
-        });
-        let ready = tokio::time::timeout(WATCHDOG, ready).await;
-        assert!(
-            matches!(ready, Ok(Ok(true))),
-            "chromedriver did not start: {ready:?}"
-        );
-
-        let caps = json!({
-            "browserName": "chrome",
-            "goog:chromeOptions": {
-                "binary": chromium,
-                "args": [
-                    "--headless", "--no-sandbox", "--disable-gpu",
-                    "--disable-background-networking", "--disable-component-update",
-                    "--disable-sync", "--no-first-run",
-                    format!("--user-data-dir={}", browser.profile.display()),
-                ],
-            },
-        });
-        let Value::Object(caps) = caps else {
-            unreachable!()
-        };
-        let connector = hyper_util::client::legacy::connect::HttpConnector::new();
-        let client = tokio::time::timeout(
-            WATCHDOG,
-            fantoccini::ClientBuilder::new(connector)
-                .capabilities(caps)
-                .connect(&format!("http://127.0.0.1:{port}")),
-        )
-        .await
-        .expect("a WebDriver session in time")
-        .expect("a WebDriver session");
-        client
-            .update_timeouts(TimeoutConfiguration::new(
-                Some(Duration::from_secs(15)),
-                None,
-                None,
-            ))
-            .await
-            .unwrap();
-        browser.client = Some(client);
-        browser
-    }
-
-    fn client(&self) -> &fantoccini::Client {
-        self.client.as_ref().unwrap()
-    }
-
-    async fn goto(&self, url: &str) {
-        self.client().goto(url).await.unwrap();
-    }
-
-    /// Waits (inside the page, woken by its own events) until the JavaScript predicate `test`
-    /// over the record holds, and returns the record.
-    async fn until(&self, what: &str, test: &str) -> Vec<Value> {
-        let script = format!(
-            "const done = arguments[arguments.length - 1]; window.until({test}).then(done);"
-        );
-        let v = tokio::time::timeout(WATCHDOG, self.client().execute_async(&script, vec![]))
-            .await
-            .unwrap_or_else(|_| panic!("timed out waiting for the page: {what}"))
-            .unwrap_or_else(|e| panic!("waiting for the page ({what}): {e}"));
-        v.as_array()
-            .unwrap_or_else(|| panic!("{what}: no record: {v}"))
-            .clone()
-    }
-}
-
-impl Drop for Browser {
-    fn drop(&mut self) {
-        // chromedriver, then every Chromium process of this session, found by its unique
-        // profile directory. Only positive pids are signalled, one by one.
-        let _ = self.driver.kill();
-        let _ = self.driver.wait();
-        let profile = self.profile.to_string_lossy().into_owned();
-        for pid in processes_mentioning(&profile) {
-            let _ = Command::new("kill")
-                .args(["-KILL", &pid.to_string()])
-                .status();
-        }
-        let _ = std::fs::remove_dir_all(&self.profile);
-    }
-}
-
-/// The pids (> 1) of processes whose command line contains `needle`.
-fn processes_mentioning(needle: &str) -> Vec<u32> {
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    dir.filter_map(Result::ok)
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|&pid| pid > 1 && pid != std::process::id())
-        .filter(|pid| {
-            std::fs::read(format!("/proc/{pid}/cmdline"))
-                .map(|c| String::from_utf8_lossy(&c).contains(needle))
-                .unwrap_or(false)
-        })
-        .collect()
-}
-
 fn kind(r: &Value) -> &str {
     r["kind"].as_str().unwrap_or("")
 }
@@ -484,7 +306,7 @@ async fn chromium_sees_an_upgrade_rejected_while_closing_as_1006() {
     a.drain.drain(DrainReason::Manual);
     a.drain.closing().await;
 
-    browser.client().execute("openWs();", vec![]).await.unwrap();
+    browser.client.execute("openWs();", vec![]).await.unwrap();
     let rec = browser
         .until("the close", "(r) => r.some((e) => e.kind === 'ws-close')")
         .await;

@@ -2,6 +2,8 @@
 //! HTTP/1.1 SSE client built on hyper.
 #![allow(dead_code, unreachable_pub)]
 
+pub mod browser;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
