@@ -1,10 +1,92 @@
-//! The reference server: an axum SSE service under the full tower-drain stack, with probes,
-//! a manual drain endpoint and Prometheus metrics. Its behaviour is a contract (see the
-//! README): other programs drive it over HTTP and signals.
+//! The reference server: an axum SSE and WebSocket service under the full tower-drain stack,
+//! with probes, a manual drain endpoint and Prometheus metrics. Other programs (the load,
+//! fault and rolling-deploy tools, the end-to-end tests) drive it over HTTP and signals, so
+//! everything below is a contract.
 //!
 //! ```text
 //! cargo run --release --example sse_server
 //! ```
+//!
+//! # Configuration (environment variables, all optional)
+//!
+//! | variable | default | meaning |
+//! |---|---|---|
+//! | `ADDR` | `127.0.0.1:3000` | listen address (port `0`: any free port) |
+//! | `SHUTDOWN_GRACE_PERIOD` | `20` | seconds from the drain's start until remaining streams are force-closed |
+//! | `PROPAGATION_DELAY_MS` | `0` | readiness `503` this long before requests are rejected and streams notified |
+//! | `RECONNECT_DELAY` | `30` | seconds suggested to clients in the shutdown frame (`0` allowed) |
+//! | `DRAIN_SPREAD_MS` | `0` | spread the shutdown frames evenly over this window (from the end of the propagation delay) |
+//! | `DRAIN_AUTH_KEY` | unset | bearer key for `POST /drain`; unset: manual drain disabled (`403`) |
+//! | `TICK_MS` | `1000` | interval between ticks on `/events` and `/ws` |
+//! | `MAX_STREAM_LIFETIME` | `1800` | seconds; an older stream ends with the timeout frame |
+//! | `MAX_STREAMS_PER_CLIENT` | `0` | concurrent streams per `x-client-id` (`0`: unlimited) |
+//! | `REDIS_URL` | unset | tracking and limits in Redis (else in memory) |
+//! | `REDIS_CLUSTER_NODES` | unset | comma-separated seed URLs of a Redis Cluster; when set, `REDIS_URL` is ignored |
+//! | `REDIS_LEASE_TTL` | `30` | seconds a Redis lease lives without a heartbeat |
+//!
+//! An invalid value — not a whole number, negative, zero where zero makes no sense, longer than
+//! 365 days, or a propagation delay plus spread that does not fit inside the grace period —
+//! makes the process exit with status 2 and a one-line error on stderr naming the variable,
+//! before it listens.
+//!
+//! # Startup
+//!
+//! It listens with a backlog of 1024 and `SO_REUSEADDR` (a new process can take the port the
+//! moment the old one exits), serves HTTP/1.1 and cleartext HTTP/2 (prior knowledge) on that
+//! port, and prints exactly one line to stdout: `listening on http://127.0.0.1:PORT`. Stdout
+//! carries only that line and the final report; logs go to stderr. Every `tower_drain_*`
+//! metric is registered at zero.
+//!
+//! # Routes
+//!
+//! | route | behaviour |
+//! |---|---|
+//! | `GET /events` | `text/event-stream`: `event: tick` / `data: {"n":N}` (N = 0, 1, …), the first at once, then every `TICK_MS`; tracked, limited, guarded and drained |
+//! | `GET /ws` | WebSocket: a text message `{"n":N}` at once, then every `TICK_MS`; counts as a stream and is closed with `1001` on drain |
+//! | `GET /healthz` | `200 ok` (liveness, even while draining) |
+//! | `GET /readyz` | `200 ready` while serving, `503 draining` from the moment a drain starts |
+//! | `POST /drain` | `Authorization: Bearer <DRAIN_AUTH_KEY>` (scheme case-insensitive) → `202` and a drain (reason `manual`), again `202` when repeated; a missing header, another scheme or a wrong key → `401` and nothing changes; no key configured → `403` |
+//! | `GET /status` | JSON `{"phase","draining","active_streams","reason"}` |
+//! | `GET /metrics` | Prometheus text |
+//!
+//! The probes, `/status`, `/metrics` and `/drain` are exempt from rejection.
+//!
+//! # Draining
+//!
+//! `SIGTERM`, `SIGINT` or `POST /drain` start a drain. Readiness turns `503` at once; after the
+//! propagation delay (`Closing`):
+//!
+//! - other requests get `503` with `retry-after: <RECONNECT_DELAY>` and, on HTTP/1.1,
+//!   `connection: close`; every HTTP/2 connection gets GOAWAY; every later HTTP/1.1 response
+//!   carries `connection: close` (idle keep-alive connections are not cut: a request may be on
+//!   its way);
+//! - every `/events` stream gets, once, at its share of the spread and only between whole
+//!   events, `event: shutdown` / `data: {"type":"shutdown","message",…,"timestamp":"<RFC 3339>",
+//!   "reconnect_delay":<secs>,"reason":…}` / `retry: <ms, ±20 % jitter>`, then a clean end
+//!   (HTTP/1.1: the last chunk; HTTP/2: END_STREAM);
+//! - every `/ws` socket gets `Close(1001)` with a short reason at its share of the spread; the
+//!   server waits (until the grace deadline at most) for the client's close;
+//! - at the grace deadline what is left is force-closed: a stream at an event boundary gets the
+//!   shutdown event with `"forced":true`, one in the middle of an event is aborted (never a
+//!   clean end after half an event); connections still open a moment later are dropped, so the
+//!   process exits within 1 s of the deadline whatever its clients do;
+//! - a second `SIGTERM`/`SIGINT` skips what is left of the delay and the grace period.
+//!
+//! When no stream is left (or after the deadline) the server stops, prints one JSON line
+//! `{"shutdown_report":{"reason","streams_at_drain","notified","closed_gracefully",
+//! "force_closed","rejected","opened_while_closing","duration_ms","store_cleanup":null|{…},…}}`
+//! and exits with status 0. `streams_at_drain + opened_while_closing == closed_gracefully +
+//! force_closed`.
+//!
+//! # Limits
+//!
+//! A stream reaching `MAX_STREAM_LIFETIME` gets `event: error` /
+//! `data: {"error":"Connection timeout","code":"TIMEOUT"}` and ends cleanly (a socket: `Close(1001)`
+//! saying so). With `MAX_STREAMS_PER_CLIENT = N`, the (N+1)-th concurrent stream of one
+//! `x-client-id` gets `429` with `retry-after`; a stream whose client left frees its slot at
+//! once. With Redis the limit holds across every process sharing it; a killed process's slots
+//! free themselves within `REDIS_LEASE_TTL`; a draining one releases all of its slots and
+//! reports it in `store_cleanup`; while Redis is down the server serves without limits.
 
 use std::convert::Infallible;
 use std::io::Write;
