@@ -220,33 +220,6 @@ async fn h2c_gets_goaway_at_closing_and_every_stream_ends_cleanly() {
     );
 }
 
-/// Reads one HTTP/1.1 response (`content-length` bodies only); returns its head.
-async fn read_response(tcp: &mut TcpStream) -> String {
-    let mut buf = Vec::new();
-    let mut byte = [0u8; 1];
-    while !buf.ends_with(b"\r\n\r\n") {
-        let n = tcp.read(&mut byte).await.unwrap();
-        assert_eq!(
-            n,
-            1,
-            "EOF inside a response head: {:?}",
-            String::from_utf8_lossy(&buf)
-        );
-        buf.push(byte[0]);
-    }
-    let head = String::from_utf8(buf).unwrap().to_ascii_lowercase();
-    let len: usize = head
-        .lines()
-        .find_map(|l| l.strip_prefix("content-length: "))
-        .expect("content-length")
-        .trim()
-        .parse()
-        .unwrap();
-    let mut body = vec![0; len];
-    tcp.read_exact(&mut body).await.unwrap();
-    head
-}
-
 /// An idle keep-alive HTTP/1.1 connection is not closed when `Closing` begins; its next
 /// request is answered with `connection: close`, and then the connection closes. Both for a
 /// rejected route (503) and an exempt one (the probe's 200).
@@ -265,7 +238,7 @@ async fn http1_idle_connection_is_not_closed_at_closing_and_its_next_answer_clos
         let mut tcp = TcpStream::connect(s.addr).await.unwrap();
         let req = format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n");
         tcp.write_all(req.as_bytes()).await.unwrap();
-        let head = read_response(&mut tcp).await;
+        let head = support::read_http1_response(&mut tcp).await;
         assert!(head.starts_with("http/1.1 200"), "{head}");
         assert!(!head.contains("connection: close"), "{head}");
         conns.push((path, tcp));
@@ -276,7 +249,7 @@ async fn http1_idle_connection_is_not_closed_at_closing_and_its_next_answer_clos
     idle.write_all(b"GET /other HTTP/1.1\r\nhost: x\r\n\r\n")
         .await
         .unwrap();
-    read_response(&mut idle).await;
+    support::read_http1_response(&mut idle).await;
 
     s.drain.drain(DrainReason::Manual);
     s.drain.closing().await;
@@ -287,7 +260,7 @@ async fn http1_idle_connection_is_not_closed_at_closing_and_its_next_answer_clos
         .write_all(b"GET /other HTTP/1.1\r\nhost: x\r\n\r\n")
         .await
         .unwrap();
-    let head = read_response(&mut third).await;
+    let head = support::read_http1_response(&mut third).await;
     assert!(head.starts_with("http/1.1 503"), "{head}");
     assert!(head.contains("connection: close"), "{head}");
 
@@ -295,7 +268,7 @@ async fn http1_idle_connection_is_not_closed_at_closing_and_its_next_answer_clos
         // Still open: a request sent now is answered, not reset.
         let req = format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n");
         tcp.write_all(req.as_bytes()).await.unwrap();
-        let head = read_response(&mut tcp).await;
+        let head = support::read_http1_response(&mut tcp).await;
         let status = if path == "/readyz" { "200" } else { "503" };
         assert!(
             head.starts_with(&format!("http/1.1 {status}")),

@@ -19,33 +19,6 @@ use support::within;
 use support_example::Example;
 use support_h2::{DATA, GOAWAY, H2, RST_STREAM};
 
-/// Reads one HTTP/1.1 response with a `content-length` body; returns its head, lowercased.
-async fn read_response(tcp: &mut TcpStream) -> String {
-    let mut buf = Vec::new();
-    let mut byte = [0u8; 1];
-    while !buf.ends_with(b"\r\n\r\n") {
-        let n = tcp.read(&mut byte).await.unwrap();
-        assert_eq!(
-            n,
-            1,
-            "EOF inside a head: {:?}",
-            String::from_utf8_lossy(&buf)
-        );
-        buf.push(byte[0]);
-    }
-    let head = String::from_utf8(buf).unwrap().to_ascii_lowercase();
-    let len: usize = head
-        .lines()
-        .find_map(|l| l.strip_prefix("content-length: "))
-        .expect("content-length")
-        .trim()
-        .parse()
-        .unwrap();
-    let mut body = vec![0; len];
-    tcp.read_exact(&mut body).await.unwrap();
-    head
-}
-
 async fn readyz_is_draining(addr: std::net::SocketAddr) -> bool {
     let res = support::fetch(addr, "/readyz").await;
     res.status() == 503
@@ -86,7 +59,7 @@ async fn goaway_at_closing_and_connection_close_on_http1() {
     idle.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
         .await
         .unwrap();
-    let head = read_response(&mut idle).await;
+    let head = support::read_http1_response(&mut idle).await;
     assert!(!head.contains("connection: close"), "{head}");
 
     let signalled = Instant::now();
@@ -110,7 +83,7 @@ async fn goaway_at_closing_and_connection_close_on_http1() {
                     idle.write_all(b"GET /status HTTP/1.1\r\nhost: x\r\n\r\n")
                         .await
                         .unwrap();
-                    let head = read_response(&mut idle).await;
+                    let head = support::read_http1_response(&mut idle).await;
                     assert!(head.starts_with("http/1.1 200"), "{head}");
                     assert!(head.contains("connection: close"), "{head}");
                     let mut rest = Vec::new();
