@@ -1,5 +1,5 @@
 //! The rolling deploy, CI-sized: `examples/rolling_deploy` runs HAProxy, 3 replicas and 300
-//! SSE clients through one rolling restart, once with the reference server (tower-drain) and
+//! clients (270 SSE streams, 30 WebSockets on `/ws`) through one rolling restart, once with the reference server (tower-drain) and
 //! once with the baseline (plain axum graceful shutdown, `SIGKILL` after the grace period).
 //!
 //! Needs `haproxy` (Debian: `apt-get install haproxy`; `.ci/run` installs it). Without it the
@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 const CLIENTS: u64 = 300;
+/// Of `CLIENTS`, the ones on `/ws`.
+const WEBSOCKETS: u64 = 30;
 const REPLICAS: u64 = 3;
 const GRACE_S: u64 = 3;
 const WATCHDOG: Duration = Duration::from_secs(150);
@@ -43,6 +45,10 @@ fn roll() -> Value {
         .args(["--clients", &CLIENTS.to_string()])
         .args(["--replicas", &REPLICAS.to_string()])
         .args(["--grace", &GRACE_S.to_string()])
+        .args([
+            "--ws-share",
+            &(WEBSOCKETS as f64 / CLIENTS as f64).to_string(),
+        ])
         .arg("--json")
         .arg(&json)
         .stdin(Stdio::null())
@@ -103,6 +109,7 @@ fn a_rolling_deploy_is_invisible_with_tower_drain_and_visible_without() {
         "non_200",
         "clients_gave_up",
         "connect_errors",
+        "ws_closed_1006",
     ] {
         assert_eq!(u(drain, k), 0, "tower-drain: {k}\n{drain:#}");
     }
@@ -112,6 +119,8 @@ fn a_rolling_deploy_is_invisible_with_tower_drain_and_visible_without() {
         u(drain, "streams_ended_with_final_frame") >= CLIENTS,
         "{drain:#}"
     );
+    // Every WebSocket was moved by the drain's close frame, not cut.
+    assert!(u(drain, "ws_closed_1001") >= WEBSOCKETS, "{drain:#}");
     // Each old replica drained, reported and exited by itself, well within its grace period.
     let replicas = drain["replicas"].as_array().unwrap();
     assert_eq!(replicas.len() as u64, REPLICAS);
@@ -137,5 +146,6 @@ fn a_rolling_deploy_is_invisible_with_tower_drain_and_visible_without() {
     // The baseline: the same roll cuts streams, and its replicas are killed at the deadline.
     assert!(u(baseline, "client_visible_failures") >= 1, "{baseline:#}");
     assert!(u(baseline, "streams_cut") >= 1, "{baseline:#}");
+    assert!(u(baseline, "ws_closed_1006") >= 1, "{baseline:#}");
     assert_eq!(u(baseline, "replicas_killed"), REPLICAS, "{baseline:#}");
 }
