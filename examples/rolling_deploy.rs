@@ -20,7 +20,8 @@
 //! # What it does
 //!
 //! 1. Builds the servers once (`cargo build --example sse_server --example baseline_server`,
-//!    in the tool's own profile; `--no-build` skips this) and runs the binaries directly.
+//!    or `--example grpc_stream --features tonic-health` for `--grpc`, in the tool's own
+//!    profile; `--no-build` skips this) and runs the binaries directly.
 //! 2. Starts HAProxy with a generated configuration (see [`haproxy_config`]): every replica
 //!    slot is a `server` line with an active `GET /readyz` check every 200 ms, `fall 1`;
 //!    `retry-on conn-failure empty-response 503` with `option redispatch 1`.
@@ -55,7 +56,8 @@
 //!   between two ticks, `round(gap / TICK_MS) - 1`;
 //! * WebSocket: closes with `1001` (the drain's) and sockets that ended without a close
 //!   frame (`1006`, a failure); gRPC: RPCs that failed with a status other than the drain's
-//!   own `UNAVAILABLE`, and the retries the drain's `UNAVAILABLE` caused.
+//!   own `UNAVAILABLE`, and the retries the drain's `UNAVAILABLE` caused (at the end of a
+//!   stream, or rejecting a new call that reached a closing replica).
 //!
 //! A client-visible failure is a cut stream, a non-200, a give-up, a connect error, a `1006`
 //! or a failed RPC.
@@ -287,6 +289,9 @@ struct Outcome {
     ws_1006: u64,
     rpc_failed: u64,
     rpc_retried: u64,
+    /// Of `rpc_retried`: calls answered with the drain's `UNAVAILABLE` before any message (a
+    /// new call that reached a closing replica's reject layer).
+    rpc_rejected: u64,
     rpc_calls: u64,
     /// Stream end to the next open, ms.
     reconnect_ms: Vec<f64>,
@@ -320,6 +325,7 @@ impl Outcome {
         self.ws_1006 += o.ws_1006;
         self.rpc_failed += o.rpc_failed;
         self.rpc_retried += o.rpc_retried;
+        self.rpc_rejected += o.rpc_rejected;
         self.rpc_calls += o.rpc_calls;
         self.reconnect_ms.extend(o.reconnect_ms);
         self.open_ms.extend(o.open_ms);
@@ -822,6 +828,7 @@ async fn grpc_watcher(
             r = grpc_call(&channel, 0) => r,
             _ = shared.stop.cancelled() => break,
         };
+        let mut rejected = false;
         let status = match res {
             Ok(res) => {
                 let now = shared.clock.ms();
@@ -846,12 +853,19 @@ async fn grpc_watcher(
                     }
                 }
             }
-            Err(s) => s,
+            Err(s) => {
+                rejected = true;
+                s
+            }
         };
         track.closed(shared.clock.ms());
         if drain_unavailable(&status) {
             out.rpc_retried += 1;
-            out.final_frames += 1;
+            if rejected {
+                out.rpc_rejected += 1;
+            } else {
+                out.final_frames += 1;
+            }
         } else {
             out.rpc_failed(&shared, &status);
         }
@@ -874,9 +888,12 @@ async fn grpc_caller(shared: Arc<Shared>, channel: tonic::transport::Channel) ->
     while !shared.stop.is_cancelled() {
         out.rpc_calls += 1;
         let call = async {
-            let mut s = grpc_call(&channel, 1).await?.into_inner();
-            while s.message().await?.is_some() {}
-            Ok::<_, tonic::Status>(())
+            let mut s = grpc_call(&channel, 1)
+                .await
+                .map_err(|s| (true, s))?
+                .into_inner();
+            while s.message().await.map_err(|s| (false, s))?.is_some() {}
+            Ok::<_, (bool, tonic::Status)>(())
         };
         let res = tokio::select! {
             r = call => r,
@@ -884,14 +901,15 @@ async fn grpc_caller(shared: Arc<Shared>, channel: tonic::transport::Channel) ->
         };
         match res {
             Ok(()) => out.streams += 1,
-            Err(s) if drain_unavailable(&s) => {
+            Err((rejected, s)) if drain_unavailable(&s) => {
                 out.rpc_retried += 1;
+                out.rpc_rejected += u64::from(rejected);
                 // Back off a little before the retry, as gRPC clients do.
                 if wait_or_stop(&shared, 200).await {
                     break;
                 }
             }
-            Err(s) => out.rpc_failed(&shared, &s),
+            Err((_, s)) => out.rpc_failed(&shared, &s),
         }
         if wait_or_stop(&shared, 100).await {
             break;
@@ -933,6 +951,51 @@ for (let i = 0; i < 20; i++) {{
     )
 }
 
+/// The gRPC message `HealthCheckResponse { status: SERVING }` as it appears in an HTTP/2
+/// DATA frame: not compressed, length 2, field 1 = 1.
+const GRPC_SERVING_HEX: &str = "00000000020801";
+
+/// One gRPC health `Check` for the whole server (service `""`) over cleartext HTTP/2, as the
+/// hex string HAProxy's `tcp-check send-binary` takes: the connection preface, an empty
+/// SETTINGS frame, a HEADERS frame (HPACK literals, no Huffman coding) and a DATA frame that
+/// ends the stream and carries the empty request message.
+fn grpc_health_check_hex() -> String {
+    fn frame(kind: u8, flags: u8, payload: &[u8]) -> Vec<u8> {
+        let stream: u32 = if kind == 4 { 0 } else { 1 };
+        let mut f = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+        f.extend([kind, flags]);
+        f.extend(stream.to_be_bytes());
+        f.extend(payload);
+        f
+    }
+    // A literal header field without indexing: a static-table name index (4-bit prefix, so
+    // 15 and above take a second byte), or a new name (index 0), then the value.
+    fn literal(out: &mut Vec<u8>, index: u8, name: &[u8], value: &[u8]) {
+        if index < 15 {
+            out.push(index);
+        } else {
+            out.extend([15, index - 15]);
+        }
+        if index == 0 {
+            out.push(name.len() as u8);
+            out.extend(name);
+        }
+        out.push(value.len() as u8);
+        out.extend(value);
+    }
+    // :method POST (static 3), :scheme http (static 6).
+    let mut headers = vec![0x83, 0x86];
+    literal(&mut headers, 4, b"", b"/grpc.health.v1.Health/Check");
+    literal(&mut headers, 1, b"", b"127.0.0.1");
+    literal(&mut headers, 31, b"", b"application/grpc");
+    literal(&mut headers, 0, b"te", b"trailers");
+    let mut bytes = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    bytes.extend(frame(4, 0, &[]));
+    bytes.extend(frame(1, 0x4, &headers)); // END_HEADERS
+    bytes.extend(frame(0, 0x1, &[0; 5])); // END_STREAM; flag 0, length 0
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// The HAProxy configuration the run uses; the README shows the part a user copies.
 ///
 /// * `option httpchk GET /readyz` + `http-check expect status 200`, `inter`, `fall 1`,
@@ -948,7 +1011,8 @@ for (let i = 0; i < 20; i++) {{
 /// * `http-response set-header x-served-by %s`: lets clients tell which replica served them
 ///   (for the timeline only).
 /// * gRPC (`--grpc`): `proto h2` on the `bind` and `server` lines, and the readiness check is
-///   an HTTP/2 `GET` on a method path (`check-proto h2`), since tonic serves no `/readyz`.
+///   gRPC health checking (`grpc.health.v1.Health/Check`, which reports `NOT_SERVING` from
+///   `Draining` on), sent as raw HTTP/2 from a `tcp-check` (see [`grpc_health_check_hex`]).
 /// * `--browser`: a second frontend on 4 more ports serves the page (`http-request return`)
 ///   and adds `access-control-allow-origin: *`, because Chromium opens at most 6 HTTP/1.1
 ///   connections per origin and the page's 20 `EventSource`s are spread over 4 origins.
@@ -999,15 +1063,16 @@ fn haproxy_config(
     }
     let _ = writeln!(c, "backend replicas\n  balance leastconn");
     if grpc {
-        // The gRPC server has no /readyz. An HTTP/2 GET on a method path is the next best
-        // thing: tonic answers it 200 (grpc-status 12) while serving, and the drain's reject
-        // layer answers a non-gRPC request 503 from `Closing` on.
+        // gRPC health checking (`grpc.health.v1.Health/Check`, service ""): it reports
+        // NOT_SERVING from `Draining` on, so HAProxy stops sending during the propagation
+        // delay. HAProxy's http-check cannot send a body with NUL bytes (every gRPC message
+        // starts with one), so the check speaks HTTP/2 itself in a tcp-check.
         let _ = writeln!(
             c,
-            "  option httpchk
-  http-check send meth GET uri /demo.Ticker/Ready
-               http-check expect status 200
-               default-server check inter {check_ms}ms fall 1 rise 1 proto h2 check-proto h2"
+            "  option tcp-check\n  tcp-check connect\n  tcp-check send-binary {}\n  \
+             tcp-check expect binary {GRPC_SERVING_HEX}\n  \
+             default-server check inter {check_ms}ms fall 1 rise 1 proto h2",
+            grpc_health_check_hex()
         );
     } else {
         let _ = writeln!(
@@ -1748,6 +1813,7 @@ fn run_json(r: &RunResult, args: &Args) -> Value {
         "rpc_calls": o.rpc_calls,
         "rpc_failed": o.rpc_failed,
         "rpc_retried_after_drain_unavailable": o.rpc_retried,
+        "rpc_rejected_unavailable": o.rpc_rejected,
         "rpc_errors": o.rpc_errors,
         "client_visible_failures": o.failures(),
         "reconnect_ms": {
@@ -1823,6 +1889,10 @@ fn table(runs: &[(RunResult, Value)]) -> String {
         row(
             "RPCs retried after the drain's UNAVAILABLE",
             &n("rpc_retried_after_drain_unavailable"),
+        );
+        row(
+            "  of which new calls rejected while closing",
+            &n("rpc_rejected_unavailable"),
         );
         row("RPCs", &n("rpc_calls"));
     }
@@ -2149,6 +2219,10 @@ fn binaries(args: &Args, kinds: &[Kind]) -> Result<PathBuf, String> {
         }
         for k in kinds {
             cmd.args(["--example", k.binary()]);
+        }
+        if kinds.contains(&Kind::Grpc) {
+            // The readiness check is gRPC health checking.
+            cmd.args(["--features", "tonic-health"]);
         }
         let ok = cmd.status().map_err(|e| e.to_string())?.success();
         if !ok {
