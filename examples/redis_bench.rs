@@ -233,14 +233,7 @@ async fn run(url: &str, n: usize) -> Run {
     assert_eq!(release_calls.len(), 1, "release sends nothing but ZREM");
 
     // 4. Heartbeat of 10,000 leases over 10,000 keys while another client PINGs.
-    let hb_leases: Vec<Lease> = futures_util::stream::iter(0..10_000)
-        .map(|i| {
-            let s = store.clone();
-            async move { s.acquire(&format!("hb-{i}"), 10).await.unwrap().unwrap() }
-        })
-        .buffer_unordered(128)
-        .collect()
-        .await;
+    let hb_leases: Vec<Lease> = acquire_leases(&store, "hb", 10_000, 10_000, 10, 128).await;
     let stop = Arc::new(AtomicBool::new(false));
     let running = Arc::new(AtomicBool::new(false));
     let watcher = {
@@ -288,19 +281,7 @@ async fn run(url: &str, n: usize) -> Run {
     }
 
     // 5. Shutdown clean-up of 100,000 leases over 10,000 keys.
-    let big: Vec<Lease> = futures_util::stream::iter(0..100_000)
-        .map(|i| {
-            let s = store.clone();
-            async move {
-                s.acquire(&format!("big-{}", i % 10_000), 100)
-                    .await
-                    .unwrap()
-                    .unwrap()
-            }
-        })
-        .buffer_unordered(256)
-        .collect()
-        .await;
+    let big: Vec<Lease> = acquire_leases(&store, "big", 100_000, 10_000, 100, 256).await;
     assert_eq!(store.held(), 100_000);
     let s = Instant::now();
     let summary = store.shutdown().await.unwrap();
@@ -377,5 +358,25 @@ async fn main() {
 }
 
 #[cfg(feature = "redis-cluster")]
+/// `n` leases, the `i`-th on key `{prefix}-{i % keys}`, acquired `parallel` at a time.
+async fn acquire_leases(
+    store: &RedisStore,
+    prefix: &str,
+    n: usize,
+    keys: usize,
+    limit: u32,
+    parallel: usize,
+) -> Vec<Lease> {
+    futures_util::stream::iter(0..n)
+        .map(|i| {
+            let s = store.clone();
+            let key = format!("{prefix}-{}", i % keys);
+            async move { s.acquire(&key, limit).await.unwrap().unwrap() }
+        })
+        .buffer_unordered(parallel)
+        .collect()
+        .await
+}
+
 #[path = "redis_bench/cluster.rs"]
 mod cluster;

@@ -30,7 +30,8 @@ pub(crate) const UNAVAILABLE: u16 = 14;
 /// `DEADLINE_EXCEEDED`.
 pub(crate) const DEADLINE_EXCEEDED: u16 = 4;
 
-const GRPC: HeaderValue = HeaderValue::from_static("application/grpc");
+/// The content type of the answers.
+pub(crate) const CONTENT_TYPE: HeaderValue = HeaderValue::from_static("application/grpc");
 
 /// A gRPC request over HTTP/2 (`application/grpc`, `application/grpc+proto`, …), not gRPC-Web.
 pub(crate) fn is_grpc(headers: &HeaderMap) -> bool {
@@ -45,7 +46,7 @@ pub(crate) fn is_grpc(headers: &HeaderMap) -> bool {
 pub(crate) fn trailers_only(code: u16, message: &str, pushback: Option<Duration>) -> Response<()> {
     let mut res = Response::new(());
     let h = res.headers_mut();
-    h.insert(header::CONTENT_TYPE, GRPC);
+    h.insert(header::CONTENT_TYPE, CONTENT_TYPE);
     h.insert("grpc-status", HeaderValue::from(code));
     if let Ok(v) = HeaderValue::try_from(crate::frame::grpc_percent_encode(message)) {
         h.insert("grpc-message", v);

@@ -5,7 +5,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures_util::StreamExt;
 use redis::aio::ConnectionManager;
 use tower_drain::track::{ConnectionStore, Lease, RedisStore, RedisStoreBuilder};
 
@@ -131,14 +130,7 @@ async fn measure(builder: RedisStoreBuilder, watch_urls: &[String]) -> Figures {
     }
 
     // Heartbeat of 10,000 leases on 10,000 keys while other clients PING every node.
-    let hb: Vec<Lease> = futures_util::stream::iter(0..10_000)
-        .map(|i| {
-            let s = store.clone();
-            async move { s.acquire(&format!("hb-{i}"), 10).await.unwrap().unwrap() }
-        })
-        .buffer_unordered(128)
-        .collect()
-        .await;
+    let hb: Vec<Lease> = super::acquire_leases(&store, "hb", 10_000, 10_000, 10, 128).await;
     let stop = Arc::new(AtomicBool::new(false));
     let running = Arc::new(AtomicBool::new(false));
     let mut watchers = Vec::new();
@@ -177,19 +169,7 @@ async fn measure(builder: RedisStoreBuilder, watch_urls: &[String]) -> Figures {
     }
 
     // Clean-up of 100,000 leases over 10,000 keys.
-    let big: Vec<Lease> = futures_util::stream::iter(0..100_000)
-        .map(|i| {
-            let s = store.clone();
-            async move {
-                s.acquire(&format!("big-{}", i % 10_000), 100)
-                    .await
-                    .unwrap()
-                    .unwrap()
-            }
-        })
-        .buffer_unordered(256)
-        .collect()
-        .await;
+    let big: Vec<Lease> = super::acquire_leases(&store, "big", 100_000, 10_000, 100, 256).await;
     let s = Instant::now();
     let summary = store.shutdown().await.unwrap();
     f.cleanup_ms = s.elapsed().as_secs_f64() * 1e3;

@@ -229,13 +229,13 @@ pub(crate) fn should_inject<B: Body>(res: &Response<B>, encoder: &dyn FinalFrame
     if status.is_informational()
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED
-        || res.body().is_end_stream()
-        || res.headers().contains_key(GRPC_STATUS)
     {
         return false;
     }
     // The content type first: most responses are not streams and stop here, before the
-    // second header lookup.
+    // other header lookups.
     (encoder.applies(res.headers()) || res.extensions().get::<Inject>().is_some())
+        && !res.body().is_end_stream()
+        && !res.headers().contains_key(GRPC_STATUS)
         && !res.headers().contains_key(header::CONTENT_ENCODING)
 }

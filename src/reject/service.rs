@@ -112,8 +112,6 @@ impl Default503 {
 }
 
 const CLOSE: HeaderValue = HeaderValue::from_static("close");
-const GRPC: HeaderValue = HeaderValue::from_static("application/grpc");
-const UNAVAILABLE: HeaderValue = HeaderValue::from_static("14");
 const GRPC_MESSAGE: HeaderValue = HeaderValue::from_static("server%20is%20shutting%20down");
 const EVENT_STREAM: HeaderValue = HeaderValue::from_static("text/event-stream");
 const NO_STORE: HeaderValue = HeaderValue::from_static("no-store");
@@ -146,14 +144,15 @@ fn accepts_event_stream(parts: &Parts) -> bool {
 impl<B: Default> RejectResponse<B> for Default503 {
     fn response(&mut self, parts: &Parts) -> Response<B> {
         let mut res = Response::new(B::default());
-        if !is_grpc(parts) {
+        let grpc = is_grpc(parts);
+        if !grpc {
             *res.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
         }
         let h = res.headers_mut();
-        if is_grpc(parts) {
+        if grpc {
             // A "Trailers-Only" gRPC response: clients read UNAVAILABLE and retry.
-            h.insert(header::CONTENT_TYPE, GRPC);
-            h.insert("grpc-status", UNAVAILABLE);
+            h.insert(header::CONTENT_TYPE, crate::grpc::CONTENT_TYPE);
+            h.insert("grpc-status", HeaderValue::from(crate::grpc::UNAVAILABLE));
             h.insert("grpc-message", self.grpc_message.clone());
             h.insert("grpc-retry-pushback-ms", self.pushback_ms.clone());
         } else {

@@ -174,6 +174,14 @@ where
     }
 }
 
+/// The gRPC-native form of a rejection (see `crate::grpc`).
+#[derive(Clone, Copy, Debug)]
+struct GrpcAnswer {
+    code: u16,
+    message: &'static str,
+    pushback: Duration,
+}
+
 struct Pending<S, ReqB, St> {
     inner: S,
     req: Request<ReqB>,
@@ -216,8 +224,8 @@ pin_project! {
         Rejected {
             status: StatusCode,
             retry_after: HeaderValue,
-            // A gRPC request: the answer is gRPC-native (see `crate::grpc`).
-            grpc: Option<Duration>,
+            // A gRPC request: the gRPC-native answer instead (see `crate::grpc`).
+            grpc: Option<GrpcAnswer>,
         },
     }
 }
@@ -252,7 +260,11 @@ where
                             state.set(State::Rejected {
                                 status: StatusCode::TOO_MANY_REQUESTS,
                                 retry_after: cfg.retry_after.clone(),
-                                grpc: crate::grpc::is_grpc(req.headers()).then_some(cfg.pushback),
+                                grpc: crate::grpc::is_grpc(req.headers()).then_some(GrpcAnswer {
+                                    code: crate::grpc::RESOURCE_EXHAUSTED,
+                                    message: "too many concurrent streams for this key",
+                                    pushback: cfg.pushback,
+                                }),
                             });
                             continue;
                         }
@@ -264,8 +276,13 @@ where
                                     state.set(State::Rejected {
                                         status: StatusCode::SERVICE_UNAVAILABLE,
                                         retry_after: cfg.retry_after.clone(),
-                                        grpc: crate::grpc::is_grpc(req.headers())
-                                            .then_some(cfg.pushback),
+                                        grpc: crate::grpc::is_grpc(req.headers()).then_some(
+                                            GrpcAnswer {
+                                                code: crate::grpc::UNAVAILABLE,
+                                                message: "stream limits unavailable: the connection store failed",
+                                                pushback: cfg.pushback,
+                                            },
+                                        ),
                                     });
                                     continue;
                                 }
@@ -288,23 +305,8 @@ where
                     let guard = guard.take();
                     return Poll::Ready(res.map(|r| r.map(|b| TrackedBody::new(b, guard))));
                 }
-                StateProj::Rejected {
-                    status,
-                    retry_after: _,
-                    grpc: Some(pushback),
-                } => {
-                    let (code, message) = if *status == StatusCode::TOO_MANY_REQUESTS {
-                        (
-                            crate::grpc::RESOURCE_EXHAUSTED,
-                            "too many concurrent streams for this key",
-                        )
-                    } else {
-                        (
-                            crate::grpc::UNAVAILABLE,
-                            "stream limits unavailable: the connection store failed",
-                        )
-                    };
-                    let res = crate::grpc::trailers_only(code, message, Some(*pushback));
+                StateProj::Rejected { grpc: Some(g), .. } => {
+                    let res = crate::grpc::trailers_only(g.code, g.message, Some(g.pushback));
                     return Poll::Ready(Ok(res.map(|()| TrackedBody::new(ResB::default(), None))));
                 }
                 StateProj::Rejected {

@@ -10,7 +10,7 @@ use tokio::time::{timeout, Instant};
 
 use super::route::send_all;
 use super::shared::{lock, Op, Shared};
-use super::tasks::Leases;
+use super::tasks::{build_zrem, Leases};
 use crate::controller::CleanupSummary;
 
 /// Stops the background tasks and `ZREM`s every lease still held, `cleanup_batch` members per
@@ -107,20 +107,6 @@ fn take_batch(queue: &mut VecDeque<(Arc<str>, Vec<u64>)>, max: usize) -> Leases 
         batch.push((key, ids));
     }
     batch
-}
-
-/// One `ZREM key member…` per key.
-fn build_zrem(shared: &Shared, _slot: u16, items: &Leases) -> ::redis::Pipeline {
-    let mut pipe = ::redis::pipe();
-    let mut buf = String::new();
-    for (key, ids) in items {
-        let cmd = pipe.cmd("ZREM").arg(&**key);
-        for id in ids {
-            cmd.arg(shared.write_member(&mut buf, *id));
-        }
-    }
-    pipe.ignore_errors();
-    pipe
 }
 
 /// Members the `ZREM`s removed; a key failing on its own (a foreign key of the wrong type)

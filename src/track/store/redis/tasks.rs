@@ -66,19 +66,7 @@ async fn flush_releases(shared: &Arc<Shared>, batch: &mut Vec<Release>) {
     }
     let keys: Leases = by_key.into_iter().collect();
     let _order = shared.order.lock().await;
-    let sent = send_all(shared, keys, shared.command_timeout, |shared, _, items| {
-        let mut pipe = ::redis::pipe();
-        let mut buf = String::new();
-        for (key, ids) in items {
-            let cmd = pipe.cmd("ZREM").arg(&**key);
-            for id in ids {
-                cmd.arg(shared.write_member(&mut buf, *id));
-            }
-        }
-        pipe.ignore_errors();
-        pipe
-    })
-    .await;
+    let sent = send_all(shared, keys, shared.command_timeout, build_zrem).await;
     for s in sent {
         match &s.replies {
             Ok(replies) => {
@@ -152,6 +140,20 @@ where
 }
 
 /// Per key `ZADD key XX CH <score> <member>…` and `PEXPIRE key ttl GT`, then `TIME` (from the
+/// One `ZREM key member…` per key (the shutdown clean-up's and the release task's pipeline).
+pub(super) fn build_zrem(shared: &Shared, _slot: u16, items: &Leases) -> ::redis::Pipeline {
+    let mut pipe = ::redis::pipe();
+    let mut buf = String::new();
+    for (key, ids) in items {
+        let cmd = pipe.cmd("ZREM").arg(&**key);
+        for id in ids {
+            cmd.arg(shared.write_member(&mut buf, *id));
+        }
+    }
+    pipe.ignore_errors();
+    pipe
+}
+
 /// node owning the keys).
 fn build_beat(shared: &Shared, slot: u16, items: &Leases) -> ::redis::Pipeline {
     let score = shared.next_score(slot);
