@@ -58,6 +58,8 @@
 mod grpc;
 mod macros;
 mod route;
+#[cfg(test)]
+mod test_support;
 
 #[cfg(feature = "hyper")]
 #[cfg_attr(docsrs, doc(cfg(feature = "hyper")))]
@@ -68,6 +70,7 @@ pub mod guard;
 #[cfg(feature = "tonic-health")]
 #[cfg_attr(docsrs, doc(cfg(feature = "tonic-health")))]
 pub mod health;
+pub mod hook;
 pub mod metrics;
 pub mod probe;
 pub mod reject;

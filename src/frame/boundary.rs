@@ -21,7 +21,7 @@ pub enum Boundary {
 
 /// O(1) per data frame: remembers only the last bytes (or the bytes left in the current
 /// length-prefixed message), never buffers the stream.
-#[derive(Clone, Debug)]
+#[derive(Clone, Copy, Debug)]
 pub(crate) struct Tracker {
     kind: Boundary,
     tail_len: u8,

@@ -54,19 +54,24 @@
 //! # }
 //! ```
 
-pub(crate) mod body;
 mod boundary;
+mod call;
+mod config;
 mod encoder;
-mod service;
+mod gate;
+mod layer;
+mod stream;
 
-pub use self::body::FrameBody;
-pub(crate) use self::body::{FinalGate, FrameConfig, GateRef, Injecting};
 pub use self::boundary::Boundary;
 pub(crate) use self::boundary::Tracker;
+pub(crate) use self::call::{should_inject, unfix_length, FrameCall};
+pub use self::call::{Inject, RunToCompletion};
+pub(crate) use self::config::FrameConfig;
 pub(crate) use self::encoder::grpc_percent_encode;
 pub use self::encoder::{Final, FinalFrame, FnFrame, FrameContext, FrameKind, Grpc, NdJson, Sse};
-pub(crate) use self::service::{run_to_completion, should_inject, unfix_length};
-pub use self::service::{Frame, FrameLayer, Inject, ResponseFuture, RunToCompletion};
+pub(crate) use self::gate::{FinalGate, GateRef};
+pub use self::layer::{Frame, FrameBody, FrameLayer};
+pub(crate) use self::stream::FrameHook;
 
 #[cfg(test)]
 mod tests;

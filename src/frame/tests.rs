@@ -34,13 +34,9 @@ async fn through<B>(layer: FrameLayer, req: Request<()>, res: Response<B>) -> Re
 where
     B: Body<Data = Bytes> + Send + 'static,
 {
-    let mut res = Some(res);
     ServiceBuilder::new()
         .layer(layer)
-        .service_fn(move |_req: Request<()>| {
-            let res = res.take().unwrap();
-            async move { Ok::<_, Infallible>(res) }
-        })
+        .service(crate::test_support::once(res))
         .oneshot(req)
         .await
         .unwrap()
@@ -334,7 +330,11 @@ async fn untracked_bodies_end_when_the_controller_stops() {
 fn bodies_and_futures_are_send_and_sync() {
     fn send_sync<T: Send + Sync>() {}
     send_sync::<FrameBody<Full<Bytes>>>();
-    send_sync::<ResponseFuture<std::future::Ready<Result<Response<Full<Bytes>>, Infallible>>>>();
+    type Ready = tower::util::ServiceFn<
+        fn(Request<()>) -> std::future::Ready<Result<Response<Full<Bytes>>, Infallible>>,
+    >;
+    send_sync::<<crate::frame::Frame<Ready> as tower::Service<Request<()>>>::Future>();
+    send_sync::<<crate::stack::DrainService<Ready> as tower::Service<Request<()>>>::Future>();
     send_sync::<crate::track::TrackedBody<Full<Bytes>>>();
     send_sync::<
         crate::reject::ResponseFuture<std::future::Ready<Result<Response<()>, Infallible>>, ()>,

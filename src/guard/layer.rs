@@ -10,9 +10,11 @@ use http::StatusCode;
 use tower_layer::Layer;
 
 use super::breaker::Breaker;
-use super::service::Guard;
+use super::call::GuardCall;
+use super::stream::GuardHook;
 use crate::controller::{splitmix64, ConfigError};
 use crate::frame::{FinalFrame, FrameConfig, Sse};
+use crate::hook::{HookBody, HookService};
 use crate::{BoxError, DrainWatch};
 
 pub(crate) type CheckFuture = Pin<Box<dyn Future<Output = Result<bool, BoxError>> + Send>>;
@@ -482,13 +484,33 @@ impl GuardLayer {
     }
 }
 
+impl GuardLayer {
+    /// The call hook of this layer.
+    pub(crate) fn call(&self) -> GuardCall {
+        GuardCall {
+            cfg: self.cfg.clone(),
+        }
+    }
+}
+
 impl<S> Layer<S> for GuardLayer {
     type Service = Guard<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        Guard::from_config(inner, self.cfg.clone())
+        HookService::new(inner, Arc::new(self.call()))
     }
 }
+
+/// The service built by [`GuardLayer`]: the inner service with the guard's call hook.
+pub type Guard<S> = HookService<S, GuardCall>;
+
+/// The response body of [`Guard`]: for streaming responses of the configured protocol it
+/// enforces the maximum lifetime and the idle limit, injects heartbeats, runs revalidation
+/// checks, and turns a mid-stream error into the final error frame, each only at an event
+/// boundary. Every timer of a stream shares one pinned `Sleep`, moved with `Sleep::reset` only
+/// when it fires; nothing is allocated per forwarded frame. Other responses pass through (an
+/// error still counts for the breaker).
+pub type GuardedBody<B> = HookBody<B, GuardHook>;
 
 impl fmt::Debug for Config {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

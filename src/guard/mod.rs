@@ -4,11 +4,11 @@
 //!
 //! Two kinds of time are involved:
 //!
-//! - **Time to headers** is the [`ResponseFuture`]'s business: past
+//! - **Time to headers** is the call's business: past
 //!   [`response_timeout`](GuardLayer::response_timeout) the inner future is dropped and the
 //!   client gets `504` (configurable); `S::Error` is unchanged. A response ready at the same
 //!   instant as the deadline wins (the inner future is polled first, as in tower's `Timeout`).
-//! - **Stream time** is the [`GuardedBody`]'s: past [`max_lifetime`](GuardLayer::max_lifetime)
+//! - **Stream time** is the body's ([`GuardedBody`]): past [`max_lifetime`](GuardLayer::max_lifetime)
 //!   (optionally jittered) or after [`idle_timeout`](GuardLayer::idle_timeout) without a frame,
 //!   the stream receives the final *timeout* frame at its next event boundary — SSE
 //!   `event: error` / `data: {"error":"Connection timeout","code":"TIMEOUT"}` / `retry:`,
@@ -90,20 +90,17 @@
 //! # }
 //! ```
 
-pub(crate) mod body;
 mod breaker;
-mod future;
+mod call;
 mod layer;
-mod service;
+mod limits;
+mod stream;
 #[cfg(test)]
-mod test_util;
+mod tests;
 
-pub use self::body::GuardedBody;
 pub use self::breaker::{Breaker, BreakerState};
-pub use self::future::ResponseFuture;
-pub(crate) use self::future::{
-    finish_err, finish_ok, injects, poll_timeout, rejection, timed_out_response, CallState,
-    Guarded, Rejection,
-};
-pub use self::layer::GuardLayer;
-pub use self::service::Guard;
+pub(crate) use self::call::GuardCall;
+pub use self::layer::{Guard, GuardLayer, GuardedBody};
+#[cfg(test)]
+pub(crate) use self::limits::MID_EVENT_GRACE;
+pub(crate) use self::stream::GuardHook;

@@ -39,15 +39,6 @@ impl<B> ResponseBody<B> {
         }
     }
 
-    /// The inner body, or the rejection's frame (if it has one yet), for
-    /// [`DrainBody`](crate::stack::DrainBody).
-    pub(crate) fn into_parts(self) -> Result<B, Option<Bytes>> {
-        match self.kind {
-            Kind::Inner { body } => Ok(body),
-            Kind::Frame { frame } => Err(frame),
-        }
-    }
-
     /// A body made of one data frame.
     pub(crate) fn frame(frame: Bytes) -> Self {
         Self {

@@ -49,9 +49,15 @@
 //! ```
 
 mod body;
+mod layer;
+mod mode;
+mod response;
 mod service;
+#[cfg(test)]
+mod tests;
 
 pub use self::body::ResponseBody;
-pub use self::service::{
-    Default503, Mode, Plain, Reject, RejectLayer, RejectResponse, ResponseFuture, SseRetry,
-};
+pub use self::layer::RejectLayer;
+pub use self::mode::{Mode, Plain, SseRetry};
+pub use self::response::{Default503, RejectResponse};
+pub use self::service::{Reject, ResponseFuture};

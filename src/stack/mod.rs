@@ -59,15 +59,26 @@
 //! # drop(stack);
 //! ```
 
-mod body;
-#[cfg(test)]
-mod call_tests;
-#[cfg(test)]
-mod fused_tests;
-mod service;
+use std::sync::Arc;
 
-pub use self::body::DrainBody;
-pub use self::service::{DrainService, ResponseFuture};
+use crate::frame::{FrameCall, FrameHook};
+use crate::guard::{GuardCall, GuardHook};
+use crate::hook::{HookBody, HookService};
+use crate::reject::Reject;
+use crate::track::{TrackCall, TrackHook};
+
+/// The call hooks of [`DrainStack`]'s service, in order: track, guard, frame.
+type StackCalls<St> = (TrackCall<St>, (GuardCall, FrameCall));
+
+/// The service built by [`DrainStack`]: the reject layer's service around one
+/// [`HookService`] with the track layer's, the guard's and the frame layer's call hooks.
+pub type DrainService<S, St = MemoryStore, M = Plain> =
+    Reject<HookService<S, StackCalls<St>>, Default503, M>;
+
+/// The response body of [`DrainService`]: the inner body with the track layer's, the
+/// guard's and the frame layer's hooks around it, in one body (wrapped in the reject layer's
+/// body with [`sse_retry`](DrainStack::sse_retry)).
+pub type DrainBody<B> = HookBody<B, (TrackHook, (GuardHook, FrameHook))>;
 
 use std::time::Duration;
 
@@ -306,21 +317,13 @@ impl<St, M> DrainStack<St, M> {
     }
 }
 
-impl<St: Clone, M> DrainStack<St, M> {
-    /// The four layers around `inner`, nested as when stacked by hand ([`DrainService`] wraps
-    /// them; the tests check [`DrainBody`] against them).
-    fn nested<S>(&self, inner: S) -> service::Layers<S, St, M> {
-        self.reject
-            .layer(self.track.layer(self.guard.layer(self.frame.layer(inner))))
-    }
-}
-
 impl<S, St: Clone, M> Layer<S> for DrainStack<St, M> {
     type Service = DrainService<S, St, M>;
 
     fn layer(&self, inner: S) -> Self::Service {
         debug_assert!(self.guard.shares_frame_config(&self.frame.cfg));
-        DrainService::new(inner, self.nested(()))
+        let calls = (self.track.call(), (self.guard.call(), self.frame.call()));
+        self.reject.layer(HookService::new(inner, Arc::new(calls)))
     }
 }
 

@@ -3,10 +3,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::request::Parts;
+use http::HeaderValue;
 use tower_layer::Layer;
 
+use super::call::TrackCall;
 use super::store::{ConnectionStore, MemoryStore, StoreFailure};
-use super::Track;
+use super::stream::TrackHook;
+use crate::hook::{HookBody, HookService};
 use crate::DrainWatch;
 
 pub(crate) type KeyFn = Arc<dyn Fn(&Parts) -> Option<String> + Send + Sync>;
@@ -130,13 +133,37 @@ impl<St> TrackLayer<St> {
     }
 }
 
+impl<St: Clone> TrackLayer<St> {
+    /// The call hook of this layer.
+    pub(crate) fn call(&self) -> TrackCall<St> {
+        let secs = self.retry_after.as_secs_f64().ceil().max(1.0) as u64;
+        TrackCall {
+            shared: self.watch.shared.clone(),
+            store: self.store.clone(),
+            limit: self.limit,
+            key: self.key.clone(),
+            retry_after: HeaderValue::from(secs),
+            pushback: Duration::from_secs(secs),
+            on_store_error: self.on_store_error,
+        }
+    }
+}
+
 impl<S, St: Clone> Layer<S> for TrackLayer<St> {
     type Service = Track<S, St>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        Track::from_layer(inner, self)
+        HookService::new(inner, Arc::new(self.call()))
     }
 }
+
+/// The service built by [`TrackLayer`]: the inner service with the track layer's call hook.
+/// It tracks every request until its response body ends or is dropped.
+pub type Track<S, St = MemoryStore> = HookService<S, TrackCall<St>>;
+
+/// The response body of [`Track`]: the inner body, its registration released when it ends
+/// (or fails, or is dropped).
+pub type TrackedBody<B> = HookBody<B, TrackHook>;
 
 impl<St: Clone> Clone for TrackLayer<St> {
     fn clone(&self) -> Self {

@@ -41,18 +41,18 @@
 //! # }
 //! ```
 
-pub(crate) mod body;
+mod call;
 pub(crate) mod guard;
 mod layer;
 pub(crate) mod registry;
-mod service;
 mod store;
+mod stream;
 
-pub use self::body::TrackedBody;
+pub(crate) use self::call::TrackCall;
 pub(crate) use self::guard::StreamGuard;
-pub use self::layer::TrackLayer;
-pub use self::service::{ResponseFuture, Track};
+pub use self::layer::{Track, TrackLayer, TrackedBody};
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub use self::store::{AcquireFuture, RedisStore, RedisStoreBuilder};
 pub use self::store::{ConnectionStore, Lease, MemoryStore, StoreError, StoreFailure};
+pub(crate) use self::stream::TrackHook;

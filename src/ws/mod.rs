@@ -103,7 +103,8 @@ mod tungstenite;
 use std::future::Future;
 use std::time::Duration;
 
-use http::{header, Method, Request, Version};
+use http::request::Parts;
+use http::{header, Method, Version};
 
 pub(crate) use self::handle::Slot;
 pub use self::handle::{
@@ -195,18 +196,18 @@ pub async fn close<S: DrainSocket>(
     outcome
 }
 
-/// Whether `req` may be an upgrade (a cheap test for the fused call path).
+/// Whether `parts` may be an upgrade (a cheap test before [`is_upgrade`]).
 #[inline]
-pub(crate) fn may_upgrade<B>(req: &Request<B>) -> bool {
-    req.method() == Method::CONNECT || req.headers().contains_key(header::UPGRADE)
+pub(crate) fn may_upgrade(parts: &Parts) -> bool {
+    parts.method == Method::CONNECT || parts.headers.contains_key(header::UPGRADE)
 }
 
-/// Whether `req` asks for a WebSocket (or, over HTTP/2, any `CONNECT`).
-pub(crate) fn is_upgrade<B>(req: &Request<B>) -> bool {
-    if req.method() == Method::CONNECT && req.version() == Version::HTTP_2 {
+/// Whether `parts` asks for a WebSocket (or, over HTTP/2, any `CONNECT`).
+pub(crate) fn is_upgrade(parts: &Parts) -> bool {
+    if parts.method == Method::CONNECT && parts.version == Version::HTTP_2 {
         return true;
     }
-    req.headers().get_all(header::UPGRADE).iter().any(|v| {
+    parts.headers.get_all(header::UPGRADE).iter().any(|v| {
         v.to_str().is_ok_and(|s| {
             s.split(',')
                 .any(|t| t.trim().eq_ignore_ascii_case("websocket"))
@@ -214,22 +215,22 @@ pub(crate) fn is_upgrade<B>(req: &Request<B>) -> bool {
     })
 }
 
-/// The track layer's step for an upgrade request: the registration goes into a [`Slot`] in the
+/// The track hook's step for an upgrade request: the registration goes into a [`Slot`] in the
 /// request's extensions (for the socket's [`WsHandle`]) instead of the response body. Other
 /// requests keep it.
 #[inline]
-pub(crate) fn hand_over<B>(req: &mut Request<B>, guard: StreamGuard) -> Option<StreamGuard> {
-    if !may_upgrade(req) || !is_upgrade(req) {
+pub(crate) fn hand_over(parts: &mut Parts, guard: StreamGuard) -> Option<StreamGuard> {
+    if !may_upgrade(parts) || !is_upgrade(parts) {
         return Some(guard);
     }
-    req.extensions_mut().insert(Slot::new(guard));
+    parts.extensions.insert(Slot::new(guard));
     None
 }
 
-/// The guard layer's step: a tracked upgrade request gets the guard's maximum lifetime.
+/// The guard's step: a tracked upgrade request gets the guard's maximum lifetime.
 #[inline]
-pub(crate) fn set_lifetime<B>(req: &Request<B>, d: Duration) {
-    if let Some(slot) = req.extensions().get::<Slot>() {
+pub(crate) fn set_lifetime(parts: &Parts, d: Duration) {
+    if let Some(slot) = parts.extensions.get::<Slot>() {
         slot.set_lifetime(d);
     }
 }

@@ -1,4 +1,5 @@
-//! Helpers for the guard's unit tests: a channel-fed streaming body and a one-shot service.
+//! The crate's unit-test support: one scripted (channel-fed) streaming body, a one-shot
+//! service, and helpers to poll bodies.
 #![allow(dead_code)]
 
 use std::convert::Infallible;
@@ -15,7 +16,9 @@ use tokio_test::task::Spawn;
 use tower::ServiceExt;
 use tower_layer::Layer;
 
-use super::{GuardLayer, GuardedBody};
+use std::sync::{Arc, Mutex};
+
+use crate::guard::{GuardLayer, GuardedBody};
 
 #[derive(Debug)]
 pub(crate) struct TestError;
@@ -63,12 +66,23 @@ pub(crate) async fn through<B: Body + Send + 'static>(
     req: Request<()>,
     res: Response<B>,
 ) -> Response<GuardedBody<B>> {
-    let mut slot = Some(res);
-    let svc = layer.layer(tower::service_fn(move |_req: Request<()>| {
-        let res = slot.take().expect("one call");
-        async move { Ok::<_, Infallible>(res) }
-    }));
-    svc.oneshot(req).await.unwrap()
+    layer.layer(once(res)).oneshot(req).await.unwrap()
+}
+
+/// A service that answers its one call with `res` (clones share it).
+pub(crate) fn once<B: Send + 'static>(
+    res: Response<B>,
+) -> impl tower::Service<
+    Request<()>,
+    Response = Response<B>,
+    Error = Infallible,
+    Future = std::future::Ready<Result<Response<B>, Infallible>>,
+> + Clone {
+    let slot = Arc::new(Mutex::new(Some(res)));
+    tower::service_fn(move |_req: Request<()>| {
+        let res = slot.lock().unwrap().take().expect("one call");
+        std::future::ready(Ok::<_, Infallible>(res))
+    })
 }
 
 /// Polls a spawned body once.
