@@ -1,7 +1,8 @@
 //! Shared helpers for the integration tests: a real axum server on 127.0.0.1:0 and a minimal
 //! HTTP/1.1 SSE client built on hyper (here), and in submodules: headless Chromium
 //! ([`browser`]), the compiled examples as child processes ([`example`]), a frame-level
-//! HTTP/2 client ([`h2`]), and Redis servers and clusters ([`redis`], feature `redis`).
+//! HTTP/2 client ([`h2`]), Redis servers and clusters ([`redis`], feature `redis`), and a
+//! scripted response body ([`script`]).
 //!
 //! Every test binary declares `mod support;` and uses what it needs (`use support::h2::H2`).
 //! Each binary compiles all of it, so nothing here may warn when unused: dead code and
@@ -13,6 +14,7 @@ pub mod example;
 pub mod h2;
 #[cfg(feature = "redis")]
 pub mod redis;
+pub mod script;
 
 use std::net::SocketAddr;
 use std::time::Duration;
