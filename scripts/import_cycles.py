@@ -24,7 +24,8 @@ is given: then a subfolder `sub/` is one node, with the references of every file
 
 Every elementary cycle is printed, each edge with the first reference that makes it
 (`file:line path`). `--edges` prints every folder's edges too. `--exclude DIR` (repeatable,
-a folder relative to the root, e.g. `guard`) leaves a folder's cycles out of the exit status.
+one folder relative to the root, e.g. `guard`; not its subfolders) leaves that folder's
+cycles out of the exit status.
 The exit status is 1 if a cycle was found outside the excluded folders, else 0.
 """
 
@@ -332,8 +333,7 @@ def main():
                 for b in sorted(edges[a]):
                     print(f"{label}: {a} -> {b}    ({edges[a][b]})")
         for cycle in cycles_of(graph):
-            excluded = any(rel == e.rstrip("/") or rel.startswith(e.rstrip("/") + os.sep)
-                           for e in args.exclude)
+            excluded = any(rel == e.rstrip("/") for e in args.exclude)
             any_cycle |= not excluded
             print(f"{label}: cycle {' -> '.join(cycle)}{'  (excluded)' if excluded else ''}")
             for a, b in zip(cycle, cycle[1:]):
