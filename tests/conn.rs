@@ -4,8 +4,6 @@
 //! deadline.
 
 mod support;
-#[path = "support_h2/mod.rs"]
-mod support_h2;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -26,8 +24,8 @@ use tower_drain::conn::{ConnectionEnd, Connections};
 use tower_drain::frame::RunToCompletion;
 use tower_drain::{DrainController, DrainReason, DrainStack, Phase};
 
+use support::h2::{GOAWAY, H2, RST_STREAM};
 use support::within;
-use support_h2::{GOAWAY, H2, RST_STREAM};
 
 type Body = UnsyncBoxBody<Bytes, Infallible>;
 
@@ -118,7 +116,7 @@ fn tracked(drain: &DrainController, produced: Arc<AtomicU64>) -> Svc {
     Svc::new(steer)
 }
 
-fn sse_data(f: &support_h2::Frame) -> String {
+fn sse_data(f: &support::h2::Frame) -> String {
     String::from_utf8_lossy(&f.payload).into_owned()
 }
 
@@ -144,7 +142,7 @@ async fn h2c_gets_goaway_at_closing_and_every_stream_ends_cleanly() {
     let mut ticking = std::collections::HashSet::new();
     while ticking.len() < N {
         let f = within("first ticks", h2.next()).await.expect("a frame");
-        if f.kind == support_h2::DATA && sse_data(&f).contains("event: tick") {
+        if f.kind == support::h2::DATA && sse_data(&f).contains("event: tick") {
             ticking.insert(f.stream);
         }
     }
@@ -187,7 +185,7 @@ async fn h2c_gets_goaway_at_closing_and_every_stream_ends_cleanly() {
                 );
             }
             RST_STREAM => panic!("stream {} reset", f.stream),
-            support_h2::DATA => {
+            support::h2::DATA => {
                 let text = sse_data(&f);
                 if let Some(ev) = text.split("\n\n").filter(|e| !e.is_empty()).last() {
                     last_event.insert(f.stream, ev.to_string());

@@ -4,10 +4,6 @@
 //! that cuts the drain short.
 
 mod support;
-#[path = "support_example/mod.rs"]
-mod support_example;
-#[path = "support_h2/mod.rs"]
-mod support_h2;
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -15,9 +11,9 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use support::example::Example;
+use support::h2::{DATA, GOAWAY, H2, RST_STREAM};
 use support::within;
-use support_example::Example;
-use support_h2::{DATA, GOAWAY, H2, RST_STREAM};
 
 async fn readyz_is_draining(addr: std::net::SocketAddr) -> bool {
     let res = support::fetch(addr, "/readyz").await;

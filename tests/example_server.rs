@@ -3,16 +3,12 @@
 //! changing the example, `cargo test --test example_server` alone does not rebuild it.
 
 mod support;
-#[path = "support_example/mod.rs"]
-mod support_example;
-#[path = "support_redis/mod.rs"]
-mod support_redis;
 
 use std::process::Command;
 use std::time::Duration;
 
+use support::example::Example;
 use support::*;
-use support_example::Example;
 
 fn start(env: &[(&str, &str)]) -> Example {
     Example::start("sse_server", env)
@@ -209,7 +205,7 @@ async fn drain_endpoint_is_forbidden_without_a_key() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_redis_the_limit_holds_across_processes_and_a_killed_one_frees_its_slots() {
-    let redis = support_redis::Server::start();
+    let redis = support::redis::Server::start();
     let prefix_free_env = [
         ("REDIS_URL", redis.url()),
         ("MAX_STREAMS_PER_CLIENT", "1"),

@@ -5,8 +5,6 @@
 //! it after a change to the example.)
 
 mod support;
-#[path = "support_example/mod.rs"]
-mod support_example;
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -15,8 +13,8 @@ use futures_util::StreamExt;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{connect_async, MaybeTlsStream, WebSocketStream};
 
+use support::example::Example;
 use support::WATCHDOG;
-use support_example::Example;
 
 type Client = WebSocketStream<MaybeTlsStream<tokio::net::TcpStream>>;
 

@@ -1,8 +1,7 @@
 //! A real tonic client against `examples/grpc_stream` (tonic server under the stack, gRPC
 //! final frames): what a gRPC client sees when the server drains.
 
-#[path = "support_example/mod.rs"]
-mod support_example;
+mod support;
 
 use std::time::Duration;
 
@@ -11,7 +10,7 @@ use http::uri::PathAndQuery;
 use http_body::Body as _;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use support_example::Example;
+use support::example::Example;
 use tonic::transport::Channel;
 use tonic::{Code, Status, Streaming};
 use tonic_prost::ProstCodec;

@@ -3,14 +3,12 @@
 //! `Watch` stream receives the change, and `Check` is still answered (not rejected) once the
 //! server is closing.
 
-#[path = "support_example/mod.rs"]
-mod support_example;
-#[path = "support_h2/mod.rs"]
-mod support_h2;
+mod support;
 
 use std::time::Duration;
 
-use support_example::Example;
+use support::example::Example;
+use support::h2;
 use tonic::transport::Channel;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
@@ -113,7 +111,7 @@ async fn raw_check(addr: std::net::SocketAddr) -> Vec<u8> {
     let mut msg = vec![0x0a, 11];
     msg.extend(b"demo.Ticker");
     let (mut probe, id) =
-        support_h2::H2::connect_and_grpc(addr, "/grpc.health.v1.Health/Check", &msg).await;
+        h2::H2::connect_and_grpc(addr, "/grpc.health.v1.Health/Check", &msg).await;
     let mut data = Vec::new();
     loop {
         let f = within("probe answer", probe.next())
@@ -122,8 +120,8 @@ async fn raw_check(addr: std::net::SocketAddr) -> Vec<u8> {
         if f.stream != id {
             continue;
         }
-        assert_ne!(f.kind, support_h2::RST_STREAM, "probe reset");
-        if f.kind == support_h2::DATA {
+        assert_ne!(f.kind, h2::RST_STREAM, "probe reset");
+        if f.kind == h2::DATA {
             data.extend(&f.payload);
         }
         if f.ends_stream() {
@@ -147,20 +145,16 @@ async fn check_is_answered_not_rejected_while_closing() {
     let addr = server.addr;
     assert_eq!(raw_check(addr).await, [0, 0, 0, 0, 2, 0x08, 1], "SERVING");
     // An export of 60 ticks (3 s) runs to completion, keeping the server in `Closing`.
-    let (mut export, _) =
-        support_h2::H2::connect_and_grpc(addr, "/demo.Ticker/Export", &[0x08, 60]).await;
+    let (mut export, _) = h2::H2::connect_and_grpc(addr, "/demo.Ticker/Export", &[0x08, 60]).await;
     let first = within("first tick", export.next()).await.unwrap();
-    assert!(
-        matches!(first.kind, support_h2::HEADERS | support_h2::DATA),
-        "{first:?}"
-    );
+    assert!(matches!(first.kind, h2::HEADERS | h2::DATA), "{first:?}");
     server.signal("-TERM");
     // GOAWAY on the export's connection: `Closing` has begun.
     loop {
         let f = within("GOAWAY", export.next())
             .await
             .expect("GOAWAY before EOF");
-        if f.kind == support_h2::GOAWAY {
+        if f.kind == h2::GOAWAY {
             break;
         }
     }

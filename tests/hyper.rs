@@ -2,13 +2,11 @@
 //! stops within the grace period although streams are open when SIGTERM arrives.
 
 mod support;
-#[path = "support_example/mod.rs"]
-mod support_example;
 
 use std::time::Duration;
 
+use support::example::Example;
 use support::{within, SseClient};
-use support_example::Example;
 
 const GRACE: Duration = Duration::from_secs(5);
 

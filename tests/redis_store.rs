@@ -1,9 +1,8 @@
 //! `RedisStore` against a real Redis: `REDIS_URL` when set, else a private `redis-server`
-//! (see `support_redis`). Fault tests start servers of their own.
+//! (see `support::redis`). Fault tests start servers of their own.
 #![cfg(feature = "redis")]
 
-#[path = "support_redis/mod.rs"]
-mod support_redis;
+mod support;
 
 use std::convert::Infallible;
 use std::mem::ManuallyDrop;
@@ -21,7 +20,7 @@ use tower_drain::track::{
 };
 use tower_drain::{DrainController, DrainReason};
 
-use support_redis::{conn, eventually, redis_now, unique_prefix, Server};
+use support::redis::{conn, eventually, redis_now, unique_prefix, Server};
 
 fn builder(url: &str, prefix: &str) -> RedisStoreBuilder {
     // A generous acquire timeout: debug builds on a loaded 2-core machine.
@@ -867,7 +866,7 @@ mod cluster {
     use std::collections::HashSet;
 
     use super::*;
-    use support_redis::cluster::{slot, Cluster};
+    use support::redis::cluster::{slot, Cluster};
 
     type CConn = redis::cluster_async::ClusterConnection;
 
@@ -1081,7 +1080,7 @@ mod cluster {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_cluster_store_starts_before_its_cluster_and_connects_when_it_is_up() {
-        let ports = support_redis::cluster::cluster_ports(3);
+        let ports = support::redis::cluster::cluster_ports(3);
         let urls: Vec<String> = ports
             .iter()
             .map(|p| format!("redis://127.0.0.1:{p}/"))
@@ -1376,7 +1375,7 @@ mod cluster {
 #[cfg(any(feature = "redis-tls-rustls", feature = "redis-tls-native"))]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rediss_with_a_private_ca() {
-    let server = support_redis::TlsServer::start();
+    let server = support::redis::TlsServer::start();
     let prefix = unique_prefix("tls");
     let store = builder(&server.url, &prefix)
         .tls_root_certificate(server.ca_pem.clone())

@@ -2,10 +2,8 @@ use std::borrow::Cow;
 use std::fmt;
 use std::time::Duration;
 
-use super::DrainController;
-
-/// Builds a [`DrainController`]; invalid settings are rejected by [`build`](Self::build) with a
-/// [`ConfigError`] naming the setting.
+/// Builds a [`DrainController`](super::DrainController); invalid settings are rejected by
+/// [`build`](Self::build) with a [`ConfigError`] naming the setting.
 ///
 /// | setting | default | environment variable ([`from_env`](Self::from_env)) |
 /// |---|---|---|
@@ -43,7 +41,7 @@ pub struct DrainBuilder {
     names: Names,
 }
 
-/// The validated settings of a [`DrainController`] (see [`DrainBuilder`]).
+/// The validated settings of a [`DrainController`](super::DrainController) (see [`DrainBuilder`]).
 ///
 /// ```
 /// let drain = tower_drain::DrainController::new();
@@ -313,8 +311,10 @@ impl DrainBuilder {
     }
 
     /// Whether a second SIGTERM / SIGINT during a drain started by a signal cuts it short
-    /// (default `true`; see [`DrainController::listen_for_signals`] and
-    /// [`DrainController::force_now`]). With `false` further signals are ignored and the
+    /// (default `true`; see
+    /// [`DrainController::listen_for_signals`](super::DrainController::listen_for_signals)
+    /// and [`DrainController::force_now`](super::DrainController::force_now)). With `false`
+    /// further signals are ignored and the
     /// drain always runs its course.
     ///
     /// ```
@@ -335,16 +335,13 @@ impl DrainBuilder {
         self
     }
 
-    /// Validates the settings and builds the controller.
-    ///
-    /// # Errors
-    ///
-    /// A [`ConfigError`] naming the first invalid setting: a duration over [`MAX_DURATION`]
-    /// (365 days), a zero grace period or progress interval, a jitter outside `0..1`, or a
-    /// propagation delay plus spread that does not fit inside the grace period.
-    pub fn build(self) -> Result<DrainController, ConfigError> {
+    // `build` itself is in the parent module, beside the controller it makes: this file
+    // does not depend on the controller.
+
+    /// The validated settings (what [`build`](Self::build) makes a controller of).
+    pub(super) fn into_config(self) -> Result<DrainConfig, ConfigError> {
         self.validate()?;
-        Ok(DrainController::from_config(self.config))
+        Ok(self.config)
     }
 
     fn validate(&self) -> Result<(), ConfigError> {

@@ -1,8 +1,20 @@
-//! Shared helpers for the end-to-end tests: a real axum server on 127.0.0.1:0 and a minimal
-//! HTTP/1.1 SSE client built on hyper.
+//! Shared helpers for the integration tests: a real axum server on 127.0.0.1:0 and a minimal
+//! HTTP/1.1 SSE client built on hyper (here), and in submodules: headless Chromium
+//! ([`browser`]), the compiled examples as child processes ([`example`]), a frame-level
+//! HTTP/2 client ([`h2`]), Redis servers and clusters ([`redis`], feature `redis`), and a
+//! scripted response body ([`script`]).
+//!
+//! Every test binary declares `mod support;` and uses what it needs (`use support::h2::H2`).
+//! Each binary compiles all of it, so nothing here may warn when unused: dead code and
+//! `unreachable_pub` are allowed for this module and every submodule below.
 #![allow(dead_code, unreachable_pub)]
 
 pub mod browser;
+pub mod example;
+pub mod h2;
+#[cfg(feature = "redis")]
+pub mod redis;
+pub mod script;
 
 use std::net::SocketAddr;
 use std::time::Duration;

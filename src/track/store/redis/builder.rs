@@ -10,10 +10,10 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::conn::{Conn, SlotMap};
-use super::shared::{lock, new_instance_id, Clock, OpErrors, Shared};
+use super::shared::{new_instance_id, Clock, OpErrors, Shared};
 use super::store::{Handle, RedisStore};
 use super::sweep::sweep_task;
-use super::table::Table;
+use super::table::{lock, Table};
 use super::tasks::{heartbeat_task, release_task};
 use crate::track::store::StoreError;
 

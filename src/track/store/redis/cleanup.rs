@@ -9,7 +9,8 @@ use ::redis::Value;
 use tokio::time::{timeout, Instant};
 
 use super::route::send_all;
-use super::shared::{lock, Op, Shared};
+use super::shared::{Op, Shared};
+use super::table::lock;
 use super::tasks::{build_zrem, Leases};
 use crate::controller::CleanupSummary;
 

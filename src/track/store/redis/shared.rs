@@ -137,10 +137,6 @@ impl Clock {
     }
 }
 
-pub(super) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 pub(super) fn local_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)

@@ -10,8 +10,6 @@ use super::cleanup::cleanup;
 use super::lease::AcquireFuture;
 use super::shared::Shared;
 use super::tasks::heartbeat;
-#[cfg(doc)]
-use super::RedisStoreBuilder;
 use crate::controller::CleanupSummary;
 use crate::track::store::ConnectionStore;
 #[cfg(doc)]
@@ -21,7 +19,8 @@ use crate::track::store::StoreError;
 ///
 /// Leases live in Redis sorted sets and expire by themselves unless this process's heartbeat
 /// refreshes them, so a process that dies without cleaning up stops holding slots after the
-/// lease TTL. See [`RedisStoreBuilder`] for the settings and their defaults.
+/// lease TTL. See [`RedisStoreBuilder`](super::RedisStoreBuilder) for the settings and their
+/// defaults.
 ///
 /// Building the store does not connect: it starts while Redis is unreachable and (re)connects
 /// by itself. While Redis is unreachable or slower than the acquire timeout, `acquire` returns a

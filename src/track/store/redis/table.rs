@@ -3,9 +3,12 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
-use super::shared::lock;
-
 const SHARDS: usize = 16;
+
+/// Locks `m`, poisoned or not (a poisoned lock's data is taken as it is).
+pub(super) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 pub(super) struct Table {
     shards: Box<[Mutex<HashMap<Arc<str>, Slots>>]>,

@@ -5,9 +5,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::conn::slot_of;
-use super::shared::{escape_key, lock, new_instance_id};
+use super::shared::{escape_key, new_instance_id};
 use super::sweep::sweep_pattern;
-use super::table::Table;
+use super::table::{lock, Table};
 use super::tasks::gt_unsupported;
 use super::RedisStore;
 

@@ -1,7 +1,6 @@
 //! A minimal cleartext HTTP/2 client (prior knowledge) that shows every frame the server
 //! sends: GOAWAY, RST_STREAM, END_STREAM. Test code only: HPACK literals without indexing,
 //! no flow control beyond a large initial window, answers SETTINGS and PING.
-#![allow(dead_code, unreachable_pub)]
 
 use std::net::SocketAddr;
 

@@ -1,6 +1,5 @@
 //! Runs a compiled example (`cargo test` builds every example) as a child process: reads its
 //! `listening on http://ADDR` line, signals it, and waits for its exit and report line.
-#![allow(dead_code, unreachable_pub)]
 
 use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;

@@ -2,8 +2,6 @@
 //! port and killed when the last test using it lets go (a guard with `Drop`). Fault tests start
 //! servers of their own with [`Server::start`].
 
-#![allow(dead_code)]
-
 #[cfg(feature = "redis-cluster")]
 pub(crate) mod cluster;
 
