@@ -12,8 +12,8 @@ use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
 
+use super::config::{CheckFn, CheckFuture, Config};
 use super::future::CallState;
-use super::layer::{CheckFn, CheckFuture, Config};
 use crate::frame::{FinalGate, FrameKind, GateRef, Tracker};
 use crate::route::RoutePath;
 
@@ -864,8 +864,9 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn lifetime_frame_arrives_at_the_limit_and_the_body_ends() {
         let drain = DrainController::new();
-        let layer = GuardLayer::new(drain.watch())
+        let layer = GuardLayer::builder(drain.watch())
             .max_lifetime(Duration::from_secs(10))
+            .build()
             .unwrap();
         let (feed, res) = sse();
         let mut body = spawn(through(&layer, Request::new(()), res).await.into_body());
@@ -888,10 +889,10 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn lifetime_jitter_only_shortens_and_spreads() {
         let drain = DrainController::new();
-        let layer = GuardLayer::new(drain.watch())
+        let layer = GuardLayer::builder(drain.watch())
             .max_lifetime(Duration::from_secs(100))
-            .unwrap()
             .lifetime_jitter(0.5)
+            .build()
             .unwrap();
         let start = Instant::now();
         let mut ends = Vec::new();
@@ -918,8 +919,9 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_limit_reached_mid_event_waits_for_the_boundary() {
         let drain = DrainController::new();
-        let layer = GuardLayer::new(drain.watch())
+        let layer = GuardLayer::builder(drain.watch())
             .max_lifetime(Duration::from_secs(10))
+            .build()
             .unwrap();
         let (feed, res) = sse();
         let mut body = spawn(through(&layer, Request::new(()), res).await.into_body());
@@ -952,8 +954,9 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn idle_timeout_counts_from_the_last_frame() {
         let drain = DrainController::new();
-        let layer = GuardLayer::new(drain.watch())
+        let layer = GuardLayer::builder(drain.watch())
             .idle_timeout(Duration::from_secs(5))
+            .build()
             .unwrap();
         let (feed, res) = sse();
         let mut body = spawn(through(&layer, Request::new(()), res).await.into_body());
@@ -974,8 +977,9 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn heartbeats_keep_an_idle_stream_open_and_never_split_an_event() {
         let drain = DrainController::new();
-        let layer = GuardLayer::new(drain.watch())
+        let layer = GuardLayer::builder(drain.watch())
             .heartbeat(Duration::from_secs(15))
+            .build()
             .unwrap();
         let (feed, res) = sse();
         let mut body = spawn(through(&layer, Request::new(()), res).await.into_body());
@@ -1004,9 +1008,10 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn ndjson_heartbeat_is_a_json_record_and_grpc_gets_deadline_exceeded_trailers() {
         let drain = DrainController::new();
-        let layer = GuardLayer::new(drain.watch())
+        let layer = GuardLayer::builder(drain.watch())
             .encoder(NdJson::new())
             .heartbeat(Duration::from_secs(1))
+            .build()
             .unwrap();
         let (feed, res) = streaming("application/x-ndjson");
         let mut body = spawn(through(&layer, Request::new(()), res).await.into_body());
@@ -1015,11 +1020,11 @@ mod tests {
         assert_eq!(text(poll(&mut body)), "{\"type\":\"heartbeat\"}\n");
         drop(feed);
 
-        let layer = GuardLayer::new(drain.watch())
+        let layer = GuardLayer::builder(drain.watch())
             .encoder(Grpc::new())
             .max_lifetime(Duration::from_secs(3))
-            .unwrap()
             .heartbeat(Duration::from_secs(1))
+            .build()
             .unwrap();
         let (feed, res) = streaming("application/grpc");
         let mut body = spawn(through(&layer, Request::new(()), res).await.into_body());
@@ -1042,7 +1047,10 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_body_error_becomes_an_error_frame_and_a_clean_end() {
         let drain = DrainController::new();
-        let layer = GuardLayer::new(drain.watch()).circuit_breaker(true);
+        let layer = GuardLayer::builder(drain.watch())
+            .circuit_breaker(true)
+            .build()
+            .unwrap();
         let breaker = layer.breaker().unwrap();
         let (feed, res) = sse();
         let mut body = spawn(through(&layer, Request::new(()), res).await.into_body());
@@ -1061,7 +1069,10 @@ mod tests {
         assert_eq!(breaker.consecutive_failures(), 1);
 
         // Passed through when configured so.
-        let layer = GuardLayer::new(drain.watch()).pass_through_errors(true);
+        let layer = GuardLayer::builder(drain.watch())
+            .pass_through_errors(true)
+            .build()
+            .unwrap();
         let (feed, res) = sse();
         let mut body = spawn(through(&layer, Request::new(()), res).await.into_body());
         feed.error();
@@ -1084,7 +1095,10 @@ mod tests {
         body.enter(|_, b| assert_ended(&*b));
 
         // gRPC (no limits set): the error travels as trailers only, then the end.
-        let layer = GuardLayer::new(drain.watch()).encoder(Grpc::new());
+        let layer = GuardLayer::builder(drain.watch())
+            .encoder(Grpc::new())
+            .build()
+            .unwrap();
         let (feed, res) = streaming("application/grpc");
         let mut body = spawn(through(&layer, Request::new(()), res).await.into_body());
         feed.0
@@ -1109,12 +1123,13 @@ mod tests {
         let drain = DrainController::new();
         let checks = Arc::new(AtomicUsize::new(0));
         let c = checks.clone();
-        let layer = GuardLayer::new(drain.watch())
+        let layer = GuardLayer::builder(drain.watch())
             .revalidate(Duration::from_secs(60), move |parts: &Parts| {
                 c.fetch_add(1, Ordering::Relaxed);
                 let ok = parts.headers.get("x-user").is_some_and(|v| v != "revoked");
                 async move { Ok::<_, std::convert::Infallible>(ok) }
             })
+            .build()
             .unwrap();
         let req = |user: &'static str| Request::builder().header("x-user", user).body(()).unwrap();
         let mut bodies = Vec::new();
@@ -1165,10 +1180,11 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn revalidation_sends_the_unauthorized_frame() {
         let drain = DrainController::new();
-        let layer = GuardLayer::new(drain.watch())
+        let layer = GuardLayer::builder(drain.watch())
             .revalidate(Duration::from_secs(2), |_: &Parts| async {
                 Ok::<_, std::convert::Infallible>(false)
             })
+            .build()
             .unwrap();
         let (feed, res) = sse();
         let mut body = Box::pin(through(&layer, Request::new(()), res).await.into_body());
@@ -1185,12 +1201,12 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn revalidation_errors_count_for_the_breaker_not_against_the_client() {
         let drain = DrainController::new();
-        let layer = GuardLayer::new(drain.watch())
+        let layer = GuardLayer::builder(drain.watch())
             .failure_threshold(2)
-            .unwrap()
             .revalidate(Duration::from_secs(2), |_: &Parts| async {
                 Err::<bool, _>(std::io::Error::other("auth service down"))
             })
+            .build()
             .unwrap();
         let breaker = layer.breaker().unwrap();
         let (feed, res) = sse();
@@ -1209,8 +1225,9 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn expiring_and_draining_at_the_same_instant_gives_one_final_frame() {
         let drain = DrainController::new();
-        let guard = GuardLayer::new(drain.watch())
+        let guard = GuardLayer::builder(drain.watch())
             .max_lifetime(Duration::from_secs(10))
+            .build()
             .unwrap();
         let frame = FrameLayer::new(drain.watch());
         let (feed, res) = sse();
@@ -1245,14 +1262,14 @@ mod tests {
     async fn a_drained_stream_gets_no_timeout_frame_afterwards() {
         for encoder in ["sse", "grpc"] {
             let drain = DrainController::new();
-            let mut guard = GuardLayer::new(drain.watch())
+            let mut guard = GuardLayer::builder(drain.watch())
                 .max_lifetime(Duration::from_secs(10))
-                .unwrap()
                 .heartbeat(Duration::from_secs(1))
+                .build()
                 .unwrap();
             let mut frame = FrameLayer::new(drain.watch());
             let ct = if encoder == "grpc" {
-                guard = guard.encoder(Grpc::new());
+                guard = guard.to_builder().encoder(Grpc::new()).build().unwrap();
                 frame = FrameLayer::with_encoder(drain.watch(), Grpc::new());
                 "application/grpc"
             } else {
@@ -1299,8 +1316,9 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn other_responses_pass_through_untouched() {
         let drain = DrainController::new();
-        let layer = GuardLayer::new(drain.watch())
+        let layer = GuardLayer::builder(drain.watch())
             .max_lifetime(Duration::from_secs(1))
+            .build()
             .unwrap();
         let res = http::Response::new(http_body_util::Full::new(Bytes::from_static(b"hello")));
         let mut body = spawn(through(&layer, Request::new(()), res).await.into_body());
@@ -1314,7 +1332,7 @@ mod tests {
     async fn dropping_the_body_mid_stream_releases_the_stream() {
         let drain = DrainController::new();
         let stack = crate::DrainStack::new(drain.watch())
-            .max_lifetime(Duration::from_secs(10))
+            .guard(|g| g.max_lifetime(Duration::from_secs(10)))
             .unwrap();
         let (feed, res) = sse();
         let slot = Arc::new(Mutex::new(Some(res)));

@@ -12,7 +12,7 @@ use tokio::time::{Instant, Sleep};
 
 use super::body::{GuardedBody, Stream};
 use super::breaker::Probe;
-use super::layer::Config;
+use super::config::Config;
 use crate::frame::{should_inject, FinalGate};
 use crate::route::RoutePath;
 

@@ -7,8 +7,8 @@ use tokio::time::Instant;
 use tower_service::Service;
 
 use super::breaker::Admit;
+use super::config::Config;
 use super::future::{CallState, Rejection, ResponseFuture};
-use super::layer::Config;
 use super::GuardedBody;
 use crate::route::RoutePath;
 
@@ -242,18 +242,19 @@ mod tests {
     }
 
     fn breaker_layer() -> GuardLayer {
-        GuardLayer::new(DrainController::new().watch())
+        GuardLayer::builder(DrainController::new().watch())
             .failure_threshold(3)
-            .unwrap()
             .cooldown(Duration::from_secs(30))
+            .build()
             .unwrap()
     }
 
     #[tokio::test(start_paused = true)]
     async fn response_timeout_fires_at_the_deadline_and_a_tie_goes_to_the_response() {
-        let layer = GuardLayer::new(DrainController::new().watch())
+        let layer = GuardLayer::builder(DrainController::new().watch())
             .circuit_breaker(true)
             .response_timeout(Duration::from_secs(5))
+            .build()
             .unwrap();
         let breaker = layer.breaker().unwrap();
         let held = Arc::new(());
@@ -296,10 +297,11 @@ mod tests {
         assert_eq!(breaker.consecutive_failures(), 0);
 
         // A configured status.
-        let layer = GuardLayer::new(DrainController::new().watch())
+        let layer = GuardLayer::builder(DrainController::new().watch())
             .response_timeout(Duration::from_secs(1))
-            .unwrap()
-            .timeout_status(StatusCode::REQUEST_TIMEOUT);
+            .timeout_status(StatusCode::REQUEST_TIMEOUT)
+            .build()
+            .unwrap();
         let svc = layer.layer(tower::service_fn(|_req: Request<()>| async {
             std::future::pending::<()>().await;
             Ok::<_, std::io::Error>(Response::new(Empty::<Bytes>::new()))
@@ -380,8 +382,11 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn breaker_statuses_are_configurable_and_it_can_be_off() {
         let layer = breaker_layer()
+            .to_builder()
             .breaker_status(StatusCode::TOO_MANY_REQUESTS)
-            .failure_status(|s: StatusCode| s == StatusCode::BAD_GATEWAY);
+            .failure_status(|s: StatusCode| s == StatusCode::BAD_GATEWAY)
+            .build()
+            .unwrap();
         let f = fixture(layer);
         for _ in 0..3 {
             f.status("500").await.unwrap(); // not a failure here
@@ -392,7 +397,12 @@ mod tests {
         }
         assert_eq!(f.status("200").await.unwrap(), 429);
 
-        let f = fixture(GuardLayer::new(DrainController::new().watch()).circuit_breaker(false));
+        let f = fixture(
+            GuardLayer::builder(DrainController::new().watch())
+                .circuit_breaker(false)
+                .build()
+                .unwrap(),
+        );
         for _ in 0..10 {
             assert_eq!(f.status("500").await.unwrap(), 500);
         }
@@ -401,33 +411,22 @@ mod tests {
 
     #[test]
     fn invalid_settings_name_the_setting() {
-        let l = || GuardLayer::new(DrainController::new().watch());
+        let l = || GuardLayer::builder(DrainController::new().watch());
+        let err = |b: crate::guard::GuardBuilder| b.build().unwrap_err().setting();
         let z = Duration::ZERO;
-        assert_eq!(
-            l().response_timeout(z).unwrap_err().setting(),
-            "response_timeout"
-        );
-        assert_eq!(l().max_lifetime(z).unwrap_err().setting(), "max_lifetime");
-        assert_eq!(l().idle_timeout(z).unwrap_err().setting(), "idle_timeout");
-        assert_eq!(l().heartbeat(z).unwrap_err().setting(), "heartbeat");
-        assert_eq!(l().cooldown(z).unwrap_err().setting(), "cooldown");
-        assert_eq!(
-            l().failure_threshold(0).unwrap_err().setting(),
-            "failure_threshold"
-        );
-        assert_eq!(
-            l().lifetime_jitter(1.0).unwrap_err().setting(),
-            "lifetime_jitter"
-        );
-        assert_eq!(
-            l().lifetime_jitter(-0.1).unwrap_err().setting(),
-            "lifetime_jitter"
-        );
+        assert_eq!(err(l().response_timeout(z)), "response_timeout");
+        assert_eq!(err(l().max_lifetime(z)), "max_lifetime");
+        assert_eq!(err(l().idle_timeout(z)), "idle_timeout");
+        assert_eq!(err(l().heartbeat(z)), "heartbeat");
+        assert_eq!(err(l().cooldown(z)), "cooldown");
+        assert_eq!(err(l().probe_timeout(z)), "probe_timeout");
+        assert_eq!(err(l().failure_threshold(0)), "failure_threshold");
+        assert_eq!(err(l().lifetime_jitter(1.0)), "lifetime_jitter");
+        assert_eq!(err(l().lifetime_jitter(-0.1)), "lifetime_jitter");
         let check = |_: &http::request::Parts| async { Ok::<_, std::convert::Infallible>(true) };
-        assert_eq!(
-            l().revalidate(z, check).unwrap_err().setting(),
-            "revalidate"
-        );
-        assert!(l().lifetime_jitter(0.0).is_ok());
+        assert_eq!(err(l().revalidate(z, check)), "revalidate");
+        assert!(l().lifetime_jitter(0.0).build().is_ok());
+        // The first invalid setting, in the order of the settings.
+        assert_eq!(err(l().cooldown(z).max_lifetime(z)), "max_lifetime");
     }
 }

@@ -215,15 +215,12 @@ where
 }
 
 fn guarded(w: DrainWatch) -> DrainStack {
-    DrainStack::new(w.clone())
-        .guard(
-            crate::guard::GuardLayer::new(w)
-                .failure_threshold(2)
-                .unwrap()
+    DrainStack::new(w)
+        .guard(|g| {
+            g.failure_threshold(2)
                 .cooldown(Duration::from_secs(30))
-                .unwrap(),
-        )
-        .response_timeout(Duration::from_secs(5))
+                .response_timeout(Duration::from_secs(5))
+        })
         .unwrap()
 }
 
@@ -272,7 +269,15 @@ async fn the_fused_call_does_what_the_nested_layers_do() {
     ];
     let (fused, nested) = both(DrainStack::new, defaults).await;
     assert_eq!(fused, nested);
-    let (fused, nested) = both(|w| DrainStack::new(w).circuit_breaker(false), defaults).await;
+    let (fused, nested) = both(
+        |w| {
+            DrainStack::new(w)
+                .guard(|g| g.circuit_breaker(false))
+                .unwrap()
+        },
+        defaults,
+    )
+    .await;
     assert_eq!(fused, nested);
 
     // Keyed requests take the nested path all along; the same as stacking by hand.
@@ -288,9 +293,10 @@ async fn the_fused_call_does_what_the_nested_layers_do() {
     ];
     let (fused, nested) = both(
         |w| {
-            DrainStack::new(w)
-                .max_per_key(1)
-                .key_header(http::HeaderName::from_static("x-user"))
+            DrainStack::new(w).track(|t| {
+                t.max_per_key(1)
+                    .key_header(http::HeaderName::from_static("x-user"))
+            })
         },
         keyed,
     )
@@ -298,7 +304,7 @@ async fn the_fused_call_does_what_the_nested_layers_do() {
     assert_eq!(fused, nested);
 
     // The `sse_retry` mode serves like the plain one.
-    let (fused, nested) = both(|w| guarded(w).sse_retry(), SERVING).await;
+    let (fused, nested) = both(|w| guarded(w).reject(|r| r.sse_retry()), SERVING).await;
     assert_eq!(fused, nested);
 }
 

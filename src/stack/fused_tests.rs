@@ -189,10 +189,11 @@ fn plain(s: DrainStack) -> DrainStack {
 }
 
 fn with_limits(s: DrainStack) -> DrainStack {
-    s.max_lifetime(Duration::from_secs(3))
-        .unwrap()
-        .heartbeat(Duration::from_secs(1))
-        .unwrap()
+    s.guard(|g| {
+        g.max_lifetime(Duration::from_secs(3))
+            .heartbeat(Duration::from_secs(1))
+    })
+    .unwrap()
 }
 
 use Out::{Data, End, Fail, Pending, Trailers};
@@ -422,7 +423,7 @@ async fn the_fused_body_keeps_each_layers_behaviour() {
 async fn the_fused_body_serves_the_sse_retry_frame() {
     let drain = controller();
     let svc = DrainStack::new(drain.watch())
-        .sse_retry()
+        .reject(|r| r.sse_retry())
         .layer(tower::service_fn(|_req: Request<()>| async {
             Ok::<_, Infallible>(Response::new(Script(VecDeque::new())))
         }));
@@ -457,8 +458,10 @@ async fn the_fused_body_serves_the_sse_retry_frame() {
 async fn keyed_and_fused_streams_drain_alike_and_share_no_flag() {
     let drain = controller();
     let svc = DrainStack::new(drain.watch())
-        .max_per_key(1)
-        .key_header(http::HeaderName::from_static("x-user"))
+        .track(|t| {
+            t.max_per_key(1)
+                .key_header(http::HeaderName::from_static("x-user"))
+        })
         .layer(tower::service_fn(|_req: Request<()>| async {
             let mut res = Response::new(Script(VecDeque::from([Out::Data("data: 1\n\n")])));
             res.headers_mut()
