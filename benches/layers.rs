@@ -109,7 +109,7 @@ fn layers(c: &mut Criterion) {
         &rt,
         "drain_stack_response_timeout",
         DrainStack::new(watch.clone())
-            .response_timeout(Duration::from_secs(30))
+            .guard(|g| g.response_timeout(Duration::from_secs(30)))
             .unwrap()
             .layer(bare),
     );

@@ -276,12 +276,13 @@ async fn main() {
     drain.listen_for_signals();
 
     let mut stack = DrainStack::new(drain.watch())
-        .max_lifetime(settings.max_lifetime)
+        .guard(|g| g.max_lifetime(settings.max_lifetime))
         .expect("MAX_STREAM_LIFETIME is validated to be > 0");
     if settings.max_per_client > 0 {
-        stack = stack
-            .max_per_key(settings.max_per_client)
-            .key_header(HeaderName::from_static("x-client-id"));
+        stack = stack.track(|t| {
+            t.max_per_key(settings.max_per_client)
+                .key_header(HeaderName::from_static("x-client-id"))
+        });
     }
 
     let events = match redis_builder(settings.redis_url.as_deref()) {
@@ -292,10 +293,15 @@ async fn main() {
                 .lease_ttl(settings.redis_lease_ttl)
                 .build()
                 .unwrap_or_else(|e| {
+                    // Name the variable the invalid setting came from.
+                    let variable = match e.config().map(|c| c.setting()) {
+                        Some("lease_ttl") => "REDIS_LEASE_TTL",
+                        _ => variable,
+                    };
                     eprintln!("error: invalid {variable}: {e}");
                     std::process::exit(2);
                 });
-            events_router(stack.store(store), settings.tick)
+            events_router(stack.track(|t| t.store(store)), settings.tick)
         }
         None => events_router(stack, settings.tick),
     };

@@ -109,7 +109,7 @@ async fn a_fixed_length_body_gets_whole_frames_and_no_stale_length(version: Vers
     let second = std::sync::Arc::new(std::sync::Mutex::new(Some(second_rx)));
     let stack = DrainStack::new(drain.watch())
         .encoder(NdJson::new())
-        .heartbeat(Duration::from_millis(100))
+        .guard(|g| g.heartbeat(Duration::from_millis(100)))
         .unwrap();
     let app = Router::new()
         .route(
@@ -193,9 +193,10 @@ async fn every_layer_drops_the_length_only_of_bodies_it_may_extend() {
     );
     assert!(res.headers().get("content-length").is_none());
     assert_eq!(res.body().size_hint().exact(), None);
-    let guard = GuardLayer::new(drain.watch())
+    let guard = GuardLayer::builder(drain.watch())
         .encoder(NdJson::new())
         .heartbeat(Duration::from_secs(1))
+        .build()
         .unwrap();
     let res = through!(guard.clone(), fixed(nd));
     assert!(res.headers().get("content-length").is_none());
@@ -240,7 +241,7 @@ async fn a_grpc_trailers_only_error_keeps_its_end_stream_over_h2c() {
         .layer(
             DrainStack::new(drain.watch())
                 .encoder(Grpc::new())
-                .exempt(|_| true),
+                .reject(|r| r.exempt(|_| true)),
         )
         .merge(
             Router::new()

@@ -100,7 +100,7 @@ async fn start_server(
     let events = Router::new().route("/events", get(move || async move { ticks(name) }));
     let stack = DrainStack::new(drain.watch());
     let events = if sse_retry {
-        events.layer(stack.sse_retry())
+        events.layer(stack.reject(|r| r.sse_retry()))
     } else {
         events.layer(stack)
     };

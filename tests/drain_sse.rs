@@ -290,10 +290,11 @@ async fn the_grace_deadline_force_closes_and_counts_what_remains() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn per_key_limit_answers_429_and_a_departed_client_frees_its_slot() {
     let drain = DrainController::new();
-    let stack = DrainStack::new(drain.watch())
-        .max_per_key(2)
-        .key_header(HeaderName::from_static("x-client-id"))
-        .limit_retry_after(Duration::from_millis(1500));
+    let stack = DrainStack::new(drain.watch()).track(|t| {
+        t.max_per_key(2)
+            .key_header(HeaderName::from_static("x-client-id"))
+            .retry_after(Duration::from_millis(1500))
+    });
     let server = serve(app(&drain, stack, Duration::from_millis(20)), &drain).await;
     let alice = [("x-client-id", "alice")];
 

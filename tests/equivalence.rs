@@ -29,7 +29,7 @@ use http_body_util::Full;
 use metrics_util::debugging::{DebugValue, DebuggingRecorder};
 use tower::{Service, ServiceBuilder, ServiceExt};
 use tower_drain::frame::{FrameLayer, Grpc, NdJson};
-use tower_drain::guard::{Breaker, GuardLayer};
+use tower_drain::guard::{Breaker, GuardBuilder, GuardLayer};
 use tower_drain::reject::RejectLayer;
 use tower_drain::stack::DrainService;
 use tower_drain::track::{MemoryStore, TrackLayer};
@@ -89,24 +89,19 @@ const PLAIN: Setup = Setup {
     keyed: false,
 };
 
-/// Every `GuardLayer` of this file is built here, with `g`'s settings and `enc`'s frames.
-fn guard_layer(w: DrainWatch, g: &GuardSettings, enc: Enc) -> GuardLayer {
-    let mut guard = GuardLayer::new(w);
+/// Every guard of this file is configured here, with `g`'s settings and `enc`'s frames.
+fn guard_settings(mut guard: GuardBuilder, g: &GuardSettings, enc: Enc) -> GuardBuilder {
     if let Some(d) = g.max_lifetime {
-        guard = guard.max_lifetime(d).unwrap();
+        guard = guard.max_lifetime(d);
     }
     if let Some(d) = g.heartbeat {
-        guard = guard.heartbeat(d).unwrap();
+        guard = guard.heartbeat(d);
     }
     if let Some(d) = g.response_timeout {
-        guard = guard.response_timeout(d).unwrap();
+        guard = guard.response_timeout(d);
     }
     if let Some((threshold, cooldown)) = g.breaker {
-        guard = guard
-            .failure_threshold(threshold)
-            .unwrap()
-            .cooldown(cooldown)
-            .unwrap();
+        guard = guard.failure_threshold(threshold).cooldown(cooldown);
     }
     if g.no_breaker {
         guard = guard.circuit_breaker(false);
@@ -118,38 +113,28 @@ fn guard_layer(w: DrainWatch, g: &GuardSettings, enc: Enc) -> GuardLayer {
     }
 }
 
-/// `setup` as an application configures `DrainStack`: the breaker's settings through a guard
-/// of its own (the stack has no setter for them), the rest through the stack's setters.
+/// The hand-stacked guard layer of `g`.
+fn guard_layer(w: DrainWatch, g: &GuardSettings, enc: Enc) -> GuardLayer {
+    guard_settings(GuardLayer::builder(w), g, enc)
+        .build()
+        .unwrap()
+}
+
+/// `setup` as an application configures `DrainStack`: its encoder, then the guard's and the
+/// track layer's settings through the stack's closures.
 fn fused_stack(w: DrainWatch, setup: &Setup) -> DrainStack {
-    let g = &setup.guard;
-    let mut s = DrainStack::new(w.clone());
-    if g.breaker.is_some() {
-        let breaker_only = GuardSettings {
-            breaker: g.breaker,
-            ..NO_LIMITS
-        };
-        // The stack's own encoder replaces the guard's.
-        s = s.guard(guard_layer(w, &breaker_only, Enc::Sse));
-    }
+    let mut s = DrainStack::new(w);
     s = match setup.encoder {
         Enc::Sse => s,
         Enc::NdJson => s.encoder(NdJson::new()),
         Enc::Grpc => s.encoder(Grpc::new()),
     };
-    if let Some(d) = g.max_lifetime {
-        s = s.max_lifetime(d).unwrap();
-    }
-    if let Some(d) = g.heartbeat {
-        s = s.heartbeat(d).unwrap();
-    }
-    if let Some(d) = g.response_timeout {
-        s = s.response_timeout(d).unwrap();
-    }
-    if g.no_breaker {
-        s = s.circuit_breaker(false);
-    }
+    // The stack's own encoder is the guard's.
+    let s = s
+        .guard(|g| guard_settings(g, &setup.guard, Enc::Sse))
+        .unwrap();
     if setup.keyed {
-        s = s.max_per_key(1).key_header(x_user());
+        return s.track(|t| t.max_per_key(1).key_header(x_user()));
     }
     s
 }
@@ -842,7 +827,11 @@ async fn retry_side(hand: bool) -> Vec<String> {
         );
         retry_frame(svc).await
     } else {
-        retry_frame(fused(fused_stack(w, &PLAIN).sse_retry(), inner)).await
+        retry_frame(fused(
+            fused_stack(w, &PLAIN).reject(|r| r.sse_retry()),
+            inner,
+        ))
+        .await
     };
     out.extend(side.finish().await);
     out
@@ -959,7 +948,10 @@ fn the_bodies_are_send_sync_and_unpin() {
         Ok::<_, Infallible>(Response::new(Full::new(Bytes::new())))
     });
     check(&fused(DrainStack::new(w.clone()), inner));
-    check(&fused(DrainStack::new(w.clone()).sse_retry(), inner));
+    check(&fused(
+        DrainStack::new(w.clone()).reject(|r| r.sse_retry()),
+        inner,
+    ));
     check(&by_hand!(
         RejectLayer::new(w.clone()),
         hand_layers(w.clone(), &PLAIN),
@@ -1149,7 +1141,7 @@ async fn call_side(setup: &Setup, sse_retry: bool, hand: bool, ops: &[Op]) -> Ve
         let stack = fused_stack(w, setup);
         let breaker = stack.breaker();
         if sse_retry {
-            let svc = fused(stack.sse_retry(), inner);
+            let svc = fused(stack.reject(|r| r.sse_retry()), inner);
             trace_calls(svc, drain, breaker, &alive, ops).await
         } else {
             trace_calls(fused(stack, inner), drain, breaker, &alive, ops).await

@@ -18,7 +18,6 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 use tonic_prost::ProstCodec;
-use tower_drain::guard::GuardLayer;
 use tower_drain::track::{ConnectionStore, Lease, StoreError, StoreFailure};
 use tower_drain::{DrainController, DrainStack};
 
@@ -80,47 +79,41 @@ async fn each_answer_of_the_stack_is_grpc_native() {
         let drain = DrainController::new();
         let limited = Router::new()
             .route("/demo.Svc/Limited", post(|| async { open_stream() }))
-            .layer(
-                DrainStack::new(drain.watch())
-                    .max_per_key(1)
+            .layer(DrainStack::new(drain.watch()).track(|t| {
+                t.max_per_key(1)
                     .key_header(http::HeaderName::from_static("x-client-id"))
-                    .limit_retry_after(Duration::from_secs(3)),
-            );
+                    .retry_after(Duration::from_secs(3))
+            }));
         let broken_store = Router::new()
             .route("/demo.Svc/Stored", post(|| async { open_stream() }))
-            .layer(
-                DrainStack::new(drain.watch())
-                    .store(BrokenStore)
+            .layer(DrainStack::new(drain.watch()).track(|t| {
+                t.store(BrokenStore)
                     .max_per_key(1)
                     .key_header(http::HeaderName::from_static("x-client-id"))
-                    .on_store_error(StoreFailure::Closed),
-            );
+                    .on_store_error(StoreFailure::Closed)
+            }));
         let failing = Router::new()
             .route(
                 "/demo.Svc/Failing",
                 post(|| async { (http::StatusCode::INTERNAL_SERVER_ERROR, "boom") }),
             )
             .layer(
-                DrainStack::new(drain.watch()).guard(
-                    GuardLayer::new(drain.watch())
-                        .failure_threshold(1)
-                        .unwrap()
-                        .cooldown(Duration::from_secs(20))
-                        .unwrap(),
-                ),
+                DrainStack::new(drain.watch())
+                    .guard(|g| g.failure_threshold(1).cooldown(Duration::from_secs(20)))
+                    .unwrap(),
             );
         let slow = Router::new()
             .route("/demo.Svc/Slow", post(std::future::pending::<Response>))
             .layer(
                 DrainStack::new(drain.watch())
-                    .response_timeout(Duration::from_secs(10))
+                    .guard(|g| g.response_timeout(Duration::from_secs(10)))
                     .unwrap(),
             );
         let quick_timeout = Router::new()
             .route("/demo.Svc/Stuck", post(std::future::pending::<Response>))
             .layer(
                 DrainStack::new(drain.watch())
-                    .response_timeout(Duration::from_millis(300))
+                    .guard(|g| g.response_timeout(Duration::from_millis(300)))
                     .unwrap(),
             );
         let addr = support::serve_h1_h2(

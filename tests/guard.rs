@@ -51,7 +51,7 @@ async fn a_stream_past_its_lifetime_gets_the_timeout_frame_and_a_clean_end() {
     tokio::time::timeout(WATCHDOG, async {
         let drain = DrainController::new();
         let stack = DrainStack::new(drain.watch())
-            .max_lifetime(Duration::from_millis(600))
+            .guard(|g| g.max_lifetime(Duration::from_millis(600)))
             .unwrap();
         let app = Router::new()
             .route(
@@ -102,7 +102,9 @@ async fn a_stream_past_its_lifetime_gets_the_timeout_frame_and_a_clean_end() {
 async fn a_failing_endpoint_trips_the_breaker_over_the_wire() {
     tokio::time::timeout(WATCHDOG, async {
         let drain = DrainController::new();
-        let stack = DrainStack::new(drain.watch()).circuit_breaker(true);
+        let stack = DrainStack::new(drain.watch())
+            .guard(|g| g.circuit_breaker(true))
+            .unwrap();
         let breaker = stack.breaker().unwrap();
         let app = Router::new()
             .route(
@@ -138,13 +140,9 @@ async fn a_hung_half_open_probe_cannot_hold_every_request_at_503() {
     tokio::time::timeout(WATCHDOG, async {
         let drain = DrainController::new();
         let cooldown = Duration::from_millis(300);
-        let stack = DrainStack::new(drain.watch()).guard(
-            tower_drain::guard::GuardLayer::new(drain.watch())
-                .failure_threshold(1)
-                .unwrap()
-                .cooldown(cooldown)
-                .unwrap(),
-        );
+        let stack = DrainStack::new(drain.watch())
+            .guard(|g| g.failure_threshold(1).cooldown(cooldown))
+            .unwrap();
         let breaker = stack.breaker().unwrap();
         // Call 0 fails (opens the circuit), call 1 (the probe) hangs, later ones succeed.
         let calls = Arc::new(AtomicUsize::new(0));
@@ -204,18 +202,19 @@ async fn a_hung_half_open_probe_cannot_hold_every_request_at_503() {
 
 #[test]
 fn absurd_durations_are_rejected_naming_the_setting() {
-    use tower_drain::guard::GuardLayer;
+    use tower_drain::guard::{GuardBuilder, GuardLayer};
     let drain = DrainController::new();
-    let g = || GuardLayer::new(drain.watch());
+    let g = || GuardLayer::builder(drain.watch());
     let huge = Duration::from_secs(u64::MAX);
-    let check = |r: Result<GuardLayer, tower_drain::ConfigError>, setting: &str| {
-        assert_eq!(r.map(drop).unwrap_err().setting(), setting);
+    let check = |b: GuardBuilder, setting: &str| {
+        assert_eq!(b.build().unwrap_err().setting(), setting);
     };
     check(g().response_timeout(huge), "response_timeout");
     check(g().max_lifetime(huge), "max_lifetime");
     check(g().idle_timeout(huge), "idle_timeout");
     check(g().heartbeat(huge), "heartbeat");
     check(g().cooldown(huge), "cooldown");
+    check(g().probe_timeout(huge), "probe_timeout");
     check(
         g().revalidate(huge, |_: &http::request::Parts| async {
             Ok::<_, Infallible>(true)
@@ -224,13 +223,20 @@ fn absurd_durations_are_rejected_naming_the_setting() {
     );
     let stack = || DrainStack::new(drain.watch());
     assert_eq!(
-        stack().max_lifetime(huge).unwrap_err().setting(),
+        stack()
+            .guard(|g| g.max_lifetime(huge))
+            .unwrap_err()
+            .setting(),
         "max_lifetime"
     );
-    assert_eq!(stack().heartbeat(huge).unwrap_err().setting(), "heartbeat");
-    // The largest accepted value works: a stream is served and ticks.
+    assert_eq!(
+        stack().guard(|g| g.heartbeat(huge)).unwrap_err().setting(),
+        "heartbeat"
+    );
+    // The largest accepted value works.
     drop(
         g().max_lifetime(tower_drain::controller::MAX_DURATION)
+            .build()
             .unwrap(),
     );
 }

@@ -1512,7 +1512,8 @@ async fn absurd_durations_are_rejected_naming_the_setting() {
         (b().cleanup_timeout(huge), "cleanup_timeout"),
     ];
     for (builder, setting) in cases {
-        let err = builder.build().unwrap_err().to_string();
-        assert!(err.contains(setting), "{setting}: {err}");
+        let err = builder.build().unwrap_err();
+        assert_eq!(err.config().map(|c| c.setting()), Some(setting), "{err}");
+        assert!(err.to_string().contains(setting), "{setting}: {err}");
     }
 }

@@ -207,7 +207,7 @@ async fn a_client_that_never_answers_the_close_is_cut_at_the_deadline_and_counte
 async fn the_guard_lifetime_closes_a_socket_with_1001_and_says_why() {
     let drain = DrainController::new();
     let stack = DrainStack::new(drain.watch())
-        .max_lifetime(Duration::from_millis(300))
+        .guard(|g| g.max_lifetime(Duration::from_millis(300)))
         .unwrap();
     let server = serve(app(stack), &drain).await;
     let mut ws = connect(server.addr).await;
@@ -221,9 +221,10 @@ async fn the_guard_lifetime_closes_a_socket_with_1001_and_says_why() {
 #[tokio::test]
 async fn the_per_key_limit_counts_sockets() {
     let drain = DrainController::new();
-    let stack = DrainStack::new(drain.watch())
-        .max_per_key(1)
-        .key_header(http::HeaderName::from_static("x-client-id"));
+    let stack = DrainStack::new(drain.watch()).track(|t| {
+        t.max_per_key(1)
+            .key_header(http::HeaderName::from_static("x-client-id"))
+    });
     let server = serve(app(stack), &drain).await;
     let req = || {
         let mut req = tungstenite::client::IntoClientRequest::into_client_request(format!(

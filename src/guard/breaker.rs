@@ -15,7 +15,10 @@ const HALF_OPEN: u8 = 2;
 ///
 /// ```
 /// use tower_drain::guard::{BreakerState, GuardLayer};
-/// let layer = GuardLayer::new(tower_drain::DrainController::new().watch()).circuit_breaker(true);
+/// let layer = GuardLayer::builder(tower_drain::DrainController::new().watch())
+///     .circuit_breaker(true)
+///     .build()
+///     .unwrap();
 /// assert_eq!(layer.breaker().unwrap().state(), BreakerState::Closed);
 /// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -54,10 +57,12 @@ pub enum BreakerState {
 /// ```
 /// use std::time::Duration;
 /// use tower_drain::guard::{BreakerState, GuardLayer};
-/// let layer = GuardLayer::new(tower_drain::DrainController::new().watch())
-///     .failure_threshold(3).unwrap()
-///     .cooldown(Duration::from_secs(10)).unwrap();
-/// let breaker = layer.breaker().unwrap(); // take the handle after configuring
+/// let layer = GuardLayer::builder(tower_drain::DrainController::new().watch())
+///     .failure_threshold(3)
+///     .cooldown(Duration::from_secs(10))
+///     .build()
+///     .unwrap();
+/// let breaker = layer.breaker().unwrap(); // each `build` makes a new breaker
 /// assert_eq!(breaker.state(), BreakerState::Closed);
 /// assert_eq!(breaker.consecutive_failures(), 0);
 /// assert_eq!(breaker.threshold(), 3);

@@ -13,7 +13,7 @@ use http_body::Body;
 use tokio::time::Instant;
 
 use super::breaker::{Admit, Probe};
-use super::layer::Config;
+use super::config::Config;
 use super::limits::Limits;
 use super::stream::GuardHook;
 use crate::frame::{should_inject, unfix_length};

@@ -9,7 +9,7 @@ use std::time::Duration;
 use http::request::Parts;
 use tokio::time::{Instant, Sleep};
 
-use super::layer::{CheckFn, CheckFuture, Config};
+use super::config::{CheckFn, CheckFuture, Config};
 use crate::frame::FrameKind;
 use crate::route::RoutePath;
 

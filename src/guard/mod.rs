@@ -5,16 +5,16 @@
 //! Two kinds of time are involved:
 //!
 //! - **Time to headers** is the call's business: past
-//!   [`response_timeout`](GuardLayer::response_timeout) the inner future is dropped and the
+//!   [`response_timeout`](GuardBuilder::response_timeout) the inner future is dropped and the
 //!   client gets `504` (configurable); `S::Error` is unchanged. A response ready at the same
 //!   instant as the deadline wins (the inner future is polled first, as in tower's `Timeout`).
-//! - **Stream time** is the body's ([`GuardedBody`]): past [`max_lifetime`](GuardLayer::max_lifetime)
-//!   (optionally jittered) or after [`idle_timeout`](GuardLayer::idle_timeout) without a frame,
+//! - **Stream time** is the body's ([`GuardedBody`]): past [`max_lifetime`](GuardBuilder::max_lifetime)
+//!   (optionally jittered) or after [`idle_timeout`](GuardBuilder::idle_timeout) without a frame,
 //!   the stream receives the final *timeout* frame at its next event boundary — SSE
 //!   `event: error` / `data: {"error":"Connection timeout","code":"TIMEOUT"}` / `retry:`,
 //!   an NDJSON line, or gRPC trailers with `grpc-status: 4` — and ends. With
-//!   [`heartbeat`](GuardLayer::heartbeat), a keep-alive (`:\n\n` in SSE) goes out at a boundary
-//!   after that long without output. [`revalidate`](GuardLayer::revalidate) runs an async check
+//!   [`heartbeat`](GuardBuilder::heartbeat), a keep-alive (`:\n\n` in SSE) goes out at a boundary
+//!   after that long without output. [`revalidate`](GuardBuilder::revalidate) runs an async check
 //!   with the request's parts every interval (staggered per stream); `false` ends the stream
 //!   with the *unauthorized* frame. An error from the inner body becomes the final *error*
 //!   frame at an event boundary; mid-record, the error goes on and the response is aborted. A
@@ -27,15 +27,15 @@
 //! per stream (the revalidation check is polled from the body).
 //!
 //! The **circuit breaker** (off by default: turn it on with
-//! [`circuit_breaker(true)`](GuardLayer::circuit_breaker) or any of its settings) counts
+//! [`circuit_breaker(true)`](GuardBuilder::circuit_breaker) or any of its settings) counts
 //! consecutive failures — the inner service's `Err`, `5xx` responses (configurable with
-//! [`failure_status`](GuardLayer::failure_status)), response timeouts, bodies that end in an
+//! [`failure_status`](GuardBuilder::failure_status)), response timeouts, bodies that end in an
 //! error, failed revalidation checks. At the threshold (default 5) it opens: requests get `503`
 //! (configurable) with `retry-after` at once, without calling the service, for the cool-down
 //! (default 30 s). The first request after the cool-down is the one half-open probe
 //! (concurrent requests still get `503`): its success closes the circuit, its failure opens it
 //! again, and so does a probe with no outcome after the
-//! [`probe_timeout`](GuardLayer::probe_timeout) (default: the cool-down).
+//! [`probe_timeout`](GuardBuilder::probe_timeout) (default: the cool-down).
 //!
 //! One breaker covers every route under its layer, so it is off until you choose its scope:
 //! one `GuardLayer` around a whole service shares one breaker, and a `GuardLayer` per route
@@ -56,11 +56,13 @@
 //! # use http::{Request, Response}; use bytes::Bytes; use http_body_util::{BodyExt, StreamBody};
 //! # use http_body::Frame; use tower::{ServiceBuilder, ServiceExt}; use std::time::Duration;
 //! use tower_drain::{DrainController, guard::GuardLayer};
-//! # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
+//! # #[tokio::main(flavor = "current_thread", start_paused = true)]
+//! # async fn main() -> Result<(), tower_drain::ConfigError> {
 //! let drain = DrainController::new();
-//! let guard = GuardLayer::new(drain.watch())
-//!     .max_lifetime(Duration::from_secs(1800)).unwrap()
-//!     .heartbeat(Duration::from_secs(15)).unwrap();
+//! let guard = GuardLayer::builder(drain.watch())
+//!     .max_lifetime(Duration::from_secs(1800))
+//!     .heartbeat(Duration::from_secs(15))
+//!     .build()?; // a `ConfigError` naming the setting if one is invalid
 //! let svc = ServiceBuilder::new()
 //!     .layer(guard)
 //!     .service_fn(|_req: Request<()>| async {
@@ -87,11 +89,13 @@
 //! }
 //! assert!(last.starts_with(b"event: error\ndata: {\"error\":\"Connection timeout\",\"code\":\"TIMEOUT\"}\nretry: "));
 //! assert!(body.frame().await.is_none());
+//! # Ok(())
 //! # }
 //! ```
 
 mod breaker;
 mod call;
+mod config;
 mod layer;
 mod limits;
 mod stream;
@@ -100,6 +104,7 @@ mod tests;
 
 pub use self::breaker::{Breaker, BreakerState};
 pub(crate) use self::call::GuardCall;
+pub use self::config::GuardBuilder;
 pub use self::layer::{Guard, GuardLayer, GuardedBody};
 #[cfg(test)]
 pub(crate) use self::limits::MID_EVENT_GRACE;

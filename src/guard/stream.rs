@@ -9,7 +9,7 @@ use bytes::Bytes;
 use http::HeaderMap;
 use http_body::{Frame, SizeHint};
 
-use super::layer::Config;
+use super::config::Config;
 use super::limits::{Limits, Named, Step};
 use crate::frame::{FrameKind, GateRef};
 use crate::hook::{Next, StreamCx, StreamHook};

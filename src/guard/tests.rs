@@ -42,8 +42,9 @@ mod body {
     #[tokio::test(start_paused = true)]
     async fn lifetime_frame_arrives_at_the_limit_and_the_body_ends() {
         let drain = DrainController::new();
-        let layer = GuardLayer::new(drain.watch())
+        let layer = GuardLayer::builder(drain.watch())
             .max_lifetime(Duration::from_secs(10))
+            .build()
             .unwrap();
         let (feed, res) = sse();
         let mut body = spawn(through(&layer, Request::new(()), res).await.into_body());
@@ -66,10 +67,10 @@ mod body {
     #[tokio::test(start_paused = true)]
     async fn lifetime_jitter_only_shortens_and_spreads() {
         let drain = DrainController::new();
-        let layer = GuardLayer::new(drain.watch())
+        let layer = GuardLayer::builder(drain.watch())
             .max_lifetime(Duration::from_secs(100))
-            .unwrap()
             .lifetime_jitter(0.5)
+            .build()
             .unwrap();
         let start = Instant::now();
         let mut ends = Vec::new();
@@ -96,8 +97,9 @@ mod body {
     #[tokio::test(start_paused = true)]
     async fn a_limit_reached_mid_event_waits_for_the_boundary() {
         let drain = DrainController::new();
-        let layer = GuardLayer::new(drain.watch())
+        let layer = GuardLayer::builder(drain.watch())
             .max_lifetime(Duration::from_secs(10))
+            .build()
             .unwrap();
         let (feed, res) = sse();
         let mut body = spawn(through(&layer, Request::new(()), res).await.into_body());
@@ -130,8 +132,9 @@ mod body {
     #[tokio::test(start_paused = true)]
     async fn idle_timeout_counts_from_the_last_frame() {
         let drain = DrainController::new();
-        let layer = GuardLayer::new(drain.watch())
+        let layer = GuardLayer::builder(drain.watch())
             .idle_timeout(Duration::from_secs(5))
+            .build()
             .unwrap();
         let (feed, res) = sse();
         let mut body = spawn(through(&layer, Request::new(()), res).await.into_body());
@@ -152,8 +155,9 @@ mod body {
     #[tokio::test(start_paused = true)]
     async fn heartbeats_keep_an_idle_stream_open_and_never_split_an_event() {
         let drain = DrainController::new();
-        let layer = GuardLayer::new(drain.watch())
+        let layer = GuardLayer::builder(drain.watch())
             .heartbeat(Duration::from_secs(15))
+            .build()
             .unwrap();
         let (feed, res) = sse();
         let mut body = spawn(through(&layer, Request::new(()), res).await.into_body());
@@ -182,9 +186,10 @@ mod body {
     #[tokio::test(start_paused = true)]
     async fn ndjson_heartbeat_is_a_json_record_and_grpc_gets_deadline_exceeded_trailers() {
         let drain = DrainController::new();
-        let layer = GuardLayer::new(drain.watch())
+        let layer = GuardLayer::builder(drain.watch())
             .encoder(NdJson::new())
             .heartbeat(Duration::from_secs(1))
+            .build()
             .unwrap();
         let (feed, res) = streaming("application/x-ndjson");
         let mut body = spawn(through(&layer, Request::new(()), res).await.into_body());
@@ -193,11 +198,11 @@ mod body {
         assert_eq!(text(poll(&mut body)), "{\"type\":\"heartbeat\"}\n");
         drop(feed);
 
-        let layer = GuardLayer::new(drain.watch())
+        let layer = GuardLayer::builder(drain.watch())
             .encoder(Grpc::new())
             .max_lifetime(Duration::from_secs(3))
-            .unwrap()
             .heartbeat(Duration::from_secs(1))
+            .build()
             .unwrap();
         let (feed, res) = streaming("application/grpc");
         let mut body = spawn(through(&layer, Request::new(()), res).await.into_body());
@@ -220,7 +225,10 @@ mod body {
     #[tokio::test(start_paused = true)]
     async fn a_body_error_becomes_an_error_frame_and_a_clean_end() {
         let drain = DrainController::new();
-        let layer = GuardLayer::new(drain.watch()).circuit_breaker(true);
+        let layer = GuardLayer::builder(drain.watch())
+            .circuit_breaker(true)
+            .build()
+            .unwrap();
         let breaker = layer.breaker().unwrap();
         let (feed, res) = sse();
         let mut body = spawn(through(&layer, Request::new(()), res).await.into_body());
@@ -239,7 +247,10 @@ mod body {
         assert_eq!(breaker.consecutive_failures(), 1);
 
         // Passed through when configured so.
-        let layer = GuardLayer::new(drain.watch()).pass_through_errors(true);
+        let layer = GuardLayer::builder(drain.watch())
+            .pass_through_errors(true)
+            .build()
+            .unwrap();
         let (feed, res) = sse();
         let mut body = spawn(through(&layer, Request::new(()), res).await.into_body());
         feed.error();
@@ -262,7 +273,10 @@ mod body {
         body.enter(|_, b| assert_ended(&*b));
 
         // gRPC (no limits set): the error travels as trailers only, then the end.
-        let layer = GuardLayer::new(drain.watch()).encoder(Grpc::new());
+        let layer = GuardLayer::builder(drain.watch())
+            .encoder(Grpc::new())
+            .build()
+            .unwrap();
         let (feed, res) = streaming("application/grpc");
         let mut body = spawn(through(&layer, Request::new(()), res).await.into_body());
         feed.0
@@ -287,12 +301,13 @@ mod body {
         let drain = DrainController::new();
         let checks = Arc::new(AtomicUsize::new(0));
         let c = checks.clone();
-        let layer = GuardLayer::new(drain.watch())
+        let layer = GuardLayer::builder(drain.watch())
             .revalidate(Duration::from_secs(60), move |parts: &Parts| {
                 c.fetch_add(1, Ordering::Relaxed);
                 let ok = parts.headers.get("x-user").is_some_and(|v| v != "revoked");
                 async move { Ok::<_, std::convert::Infallible>(ok) }
             })
+            .build()
             .unwrap();
         let req = |user: &'static str| Request::builder().header("x-user", user).body(()).unwrap();
         let mut bodies = Vec::new();
@@ -342,10 +357,11 @@ mod body {
     #[tokio::test(start_paused = true)]
     async fn revalidation_sends_the_unauthorized_frame() {
         let drain = DrainController::new();
-        let layer = GuardLayer::new(drain.watch())
+        let layer = GuardLayer::builder(drain.watch())
             .revalidate(Duration::from_secs(2), |_: &Parts| async {
                 Ok::<_, std::convert::Infallible>(false)
             })
+            .build()
             .unwrap();
         let (feed, res) = sse();
         let mut body = Box::pin(through(&layer, Request::new(()), res).await.into_body());
@@ -362,12 +378,12 @@ mod body {
     #[tokio::test(start_paused = true)]
     async fn revalidation_errors_count_for_the_breaker_not_against_the_client() {
         let drain = DrainController::new();
-        let layer = GuardLayer::new(drain.watch())
+        let layer = GuardLayer::builder(drain.watch())
             .failure_threshold(2)
-            .unwrap()
             .revalidate(Duration::from_secs(2), |_: &Parts| async {
                 Err::<bool, _>(std::io::Error::other("auth service down"))
             })
+            .build()
             .unwrap();
         let breaker = layer.breaker().unwrap();
         let (feed, res) = sse();
@@ -386,8 +402,9 @@ mod body {
     #[tokio::test(start_paused = true)]
     async fn expiring_and_draining_at_the_same_instant_gives_one_final_frame() {
         let drain = DrainController::new();
-        let guard = GuardLayer::new(drain.watch())
+        let guard = GuardLayer::builder(drain.watch())
             .max_lifetime(Duration::from_secs(10))
+            .build()
             .unwrap();
         let frame = FrameLayer::new(drain.watch());
         let (feed, res) = sse();
@@ -418,11 +435,9 @@ mod body {
     async fn a_drained_stream_gets_no_timeout_frame_afterwards() {
         for encoder in ["sse", "grpc"] {
             let drain = DrainController::new();
-            let mut guard = GuardLayer::new(drain.watch())
+            let mut guard = GuardLayer::builder(drain.watch())
                 .max_lifetime(Duration::from_secs(10))
-                .unwrap()
-                .heartbeat(Duration::from_secs(1))
-                .unwrap();
+                .heartbeat(Duration::from_secs(1));
             let mut frame = FrameLayer::new(drain.watch());
             let ct = if encoder == "grpc" {
                 guard = guard.encoder(Grpc::new());
@@ -432,7 +447,10 @@ mod body {
                 "text/event-stream"
             };
             let (feed, res) = streaming(ct);
-            let svc = guard.layer(frame.layer(crate::test_support::once(res)));
+            let svc = guard
+                .build()
+                .unwrap()
+                .layer(frame.layer(crate::test_support::once(res)));
             let res = tower::ServiceExt::oneshot(svc, Request::new(()))
                 .await
                 .unwrap();
@@ -468,8 +486,9 @@ mod body {
     #[tokio::test(start_paused = true)]
     async fn other_responses_pass_through_untouched() {
         let drain = DrainController::new();
-        let layer = GuardLayer::new(drain.watch())
+        let layer = GuardLayer::builder(drain.watch())
             .max_lifetime(Duration::from_secs(1))
+            .build()
             .unwrap();
         let res = http::Response::new(http_body_util::Full::new(Bytes::from_static(b"hello")));
         let mut body = spawn(through(&layer, Request::new(()), res).await.into_body());
@@ -483,7 +502,7 @@ mod body {
     async fn dropping_the_body_mid_stream_releases_the_stream() {
         let drain = DrainController::new();
         let stack = crate::DrainStack::new(drain.watch())
-            .max_lifetime(Duration::from_secs(10))
+            .guard(|g| g.max_lifetime(Duration::from_secs(10)))
             .unwrap();
         let (feed, res) = sse();
         let slot = Arc::new(Mutex::new(Some(res)));
@@ -597,18 +616,19 @@ mod service {
     }
 
     fn breaker_layer() -> GuardLayer {
-        GuardLayer::new(DrainController::new().watch())
+        GuardLayer::builder(DrainController::new().watch())
             .failure_threshold(3)
-            .unwrap()
             .cooldown(Duration::from_secs(30))
+            .build()
             .unwrap()
     }
 
     #[tokio::test(start_paused = true)]
     async fn response_timeout_fires_at_the_deadline_and_a_tie_goes_to_the_response() {
-        let layer = GuardLayer::new(DrainController::new().watch())
+        let layer = GuardLayer::builder(DrainController::new().watch())
             .circuit_breaker(true)
             .response_timeout(Duration::from_secs(5))
+            .build()
             .unwrap();
         let breaker = layer.breaker().unwrap();
         let held = Arc::new(());
@@ -651,10 +671,11 @@ mod service {
         assert_eq!(breaker.consecutive_failures(), 0);
 
         // A configured status.
-        let layer = GuardLayer::new(DrainController::new().watch())
+        let layer = GuardLayer::builder(DrainController::new().watch())
             .response_timeout(Duration::from_secs(1))
-            .unwrap()
-            .timeout_status(StatusCode::REQUEST_TIMEOUT);
+            .timeout_status(StatusCode::REQUEST_TIMEOUT)
+            .build()
+            .unwrap();
         let svc = layer.layer(tower::service_fn(|_req: Request<()>| async {
             std::future::pending::<()>().await;
             Ok::<_, std::io::Error>(Response::new(Empty::<Bytes>::new()))
@@ -735,8 +756,11 @@ mod service {
     #[tokio::test(start_paused = true)]
     async fn breaker_statuses_are_configurable_and_it_can_be_off() {
         let layer = breaker_layer()
+            .to_builder()
             .breaker_status(StatusCode::TOO_MANY_REQUESTS)
-            .failure_status(|s: StatusCode| s == StatusCode::BAD_GATEWAY);
+            .failure_status(|s: StatusCode| s == StatusCode::BAD_GATEWAY)
+            .build()
+            .unwrap();
         let f = fixture(layer);
         for _ in 0..3 {
             f.status("500").await.unwrap(); // not a failure here
@@ -747,7 +771,12 @@ mod service {
         }
         assert_eq!(f.status("200").await.unwrap(), 429);
 
-        let f = fixture(GuardLayer::new(DrainController::new().watch()).circuit_breaker(false));
+        let f = fixture(
+            GuardLayer::builder(DrainController::new().watch())
+                .circuit_breaker(false)
+                .build()
+                .unwrap(),
+        );
         for _ in 0..10 {
             assert_eq!(f.status("500").await.unwrap(), 500);
         }
@@ -756,33 +785,22 @@ mod service {
 
     #[test]
     fn invalid_settings_name_the_setting() {
-        let l = || GuardLayer::new(DrainController::new().watch());
+        let l = || GuardLayer::builder(DrainController::new().watch());
+        let err = |b: crate::guard::GuardBuilder| b.build().unwrap_err().setting();
         let z = Duration::ZERO;
-        assert_eq!(
-            l().response_timeout(z).unwrap_err().setting(),
-            "response_timeout"
-        );
-        assert_eq!(l().max_lifetime(z).unwrap_err().setting(), "max_lifetime");
-        assert_eq!(l().idle_timeout(z).unwrap_err().setting(), "idle_timeout");
-        assert_eq!(l().heartbeat(z).unwrap_err().setting(), "heartbeat");
-        assert_eq!(l().cooldown(z).unwrap_err().setting(), "cooldown");
-        assert_eq!(
-            l().failure_threshold(0).unwrap_err().setting(),
-            "failure_threshold"
-        );
-        assert_eq!(
-            l().lifetime_jitter(1.0).unwrap_err().setting(),
-            "lifetime_jitter"
-        );
-        assert_eq!(
-            l().lifetime_jitter(-0.1).unwrap_err().setting(),
-            "lifetime_jitter"
-        );
+        assert_eq!(err(l().response_timeout(z)), "response_timeout");
+        assert_eq!(err(l().max_lifetime(z)), "max_lifetime");
+        assert_eq!(err(l().idle_timeout(z)), "idle_timeout");
+        assert_eq!(err(l().heartbeat(z)), "heartbeat");
+        assert_eq!(err(l().cooldown(z)), "cooldown");
+        assert_eq!(err(l().probe_timeout(z)), "probe_timeout");
+        assert_eq!(err(l().failure_threshold(0)), "failure_threshold");
+        assert_eq!(err(l().lifetime_jitter(1.0)), "lifetime_jitter");
+        assert_eq!(err(l().lifetime_jitter(-0.1)), "lifetime_jitter");
         let check = |_: &http::request::Parts| async { Ok::<_, std::convert::Infallible>(true) };
-        assert_eq!(
-            l().revalidate(z, check).unwrap_err().setting(),
-            "revalidate"
-        );
-        assert!(l().lifetime_jitter(0.0).is_ok());
+        assert_eq!(err(l().revalidate(z, check)), "revalidate");
+        assert!(l().lifetime_jitter(0.0).build().is_ok());
+        // The first invalid setting, in the order of the settings.
+        assert_eq!(err(l().cooldown(z).max_lifetime(z)), "max_lifetime");
     }
 }

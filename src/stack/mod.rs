@@ -21,6 +21,11 @@
 //! whether the response is a stream. Other requests go through the nested layers as they
 //! are; the answers are the same either way.
 //!
+//! Each layer is configured with its own settings, through a closure: [`DrainStack::track`]
+//! gets the [`TrackLayer`] (per-key limits, the store), [`DrainStack::reject`] the
+//! [`RejectLayer`] (exemptions, `sse_retry`), [`DrainStack::guard`] the guard's
+//! [`GuardBuilder`] (timeouts, lifetime, heartbeat, circuit breaker), whose settings it checks.
+//!
 //! # Example
 //!
 //! ```
@@ -29,8 +34,10 @@
 //! use tower_drain::{DrainController, DrainReason, DrainStack};
 //! # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
 //! let drain = DrainController::new();
+//! let stack = DrainStack::new(drain.watch())
+//!     .track(|t| t.max_per_key(10).key_header(http::HeaderName::from_static("x-client-id")));
 //! let svc = ServiceBuilder::new()
-//!     .layer(DrainStack::new(drain.watch()).max_per_key(10).key_header(http::HeaderName::from_static("x-client-id")))
+//!     .layer(stack)
 //!     .service_fn(|_req: Request<()>| async {
 //!         Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from("hi"))))
 //!     });
@@ -44,18 +51,23 @@
 //! # }
 //! ```
 //!
-//! The guard's limits are set through the stack, for example a maximum stream lifetime:
+//! The guard's limits, for example a maximum stream lifetime and heartbeats; an invalid value
+//! is a [`ConfigError`] naming the setting:
 //!
 //! ```
 //! use std::time::Duration;
 //! use tower_drain::{DrainController, DrainStack};
 //! let drain = DrainController::new();
 //! let stack = DrainStack::new(drain.watch())
-//!     .max_lifetime(Duration::from_secs(1800))
-//!     .unwrap()
-//!     .heartbeat(Duration::from_secs(15))
+//!     .guard(|g| {
+//!         g.max_lifetime(Duration::from_secs(1800))
+//!             .heartbeat(Duration::from_secs(15))
+//!     })
 //!     .unwrap();
-//! assert!(DrainStack::new(drain.watch()).max_lifetime(Duration::ZERO).is_err());
+//! let err = DrainStack::new(drain.watch())
+//!     .guard(|g| g.max_lifetime(Duration::ZERO))
+//!     .unwrap_err();
+//! assert_eq!(err.setting(), "max_lifetime");
 //! # drop(stack);
 //! ```
 
@@ -80,15 +92,12 @@ pub type DrainService<S, St = MemoryStore, M = Plain> =
 /// body with [`sse_retry`](DrainStack::sse_retry)).
 pub type DrainBody<B> = HookBody<B, (TrackHook, (GuardHook, FrameHook))>;
 
-use std::time::Duration;
-
-use http::request::Parts;
 use tower_layer::Layer;
 
 use crate::frame::{FinalFrame, FrameLayer};
-use crate::guard::{Breaker, GuardLayer};
-use crate::reject::{Default503, Plain, RejectLayer, SseRetry};
-use crate::track::{ConnectionStore, MemoryStore, StoreFailure, TrackLayer};
+use crate::guard::{Breaker, GuardBuilder, GuardLayer};
+use crate::reject::{Default503, Plain, RejectLayer};
+use crate::track::{MemoryStore, TrackLayer};
 use crate::{ConfigError, DrainWatch};
 
 /// Configures and composes `Reject → Track → Guard → Frame`; see the [module docs](self).
@@ -105,7 +114,7 @@ pub struct DrainStack<St = MemoryStore, M = Plain> {
 impl DrainStack<MemoryStore> {
     /// The stack with defaults: probe paths exempt from rejection, in-memory tracking without
     /// a limit, the guard's defaults (no circuit breaker, no time limits; see
-    /// [`GuardLayer`]), SSE final frames.
+    /// [`GuardBuilder`]), SSE final frames.
     ///
     /// ```
     /// let stack = tower_drain::DrainStack::new(tower_drain::DrainController::new().watch());
@@ -125,100 +134,95 @@ impl DrainStack<MemoryStore> {
     }
 }
 
-impl<St: ConnectionStore, M> DrainStack<St, M> {
-    /// Uses `store` for per-key limits (e.g. a `RedisStore`). Keeps the other settings.
+impl<St, M> DrainStack<St, M> {
+    /// Configures the tracking layer: `f` gets the stack's [`TrackLayer`] and returns it
+    /// changed, for example with a per-key limit, or with another store
+    /// ([`TrackLayer::store`], e.g. a `RedisStore`).
     ///
     /// ```
+    /// use std::time::Duration;
     /// use tower_drain::{DrainController, DrainStack, track::MemoryStore};
-    /// let stack = DrainStack::new(DrainController::new().watch()).store(MemoryStore::new());
+    /// let stack = DrainStack::new(DrainController::new().watch()).track(|t| {
+    ///     t.max_per_key(3)
+    ///         .key_header(http::HeaderName::from_static("x-client-id"))
+    ///         .retry_after(Duration::from_secs(2))
+    ///         .store(MemoryStore::new())
+    /// });
     /// # drop(stack);
     /// ```
-    pub fn store<St2: ConnectionStore>(self, store: St2) -> DrainStack<St2, M> {
-        let old = self.track;
-        let mut track = TrackLayer::with_store(self.watch.clone(), store);
-        track.limit = old.limit;
-        track.key = old.key;
-        track.retry_after = old.retry_after;
-        track.on_store_error = old.on_store_error;
+    pub fn track<St2>(
+        self,
+        f: impl FnOnce(TrackLayer<St>) -> TrackLayer<St2>,
+    ) -> DrainStack<St2, M> {
         DrainStack {
             watch: self.watch,
             reject: self.reject,
-            track,
+            track: f(self.track),
             guard: self.guard,
             frame: self.frame,
         }
     }
-}
 
-impl<St, M> DrainStack<St, M> {
-    /// See [`TrackLayer::max_per_key`].
-    pub fn max_per_key(mut self, n: u32) -> Self {
-        self.track = self.track.max_per_key(n);
-        self
-    }
-
-    /// See [`TrackLayer::key_fn`].
-    pub fn key_fn<F>(mut self, f: F) -> Self
-    where
-        F: Fn(&Parts) -> Option<String> + Send + Sync + 'static,
-    {
-        self.track = self.track.key_fn(f);
-        self
-    }
-
-    /// See [`TrackLayer::key_header`].
-    pub fn key_header(mut self, name: http::HeaderName) -> Self {
-        self.track = self.track.key_header(name);
-        self
-    }
-
-    /// See [`TrackLayer::retry_after`].
-    pub fn limit_retry_after(mut self, d: Duration) -> Self {
-        self.track = self.track.retry_after(d);
-        self
-    }
-
-    /// See [`TrackLayer::on_store_error`].
-    pub fn on_store_error(mut self, f: StoreFailure) -> Self {
-        self.track = self.track.on_store_error(f);
-        self
-    }
-
-    /// See [`RejectLayer::exempt`].
-    pub fn exempt<F>(mut self, f: F) -> Self
-    where
-        F: Fn(&Parts) -> bool + Send + Sync + 'static,
-    {
-        self.reject = self.reject.exempt(f);
-        self
-    }
-
-    /// See [`RejectLayer::reject_while_draining`].
-    pub fn reject_while_draining(mut self, yes: bool) -> Self {
-        self.reject = self.reject.reject_while_draining(yes);
-        self
-    }
-
-    /// See [`RejectLayer::sse_retry`]: while closing, a browser's `EventSource` reconnecting
-    /// to this server gets `200` and the shutdown frame instead of `503`, so it retries by
-    /// itself after the frame's `retry:` delay instead of giving up.
+    /// Configures the rejecting layer: `f` gets the stack's [`RejectLayer`] and returns it
+    /// changed, for example with more paths [`exempt`](RejectLayer::exempt) from rejection or
+    /// with [`sse_retry`](RejectLayer::sse_retry): while closing, a browser's `EventSource`
+    /// reconnecting to this server gets `200` and the shutdown frame instead of `503`, so it
+    /// retries by itself after the frame's `retry:` delay instead of giving up.
     ///
     /// ```
     /// let stack = tower_drain::DrainStack::new(tower_drain::DrainController::new().watch())
-    ///     .sse_retry();
+    ///     .reject(|r| r.reject_while_draining(true).sse_retry());
     /// # drop(stack);
     /// ```
-    pub fn sse_retry(self) -> DrainStack<St, SseRetry> {
+    pub fn reject<M2>(
+        self,
+        f: impl FnOnce(RejectLayer<Default503, M>) -> RejectLayer<Default503, M2>,
+    ) -> DrainStack<St, M2> {
         DrainStack {
             watch: self.watch,
-            reject: self.reject.sse_retry(),
+            reject: f(self.reject),
             track: self.track,
             guard: self.guard,
             frame: self.frame,
         }
     }
 
-    /// Final frames made by `encoder` instead of SSE; see [`FrameLayer::with_encoder`].
+    /// Configures the guard: `f` gets the stack's current guard settings (see
+    /// [`GuardLayer::to_builder`]; the defaults at first) and returns them changed; they are
+    /// checked and the guard is rebuilt. Settings made by an earlier call are kept, and the
+    /// guard keeps the stack's encoder (set it with [`encoder`](Self::encoder)). A rebuilt
+    /// guard has a new circuit breaker: take [`breaker`](Self::breaker) afterwards.
+    ///
+    /// # Errors
+    ///
+    /// A [`ConfigError`] naming the first invalid setting (see [`GuardBuilder::build`]).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_drain::{DrainController, DrainStack};
+    /// let drain = DrainController::new();
+    /// let stack = DrainStack::new(drain.watch())
+    ///     .guard(|g| g.response_timeout(Duration::from_secs(5)))
+    ///     .unwrap()
+    ///     .guard(|g| g.failure_threshold(10))
+    ///     .unwrap();
+    /// assert_eq!(stack.breaker().unwrap().threshold(), 10);
+    ///
+    /// let err = stack.guard(|g| g.lifetime_jitter(1.5)).unwrap_err();
+    /// assert_eq!(err.setting(), "lifetime_jitter");
+    /// ```
+    pub fn guard(
+        mut self,
+        f: impl FnOnce(GuardBuilder) -> GuardBuilder,
+    ) -> Result<Self, ConfigError> {
+        self.guard = f(self.guard.to_builder())
+            .build()?
+            .frame_config(self.frame.cfg.clone());
+        Ok(self)
+    }
+
+    /// Final frames made by `encoder` instead of SSE; see [`FrameLayer::with_encoder`]. The
+    /// guard's final frames and heartbeats follow it.
     ///
     /// ```
     /// use tower_drain::{DrainController, DrainStack, frame::NdJson};
@@ -231,85 +235,13 @@ impl<St, M> DrainStack<St, M> {
         self
     }
 
-    /// Replaces the guard with `guard` (configured on its own, e.g. with
-    /// [`GuardLayer::revalidate`]). It uses the stack's encoder.
-    ///
-    /// ```
-    /// use std::time::Duration;
-    /// use tower_drain::{DrainController, DrainStack, guard::GuardLayer};
-    /// let drain = DrainController::new();
-    /// let guard = GuardLayer::new(drain.watch())
-    ///     .response_timeout(Duration::from_secs(5)).unwrap()
-    ///     .failure_threshold(10).unwrap();
-    /// let stack = DrainStack::new(drain.watch()).guard(guard);
-    /// assert_eq!(stack.breaker().unwrap().threshold(), 10);
-    /// ```
-    pub fn guard(mut self, guard: GuardLayer) -> Self {
-        self.guard = guard.frame_config(self.frame.cfg.clone());
-        self
-    }
-
-    /// See [`GuardLayer::max_lifetime`].
-    ///
-    /// # Errors
-    ///
-    /// `d` is zero.
-    pub fn max_lifetime(mut self, d: Duration) -> Result<Self, ConfigError> {
-        self.guard = self.guard.max_lifetime(d)?;
-        Ok(self)
-    }
-
-    /// See [`GuardLayer::lifetime_jitter`].
-    ///
-    /// # Errors
-    ///
-    /// `fraction` is outside `0..1`.
-    pub fn lifetime_jitter(mut self, fraction: f64) -> Result<Self, ConfigError> {
-        self.guard = self.guard.lifetime_jitter(fraction)?;
-        Ok(self)
-    }
-
-    /// See [`GuardLayer::idle_timeout`].
-    ///
-    /// # Errors
-    ///
-    /// `d` is zero.
-    pub fn idle_timeout(mut self, d: Duration) -> Result<Self, ConfigError> {
-        self.guard = self.guard.idle_timeout(d)?;
-        Ok(self)
-    }
-
-    /// See [`GuardLayer::heartbeat`].
-    ///
-    /// # Errors
-    ///
-    /// `d` is zero.
-    pub fn heartbeat(mut self, d: Duration) -> Result<Self, ConfigError> {
-        self.guard = self.guard.heartbeat(d)?;
-        Ok(self)
-    }
-
-    /// See [`GuardLayer::response_timeout`].
-    ///
-    /// # Errors
-    ///
-    /// `d` is zero.
-    pub fn response_timeout(mut self, d: Duration) -> Result<Self, ConfigError> {
-        self.guard = self.guard.response_timeout(d)?;
-        Ok(self)
-    }
-
-    /// See [`GuardLayer::circuit_breaker`].
-    pub fn circuit_breaker(mut self, on: bool) -> Self {
-        self.guard = self.guard.circuit_breaker(on);
-        self
-    }
-
-    /// The guard's circuit breaker (see [`GuardLayer::breaker`]).
+    /// The guard's circuit breaker (see [`GuardLayer::breaker`]), or `None` when it is off.
     ///
     /// ```
     /// use tower_drain::{DrainController, DrainStack, guard::BreakerState};
-    /// let stack = DrainStack::new(DrainController::new().watch()).circuit_breaker(true);
+    /// let stack = DrainStack::new(DrainController::new().watch())
+    ///     .guard(|g| g.circuit_breaker(true))
+    ///     .unwrap();
     /// assert_eq!(stack.breaker().unwrap().state(), BreakerState::Closed);
     /// ```
     pub fn breaker(&self) -> Option<Breaker> {
@@ -550,6 +482,104 @@ mod tests {
             DebugValue::Histogram(v) => assert_eq!(v.len(), 1),
             other => panic!("{other:?}"),
         }
+    }
+
+    /// The body of a quiet stream of `content_type` under `stack`: `record`, then nothing.
+    async fn quiet(
+        stack: &DrainStack,
+        content_type: &'static str,
+        record: &'static str,
+    ) -> Pin<Box<impl Body<Data = Bytes, Error = impl std::fmt::Debug>>> {
+        use futures_util::StreamExt;
+        let svc = stack.layer(tower::service_fn(move |_req: Request<()>| async move {
+            let s = futures_util::stream::iter([Ok::<_, Infallible>(Frame::data(
+                Bytes::from_static(record.as_bytes()),
+            ))])
+            .chain(futures_util::stream::pending());
+            let mut res = Response::new(http_body_util::StreamBody::new(s));
+            res.headers_mut()
+                .insert("content-type", http::HeaderValue::from_static(content_type));
+            Ok::<_, Infallible>(res)
+        }));
+        Box::pin(svc.oneshot(Request::new(())).await.unwrap().into_body())
+    }
+
+    async fn data<B>(body: &mut B) -> Bytes
+    where
+        B: Body<Data = Bytes> + Unpin,
+        B::Error: std::fmt::Debug,
+    {
+        body.frame().await.unwrap().unwrap().into_data().unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn guard_settings_of_earlier_calls_are_kept_and_invalid_ones_are_named() {
+        let drain = DrainController::new();
+        // The lifetime set first and the heartbeat set second both act on a stream.
+        let stack = DrainStack::new(drain.watch())
+            .guard(|g| g.max_lifetime(Duration::from_secs(3)))
+            .unwrap()
+            .guard(|g| g.heartbeat(Duration::from_secs(1)))
+            .unwrap();
+        let start = tokio::time::Instant::now();
+        let mut body = quiet(&stack, "text/event-stream", "data: 1\n\n").await;
+        assert_eq!(data(&mut body).await, "data: 1\n\n");
+        assert_eq!(data(&mut body).await, ":\n\n");
+        assert_eq!(start.elapsed(), Duration::from_secs(1));
+        // Heartbeats until the lifetime ends the stream (a bounded wait: without the lifetime
+        // the heartbeats would go on for ever).
+        let mut last = data(&mut body).await;
+        for _ in 0..3 {
+            if last != ":\n\n" {
+                break;
+            }
+            last = data(&mut body).await;
+        }
+        assert!(
+            last.starts_with(b"event: error\ndata: {\"error\":\"Connection timeout\""),
+            "{last:?}"
+        );
+        assert_eq!(start.elapsed(), Duration::from_secs(3));
+        assert!(body.frame().await.is_none());
+
+        // So do the breaker's settings, each made by a call of its own.
+        let breaker = stack
+            .clone()
+            .guard(|g| g.failure_threshold(3))
+            .unwrap()
+            .guard(|g| g.cooldown(Duration::from_secs(10)))
+            .unwrap()
+            .breaker()
+            .unwrap();
+        assert_eq!(
+            (breaker.threshold(), breaker.cooldown()),
+            (3, Duration::from_secs(10))
+        );
+
+        // An invalid value fails, naming the setting.
+        let err = stack
+            .clone()
+            .guard(|g| g.heartbeat(Duration::ZERO))
+            .unwrap_err();
+        assert_eq!(err.setting(), "heartbeat");
+        assert_eq!(
+            err.to_string(),
+            "invalid heartbeat: must be greater than zero"
+        );
+        let err = stack.guard(|g| g.lifetime_jitter(1.0)).unwrap_err();
+        assert_eq!(err.setting(), "lifetime_jitter");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_guard_keeps_the_stack_encoder() {
+        let drain = DrainController::new();
+        let stack = DrainStack::new(drain.watch())
+            .encoder(crate::frame::NdJson::new())
+            .guard(|g| g.heartbeat(Duration::from_secs(1)))
+            .unwrap();
+        let mut body = quiet(&stack, "application/x-ndjson", "{\"n\":1}\n").await;
+        assert_eq!(data(&mut body).await, "{\"n\":1}\n");
+        assert_eq!(data(&mut body).await, "{\"type\":\"heartbeat\"}\n");
     }
 
     #[tokio::test]

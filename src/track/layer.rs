@@ -74,6 +74,26 @@ impl<St: ConnectionStore> TrackLayer<St> {
 }
 
 impl<St> TrackLayer<St> {
+    /// Uses `store` for per-key limits (e.g. a `RedisStore`) instead of this layer's store;
+    /// keeps the other settings. The store is registered for clean-up as by
+    /// [`with_store`](TrackLayer::with_store).
+    ///
+    /// ```
+    /// use tower_drain::track::{MemoryStore, TrackLayer};
+    /// let drain = tower_drain::DrainController::new();
+    /// let layer = TrackLayer::new(drain.watch()).max_per_key(3).store(MemoryStore::new());
+    /// assert!(format!("{layer:?}").contains("limit: Some(3)"));
+    /// ```
+    pub fn store<St2: ConnectionStore>(self, store: St2) -> TrackLayer<St2> {
+        TrackLayer {
+            limit: self.limit,
+            key: self.key,
+            retry_after: self.retry_after,
+            on_store_error: self.on_store_error,
+            ..TrackLayer::with_store(self.watch, store)
+        }
+    }
+
     /// At most `n` concurrent streams per key (requests without a key are not limited). Over
     /// the limit: `429` + `retry-after`, and the inner service is not called.
     pub fn max_per_key(mut self, n: u32) -> Self {

@@ -18,7 +18,7 @@
 //!    (end, error, panic, abort). A handle no handler takes is released with the request.
 //! 3. The socket's loop selects on [`WsHandle::notified`] next to its own work. It resolves at
 //!    the socket's share of the drain spread, at the guard's
-//!    [`max_lifetime`](crate::guard::GuardLayer::max_lifetime), or at the grace deadline, and
+//!    [`max_lifetime`](crate::guard::GuardBuilder::max_lifetime), or at the grace deadline, and
 //!    [`close`] then does the rest: it sends `Close(1001, reason)` (configurable with
 //!    [`WsHandle::close_frame`]) — between messages, since the loop is not inside a send when
 //!    the branch is taken —, waits for the peer's close frame until the grace deadline, and

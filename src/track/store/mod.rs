@@ -14,7 +14,7 @@ pub use self::memory::MemoryStore;
 #[cfg(feature = "redis")]
 pub use self::redis::{AcquireFuture, RedisStore, RedisStoreBuilder};
 
-use crate::controller::CleanupSummary;
+use crate::controller::{CleanupSummary, ConfigError};
 use crate::BoxError;
 
 /// A place that counts open streams per key and admits a new one only under a limit.
@@ -135,17 +135,20 @@ impl fmt::Debug for Lease {
     }
 }
 
-/// A connection store could not answer.
+/// A connection store could not answer, or could not be built: for an invalid setting,
+/// [`config`](Self::config) names it.
 ///
 /// ```
 /// let e = tower_drain::track::StoreError::new("redis unreachable");
 /// assert_eq!(e.to_string(), "connection store error: redis unreachable");
+/// assert!(e.config().is_none());
 /// ```
 #[derive(Debug)]
 #[non_exhaustive]
 pub struct StoreError {
     message: String,
     source: Option<BoxError>,
+    config: Option<ConfigError>,
 }
 
 impl StoreError {
@@ -154,6 +157,7 @@ impl StoreError {
         Self {
             message: message.into(),
             source: None,
+            config: None,
         }
     }
 
@@ -169,6 +173,49 @@ impl StoreError {
         Self {
             message: message.into(),
             source: Some(source.into()),
+            config: None,
+        }
+    }
+
+    /// The invalid setting this error reports, when a store's builder rejected one (for
+    /// example `RedisStoreBuilder::build`); `None` for other failures.
+    ///
+    /// ```
+    /// # #[cfg(feature = "redis")] {
+    /// // Settings are checked before anything else (no runtime or Redis needed).
+    /// let err = tower_drain::track::RedisStore::builder("redis://127.0.0.1/")
+    ///     .lease_ttl(std::time::Duration::from_millis(1))
+    ///     .build()
+    ///     .unwrap_err();
+    /// assert_eq!(err.config().unwrap().setting(), "lease_ttl");
+    /// # }
+    /// ```
+    pub fn config(&self) -> Option<&ConfigError> {
+        self.config.as_ref()
+    }
+}
+
+/// The error of an invalid setting; its message is the setting's.
+///
+/// ```
+/// # #[cfg(feature = "redis")] {
+/// let err = tower_drain::track::RedisStore::builder("redis://127.0.0.1/")
+///     .release_batch(0)
+///     .build()
+///     .unwrap_err();
+/// assert_eq!(err.config().unwrap().setting(), "release_batch");
+/// assert_eq!(
+///     err.to_string(),
+///     "connection store error: invalid release_batch: must be greater than zero"
+/// );
+/// # }
+/// ```
+impl From<ConfigError> for StoreError {
+    fn from(config: ConfigError) -> Self {
+        Self {
+            message: config.to_string(),
+            source: None,
+            config: Some(config),
         }
     }
 }

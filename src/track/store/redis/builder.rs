@@ -15,6 +15,7 @@ use super::store::{Handle, RedisStore};
 use super::sweep::sweep_task;
 use super::table::{lock, Table};
 use super::tasks::{heartbeat_task, release_task};
+use crate::controller::{at_most_max, ConfigError};
 use crate::track::store::StoreError;
 
 /// Builds a [`RedisStore`]; see [`RedisStore::builder`].
@@ -243,65 +244,23 @@ impl RedisStoreBuilder {
     /// Validates the settings and starts the background tasks. Does not connect: the
     /// connection is made on first use and remade after failures.
     ///
-    /// Fails on an invalid URL or setting, or when called outside a Tokio runtime.
+    /// # Errors
     ///
-    /// ```no_run
-    /// # #[tokio::main] async fn main() {
+    /// An invalid setting, checked first: the error's [`config`](StoreError::config) is a
+    /// [`ConfigError`] naming it (a `prefix` with `{` or `}`, a duration over
+    /// [`MAX_DURATION`](crate::controller::MAX_DURATION), a `lease_ttl` under 10 ms, a
+    /// `heartbeat_interval` that is zero or not shorter than the TTL, a zero timeout, size,
+    /// batch or iteration count, …). Then an invalid URL, or a call outside a Tokio runtime.
+    ///
+    /// ```
     /// let err = tower_drain::track::RedisStore::builder("redis://127.0.0.1/")
     ///     .prefix("bad{prefix}")
     ///     .build()
     ///     .unwrap_err();
-    /// assert!(err.to_string().contains("prefix"));
-    /// # }
+    /// assert_eq!(err.config().unwrap().setting(), "prefix");
     /// ```
     pub fn build(self) -> Result<RedisStore, StoreError> {
-        let invalid = |what: &str| {
-            Err(StoreError::new(format!(
-                "invalid redis store setting: {what}"
-            )))
-        };
-        if self.prefix.contains(['{', '}']) {
-            return invalid("prefix must not contain `{` or `}`");
-        }
-        for (setting, d) in [
-            ("lease_ttl", Some(self.ttl)),
-            ("heartbeat_interval", self.heartbeat),
-            ("acquire_timeout", Some(self.acquire_timeout)),
-            ("command_timeout", Some(self.command_timeout)),
-            ("sweep_interval", self.sweep_interval),
-            ("cleanup_timeout", Some(self.cleanup_timeout)),
-        ] {
-            if d.is_some_and(|d| d > crate::controller::MAX_DURATION) {
-                return invalid(&format!("{setting} must be at most 365 days"));
-            }
-        }
-        if self.ttl < Duration::from_millis(10) {
-            return invalid("lease_ttl must be at least 10 ms");
-        }
-        let heartbeat = self.heartbeat.unwrap_or(self.ttl / 3);
-        if heartbeat.is_zero() || heartbeat >= self.ttl {
-            return invalid(
-                "heartbeat_interval must be greater than zero and shorter than lease_ttl",
-            );
-        }
-        if self.acquire_timeout.is_zero() || self.command_timeout.is_zero() {
-            return invalid("acquire_timeout and command_timeout must be greater than zero");
-        }
-        if self.release_queue == 0
-            || self.release_batch == 0
-            || self.sweep_batch == 0
-            || self.cleanup_batch == 0
-            || self.cleanup_max_iterations == 0
-        {
-            return invalid(
-                "queue, batch sizes and cleanup_max_iterations must be greater than zero",
-            );
-        }
-        if let Target::Cluster(nodes) = &self.target {
-            if nodes.is_empty() {
-                return invalid("cluster_builder needs at least one seed node");
-            }
-        }
+        let heartbeat = self.validate()?;
         let runtime = tokio::runtime::Handle::try_current()
             .map_err(|e| StoreError::with_source("RedisStore::build needs a Tokio runtime", e))?;
         #[cfg(feature = "redis-tls-rustls")]
@@ -352,6 +311,66 @@ impl RedisStoreBuilder {
         Ok(RedisStore {
             handle: Arc::new(Handle { shared }),
         })
+    }
+
+    /// Checks every setting; returns the heartbeat interval.
+    fn validate(&self) -> Result<Duration, ConfigError> {
+        let zero = |setting: &'static str, is_zero: bool| {
+            if is_zero {
+                Err(ConfigError::new(setting, "must be greater than zero"))
+            } else {
+                Ok(())
+            }
+        };
+        if self.prefix.contains(['{', '}']) {
+            return Err(ConfigError::new("prefix", "must not contain `{` or `}`"));
+        }
+        for (setting, d) in [
+            ("lease_ttl", Some(self.ttl)),
+            ("heartbeat_interval", self.heartbeat),
+            ("acquire_timeout", Some(self.acquire_timeout)),
+            ("command_timeout", Some(self.command_timeout)),
+            ("sweep_interval", self.sweep_interval),
+            ("cleanup_timeout", Some(self.cleanup_timeout)),
+        ] {
+            if let Some(d) = d {
+                at_most_max(setting, d)?;
+            }
+        }
+        if self.ttl < Duration::from_millis(10) {
+            return Err(ConfigError::new("lease_ttl", "must be at least 10 ms"));
+        }
+        let heartbeat = self.heartbeat.unwrap_or(self.ttl / 3);
+        zero("heartbeat_interval", heartbeat.is_zero())?;
+        if heartbeat >= self.ttl {
+            return Err(ConfigError::new(
+                "heartbeat_interval",
+                "must be shorter than lease_ttl",
+            ));
+        }
+        zero("acquire_timeout", self.acquire_timeout.is_zero())?;
+        zero("command_timeout", self.command_timeout.is_zero())?;
+        zero("release_queue", self.release_queue == 0)?;
+        zero("release_batch", self.release_batch == 0)?;
+        zero("sweep_batch", self.sweep_batch == 0)?;
+        zero("cleanup_batch", self.cleanup_batch == 0)?;
+        zero("cleanup_max_iterations", self.cleanup_max_iterations == 0)?;
+        if let Target::Cluster(nodes) = &self.target {
+            if nodes.is_empty() {
+                return Err(ConfigError::new(
+                    "cluster_builder",
+                    "needs at least one seed node",
+                ));
+            }
+            // The `redis` crate takes a cluster's root certificate through rustls only.
+            if self.tls_root.is_some() && !cfg!(feature = "redis-tls-rustls") {
+                return Err(ConfigError::new(
+                    "tls_root_certificate",
+                    "on a cluster needs the `redis-tls-rustls` feature",
+                ));
+            }
+        }
+        Ok(heartbeat)
     }
 }
 

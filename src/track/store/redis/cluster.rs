@@ -28,21 +28,17 @@ pub(super) fn connect(
         .retries(4)
         .min_retry_wait(20)
         .max_retry_wait(500);
-    if let Some(_pem) = tls_root {
-        // The `redis` crate takes a cluster's root certificate through rustls only.
-        #[cfg(feature = "redis-tls-rustls")]
-        {
-            builder = builder.certs(::redis::TlsCertificates {
-                client_tls: None,
-                root_cert: Some(_pem.to_vec()),
-            });
-        }
-        #[cfg(not(feature = "redis-tls-rustls"))]
-        return Err(StoreError::new(
-            "invalid redis store setting: tls_root_certificate on a cluster needs the \
-             `redis-tls-rustls` feature",
-        ));
+    // The `redis` crate takes a cluster's root certificate through rustls only; without
+    // `redis-tls-rustls`, `RedisStoreBuilder::build` rejects the setting before this.
+    #[cfg(feature = "redis-tls-rustls")]
+    if let Some(pem) = tls_root {
+        builder = builder.certs(::redis::TlsCertificates {
+            client_tls: None,
+            root_cert: Some(pem.to_vec()),
+        });
     }
+    #[cfg(not(feature = "redis-tls-rustls"))]
+    debug_assert!(tls_root.is_none(), "rejected by RedisStoreBuilder::build");
     let client = builder
         .build()
         .map_err(|e| StoreError::with_source("invalid redis cluster nodes", e))?;

@@ -104,10 +104,11 @@ use crate::track::store::StoreError;
 /// let store = RedisStore::builder("redis://127.0.0.1:6379/")
 ///     .lease_ttl(std::time::Duration::from_secs(30))
 ///     .build()?;
-/// let stack = DrainStack::new(drain.watch())
-///     .store(store.clone())
-///     .max_per_key(3)
-///     .key_header(http::HeaderName::from_static("x-client-id"));
+/// let stack = DrainStack::new(drain.watch()).track(|t| {
+///     t.store(store.clone())
+///         .max_per_key(3)
+///         .key_header(http::HeaderName::from_static("x-client-id"))
+/// });
 ///
 /// let lease = store.acquire("alice", 3).await?; // what TrackLayer does per request
 /// assert!(lease.is_some());

@@ -9,7 +9,7 @@ use super::shared::{escape_key, new_instance_id};
 use super::sweep::sweep_pattern;
 use super::table::{lock, Table};
 use super::tasks::gt_unsupported;
-use super::RedisStore;
+use super::{RedisStore, RedisStoreBuilder};
 
 fn key_of(k: &str) -> String {
     let mut s = String::new();
@@ -68,14 +68,38 @@ fn build_rejects_bad_settings_and_needs_a_runtime() {
         .unwrap();
     rt.block_on(async {
         let b = || RedisStore::builder("redis://127.0.0.1:1/");
-        assert!(b().prefix("a{b").build().is_err());
-        assert!(b().lease_ttl(Duration::from_millis(1)).build().is_err());
-        assert!(b()
-            .heartbeat_interval(Duration::from_secs(30))
-            .build()
-            .is_err());
-        assert!(b().cleanup_batch(0).build().is_err());
-        assert!(RedisStore::builder("nonsense://x").build().is_err());
+        let setting = |b: RedisStoreBuilder| b.build().unwrap_err().config().unwrap().setting();
+        assert_eq!(setting(b().prefix("a{b")), "prefix");
+        assert_eq!(
+            setting(b().lease_ttl(Duration::from_millis(1))),
+            "lease_ttl"
+        );
+        let hb = |d| setting(b().heartbeat_interval(d));
+        assert_eq!(hb(Duration::from_secs(30)), "heartbeat_interval");
+        assert_eq!(hb(Duration::ZERO), "heartbeat_interval");
+        assert_eq!(
+            setting(b().acquire_timeout(Duration::ZERO)),
+            "acquire_timeout"
+        );
+        assert_eq!(
+            setting(b().command_timeout(Duration::ZERO)),
+            "command_timeout"
+        );
+        assert_eq!(setting(b().release_queue(0)), "release_queue");
+        assert_eq!(setting(b().release_batch(0)), "release_batch");
+        assert_eq!(setting(b().sweep_batch(0)), "sweep_batch");
+        assert_eq!(setting(b().cleanup_batch(0)), "cleanup_batch");
+        assert_eq!(
+            setting(b().cleanup_max_iterations(0)),
+            "cleanup_max_iterations"
+        );
+        #[cfg(feature = "redis-cluster")]
+        assert_eq!(
+            setting(RedisStore::cluster_builder(Vec::<String>::new())),
+            "cluster_builder"
+        );
+        let url = RedisStore::builder("nonsense://x").build().unwrap_err();
+        assert!(url.config().is_none(), "{url}");
         assert!(b().build().is_ok(), "builds without a reachable Redis");
     });
 }
