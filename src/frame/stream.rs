@@ -7,7 +7,6 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
-use bytes::Bytes;
 use http::HeaderMap;
 use http_body::{Frame, SizeHint};
 use pin_project_lite::pin_project;
@@ -17,7 +16,7 @@ use tokio_util::sync::WaitForCancellationFutureOwned;
 use super::config::FrameConfig;
 use super::encoder::FrameKind;
 use crate::controller::Phase;
-use crate::hook::{Next, StreamCx, StreamHook};
+use crate::hook::{Next, Polled, StreamCx, StreamHook};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Step {
@@ -102,11 +101,10 @@ impl StreamHook for FrameHook {
     fn poll_frame<N: Next>(
         &mut self,
         inner: &mut N,
-        scx: &mut StreamCx<'_>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, N::Error>>> {
+        cx: &mut StreamCx<'_, '_>,
+    ) -> Polled<N::Error> {
         let Some(state) = self.0.as_mut() else {
-            return inner.poll_next(scx, cx);
+            return inner.poll_next(cx);
         };
         // Fast path while serving (the rest is `poll_slow`, out of line): one atomic load
         // instead of polling the closing signal (a lock inside the cancellation token) per
@@ -115,7 +113,7 @@ impl StreamHook for FrameHook {
         // phase change on its next frame (the phase is set before the signal fires).
         if state.serving() {
             // The result is inspected in place and returned as it came.
-            let res = inner.poll_next(scx, cx);
+            let res = inner.poll_next(cx);
             match &res {
                 Poll::Ready(Some(_)) => return res,
                 Poll::Ready(None) => {
@@ -123,14 +121,14 @@ impl StreamHook for FrameHook {
                     return res;
                 }
                 Poll::Pending => {
-                    if !state.as_mut().poll_closing(cx) {
+                    if !state.as_mut().poll_closing(cx.task()) {
                         return Poll::Pending;
                     }
                     // `Closing` began meanwhile: the slow path takes it from here.
                 }
             }
         }
-        poll_slow(inner, state.as_mut(), scx, cx)
+        poll_slow(inner, state.as_mut(), cx)
     }
 
     #[inline]
@@ -174,12 +172,11 @@ impl StreamHook for FrameHook {
 fn poll_slow<N: Next>(
     inner: &mut N,
     state: Pin<&mut Injecting>,
-    scx: &mut StreamCx<'_>,
-    cx: &mut Context<'_>,
-) -> Poll<Option<Result<Frame<Bytes>, N::Error>>> {
+    cx: &mut StreamCx<'_, '_>,
+) -> Polled<N::Error> {
     let state = state.project();
     let (mut signal, delay, inj) = (state.signal, state.delay, state.inj);
-    let gate = scx.gate();
+    let gate = cx.gate();
     loop {
         match inj.step {
             Step::Done | Step::Aborted => return Poll::Ready(None),
@@ -196,7 +193,7 @@ fn poll_slow<N: Next>(
         // Drain signals: first `Closing`, then (same slot, re-armed) the grace deadline.
         if inj.step != Step::Forced {
             if let Some(sig) = signal.as_mut().as_pin_mut() {
-                if sig.poll(cx).is_ready() {
+                if sig.poll(cx.task()).is_ready() {
                     if inj.step == Step::Watching {
                         let shared = &inj.cfg.shared;
                         // The grace deadline is watched only if this stream has to wait
@@ -222,7 +219,7 @@ fn poll_slow<N: Next>(
         }
         if inj.step == Step::Scheduled {
             if let Some(d) = delay.as_mut() {
-                if d.as_mut().poll(cx).is_ready() {
+                if d.as_mut().poll(cx.task()).is_ready() {
                     *delay = None;
                     inj.step = Step::Due;
                 }
@@ -230,7 +227,7 @@ fn poll_slow<N: Next>(
         }
 
         if matches!(inj.step, Step::Due | Step::Forced) {
-            if scx.at_boundary() {
+            if cx.at_boundary() {
                 if !gate.claim() {
                     // An outer guard already sent this stream's final frame (it then stops
                     // polling us, so this is defensive): end without a second one.
@@ -273,7 +270,7 @@ fn poll_slow<N: Next>(
             ));
             continue;
         }
-        let res = ready!(inner.poll_next(scx, cx));
+        let res = ready!(inner.poll_next(cx));
         if res.is_none() {
             inj.step = Step::Done;
         }

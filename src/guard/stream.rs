@@ -3,7 +3,7 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::task::{ready, Context, Poll};
+use std::task::{ready, Poll};
 
 use bytes::Bytes;
 use http::HeaderMap;
@@ -12,7 +12,7 @@ use http_body::{Frame, SizeHint};
 use super::config::Config;
 use super::limits::{Limits, Named, Step};
 use crate::frame::{FrameKind, GateRef};
-use crate::hook::{Next, StreamCx, StreamHook};
+use crate::hook::{Next, Polled, StreamCx, StreamHook};
 use crate::route::RoutePath;
 
 /// The guard's state of one stream that gets a final frame.
@@ -123,9 +123,9 @@ impl Stream {
     fn inner_ended<E: fmt::Display>(
         &mut self,
         res: Option<Result<Frame<Bytes>, E>>,
-        scx: &StreamCx<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, E>>> {
-        let gate = scx.gate();
+        cx: &StreamCx<'_, '_>,
+    ) -> Polled<E> {
+        let gate = cx.gate();
         Poll::Ready(match res {
             // Not an end; the callers forward data frames themselves.
             Some(Ok(frame)) => Some(Ok(frame)),
@@ -140,7 +140,7 @@ impl Stream {
                 if self.cfg.pass_errors {
                     self.step = Step::Passthrough;
                     Some(Err(e))
-                } else if scx.at_boundary() && gate.claim() {
+                } else if cx.at_boundary() && gate.claim() {
                     match self.emit(FrameKind::Error) {
                         Some(f) => Some(Ok(f)),
                         // A frame of trailers only (gRPC): they go out now, then the end.
@@ -169,11 +169,10 @@ impl StreamHook for GuardHook {
     fn poll_frame<N: Next>(
         &mut self,
         inner: &mut N,
-        scx: &mut StreamCx<'_>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, N::Error>>> {
+        cx: &mut StreamCx<'_, '_>,
+    ) -> Polled<N::Error> {
         let Some(st) = self.st.as_deref_mut() else {
-            let res = inner.poll_next(scx, cx);
+            let res = inner.poll_next(cx);
             if let Poll::Ready(Some(Err(e))) = &res {
                 // A plain response's error counts for the breaker (once).
                 if let Some((cfg, uri)) = self.watched.take() {
@@ -185,7 +184,7 @@ impl StreamHook for GuardHook {
         // Fast path of a stream without limits (no timers, no heartbeat), small enough to
         // inline; everything else is `poll_stream`, out of line.
         if st.step == Step::Streaming && st.lim.is_none() {
-            let res = inner.poll_next(scx, cx);
+            let res = inner.poll_next(cx);
             match &res {
                 Poll::Ready(Some(Ok(frame))) => {
                     // No look at the shared gate here: without limits this hook adds a final
@@ -196,9 +195,9 @@ impl StreamHook for GuardHook {
                 Poll::Pending => return res,
                 Poll::Ready(_) => {}
             }
-            return st.inner_ended(ready!(res), scx);
+            return st.inner_ended(ready!(res), cx);
         }
-        poll_stream(inner, st, scx, cx)
+        poll_stream(inner, st, cx)
     }
 
     #[inline]
@@ -246,10 +245,9 @@ impl StreamHook for GuardHook {
 fn poll_stream<N: Next>(
     inner: &mut N,
     st: &mut Stream,
-    scx: &mut StreamCx<'_>,
-    cx: &mut Context<'_>,
-) -> Poll<Option<Result<Frame<Bytes>, N::Error>>> {
-    let gate = scx.gate();
+    cx: &mut StreamCx<'_, '_>,
+) -> Polled<N::Error> {
+    let gate = cx.gate();
     loop {
         match st.step {
             Step::Done | Step::Aborted => return Poll::Ready(None),
@@ -261,7 +259,7 @@ fn poll_stream<N: Next>(
                 continue;
             }
             Step::Passthrough => {
-                let res = ready!(inner.poll_next(scx, cx));
+                let res = ready!(inner.poll_next(cx));
                 match &res {
                     Some(Err(e)) => st.record_error(e),
                     None => st.step = Step::Done,
@@ -277,12 +275,12 @@ fn poll_stream<N: Next>(
                 id: st.id,
                 uri: &st.uri,
             };
-            l.poll(&mut st.step, &st.cfg, &who, cx);
+            l.poll(&mut st.step, &st.cfg, &who, cx.task());
         }
 
         match st.step {
             Step::Due(kind) => {
-                if scx.at_boundary() {
+                if cx.at_boundary() {
                     if !gate.claim() {
                         // An inner hook sent its final frame first.
                         st.step = Step::Passthrough;
@@ -303,7 +301,7 @@ fn poll_stream<N: Next>(
                     return Poll::Ready(None);
                 }
             }
-            Step::Streaming if scx.at_boundary() => {
+            Step::Streaming if cx.at_boundary() => {
                 if let Some(l) = st.lim.as_mut() {
                     if let (true, Some(hb)) = (l.heartbeat_due, l.heartbeat) {
                         l.heartbeat_sent();
@@ -315,13 +313,13 @@ fn poll_stream<N: Next>(
             _ => {}
         }
 
-        let res = inner.poll_next(scx, cx);
+        let res = inner.poll_next(cx);
         // A forwarded frame is inspected in place and returned as it came (no copy).
         if let Poll::Ready(Some(Ok(frame))) = &res {
             st.forwarded(frame, inner.is_end_stream(), gate);
             return res;
         }
-        return st.inner_ended(ready!(res), scx);
+        return st.inner_ended(ready!(res), cx);
     }
 }
 

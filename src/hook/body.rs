@@ -9,7 +9,7 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
-use super::stream::{Next, StreamCx, StreamHook};
+use super::stream::{Next, Polled, StreamCx, StreamHook};
 use crate::frame::{Boundary, FinalGate, GateRef, Tracker};
 
 /// Where a body's final-frame flag lives.
@@ -125,18 +125,14 @@ where
     type Error = B::Error;
 
     #[inline(always)]
-    fn poll_next(
-        &mut self,
-        scx: &mut StreamCx<'_>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+    fn poll_next(&mut self, cx: &mut StreamCx<'_, '_>) -> Polled<B::Error> {
         let body = match self.inner.as_mut().project() {
             InnerProj::Body { body } => body,
             InnerProj::Empty => return Poll::Ready(None),
         };
-        let res = body.poll_frame(cx);
+        let res = body.poll_frame(cx.task);
         if let Poll::Ready(Some(Ok(f))) = &res {
-            if let (Some(d), Some(t)) = (f.data_ref(), scx.tracker.as_mut()) {
+            if let (Some(d), Some(t)) = (f.data_ref(), cx.tracker.as_mut()) {
                 t.update(d);
             }
         }
@@ -177,10 +173,11 @@ where
         let mut scx = StreamCx {
             tracker: this.tracker,
             gate: this.gate.get(),
+            task: cx,
         };
         let mut source = Source { inner: this.inner };
         let hook = this.hook;
-        let res = hook.poll_frame(&mut source, &mut scx, cx);
+        let res = hook.poll_frame(&mut source, &mut scx);
         crate::boxed_result(res, || hook.take_aborted())
     }
 

@@ -8,14 +8,25 @@ use http_body::{Frame, SizeHint};
 
 use crate::frame::{GateRef, Tracker};
 
-/// What the hooks of one body share: its one event-boundary tracker and its final-frame gate.
+/// A result of a body, as hooks pass it on.
+pub(crate) type Polled<E> = Poll<Option<Result<Frame<Bytes>, E>>>;
+
+/// What the hooks of one body share while it is polled: its one event-boundary tracker, its
+/// final-frame gate, and the task's context.
 #[derive(Debug)]
-pub struct StreamCx<'a> {
+pub struct StreamCx<'a, 'b> {
     pub(super) tracker: &'a mut Option<Tracker>,
     pub(super) gate: GateRef<'a>,
+    pub(super) task: &'a mut Context<'b>,
 }
 
-impl<'a> StreamCx<'a> {
+impl<'a, 'b> StreamCx<'a, 'b> {
+    /// The task's context, to poll futures and timers with.
+    #[inline(always)]
+    pub(crate) fn task(&mut self) -> &mut Context<'b> {
+        self.task
+    }
+
     /// Whether everything forwarded so far ends on an event boundary (always, for a body
     /// that tracks none).
     #[inline]
@@ -36,11 +47,7 @@ pub trait Next {
     type Error: fmt::Display;
 
     /// The next result, with the body's shared state.
-    fn poll_next(
-        &mut self,
-        scx: &mut StreamCx<'_>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>>;
+    fn poll_next(&mut self, cx: &mut StreamCx<'_, '_>) -> Polled<Self::Error>;
 
     /// Whether the body has ended.
     fn is_end_stream(&self) -> bool;
@@ -59,12 +66,7 @@ pub trait Next {
 /// compiles into one loop over the inner body.
 pub trait StreamHook: Default + Send + Sync + 'static {
     /// The next result of the body, as this hook passes it on.
-    fn poll_frame<N: Next>(
-        &mut self,
-        inner: &mut N,
-        scx: &mut StreamCx<'_>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, N::Error>>>;
+    fn poll_frame<N: Next>(&mut self, next: &mut N, cx: &mut StreamCx<'_, '_>) -> Polled<N::Error>;
 
     /// Whether the body has ended, `inner` telling the inner one's.
     fn is_end_stream(&self, inner: impl FnOnce() -> bool) -> bool;
@@ -78,13 +80,8 @@ pub trait StreamHook: Default + Send + Sync + 'static {
 
 impl StreamHook for () {
     #[inline(always)]
-    fn poll_frame<N: Next>(
-        &mut self,
-        inner: &mut N,
-        scx: &mut StreamCx<'_>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, N::Error>>> {
-        inner.poll_next(scx, cx)
+    fn poll_frame<N: Next>(&mut self, next: &mut N, cx: &mut StreamCx<'_, '_>) -> Polled<N::Error> {
+        next.poll_next(cx)
     }
 
     #[inline]
@@ -113,12 +110,8 @@ impl<H: StreamHook, N: Next> Next for Chain<'_, H, N> {
     type Error = N::Error;
 
     #[inline(always)]
-    fn poll_next(
-        &mut self,
-        scx: &mut StreamCx<'_>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, N::Error>>> {
-        self.hook.poll_frame(self.next, scx, cx)
+    fn poll_next(&mut self, cx: &mut StreamCx<'_, '_>) -> Polled<N::Error> {
+        self.hook.poll_frame(self.next, cx)
     }
 
     #[inline]
@@ -135,14 +128,9 @@ impl<H: StreamHook, N: Next> Next for Chain<'_, H, N> {
 /// nest.
 impl<A: StreamHook, Z: StreamHook> StreamHook for (A, Z) {
     #[inline(always)]
-    fn poll_frame<N: Next>(
-        &mut self,
-        inner: &mut N,
-        scx: &mut StreamCx<'_>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, N::Error>>> {
+    fn poll_frame<N: Next>(&mut self, next: &mut N, cx: &mut StreamCx<'_, '_>) -> Polled<N::Error> {
         let (outer, hook) = self;
-        outer.poll_frame(&mut Chain { hook, next: inner }, scx, cx)
+        outer.poll_frame(&mut Chain { hook, next }, cx)
     }
 
     #[inline]

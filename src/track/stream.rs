@@ -1,13 +1,12 @@
 //! [`TrackHook`]: the registration of one response, released when its body ends.
 
 use std::fmt;
-use std::task::{Context, Poll};
+use std::task::Poll;
 
-use bytes::Bytes;
-use http_body::{Frame, SizeHint};
+use http_body::SizeHint;
 
 use super::guard::StreamGuard;
-use crate::hook::{Next, StreamCx, StreamHook};
+use crate::hook::{Next, Polled, StreamCx, StreamHook};
 
 /// The track layer's hook: the response's registration, which counts its frames and bytes
 /// and is released as soon as the body ends (or fails, or is dropped).
@@ -19,11 +18,10 @@ impl StreamHook for TrackHook {
     fn poll_frame<N: Next>(
         &mut self,
         inner: &mut N,
-        scx: &mut StreamCx<'_>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, N::Error>>> {
+        cx: &mut StreamCx<'_, '_>,
+    ) -> Polled<N::Error> {
         // Inspected in place and returned as it came: no copy of the frame.
-        let res = inner.poll_next(scx, cx);
+        let res = inner.poll_next(cx);
         if let Poll::Ready(r) = &res {
             let guard = &mut self.0;
             if let Some(g) = guard.as_mut() {
