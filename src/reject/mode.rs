@@ -9,8 +9,36 @@ use http::Response;
 
 use super::body::ResponseBody;
 
-mod sealed {
-    pub trait Sealed {}
+/// The private half of [`Mode`]: what a mode does to responses (users never call it, and
+/// cannot implement a mode).
+pub(super) mod sealed {
+    use std::future::Future;
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    use bytes::Bytes;
+    use http::Response;
+
+    pub trait Sealed {
+        /// Turns the inner service's (or the responder's) response into this mode's.
+        fn wrap<B>(res: Response<B>) -> Response<<Self as super::Mode>::Body<B>>
+        where
+            Self: super::Mode;
+
+        /// Polls the inner service's future, giving its result in this mode's type.
+        fn poll_inner<F, B, E>(
+            fut: Pin<&mut F>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Result<Response<<Self as super::Mode>::Body<B>>, E>>
+        where
+            Self: super::Mode,
+            F: Future<Output = Result<Response<B>, E>>;
+
+        /// The shutdown-frame answer; `None` in a mode without one.
+        fn frame<B>(res: Response<Bytes>) -> Option<Response<<Self as super::Mode>::Body<B>>>
+        where
+            Self: super::Mode;
+    }
 }
 
 /// How a [`Reject`] answers: [`Plain`] (the default) or [`SseRetry`], chosen with
@@ -33,23 +61,6 @@ pub trait Mode: sealed::Sealed + Send + Sync + 'static {
 
     /// The response body of a [`Reject`] whose inner service answers with `B`.
     type Body<B>;
-
-    /// Turns the inner service's (or the responder's) response into this mode's.
-    #[doc(hidden)]
-    fn wrap<B>(res: Response<B>) -> Response<Self::Body<B>>;
-
-    /// Polls the inner service's future, giving its result in this mode's type.
-    #[doc(hidden)]
-    fn poll_inner<F, B, E>(
-        fut: Pin<&mut F>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Result<Response<Self::Body<B>>, E>>
-    where
-        F: Future<Output = Result<Response<B>, E>>;
-
-    /// The shutdown-frame answer; `None` in a mode without one.
-    #[doc(hidden)]
-    fn frame<B>(res: Response<Bytes>) -> Option<Response<Self::Body<B>>>;
 }
 
 /// The default [`Mode`]: every rejected request gets the rejection response, and responses
@@ -76,13 +87,17 @@ pub struct Plain;
 #[derive(Clone, Copy, Debug, Default)]
 pub struct SseRetry;
 
-impl sealed::Sealed for Plain {}
-impl sealed::Sealed for SseRetry {}
-
 impl Mode for Plain {
     const SSE_RETRY: bool = false;
     type Body<B> = B;
+}
 
+impl Mode for SseRetry {
+    const SSE_RETRY: bool = true;
+    type Body<B> = ResponseBody<B>;
+}
+
+impl sealed::Sealed for Plain {
     #[inline(always)]
     fn wrap<B>(res: Response<B>) -> Response<B> {
         res
@@ -103,10 +118,7 @@ impl Mode for Plain {
     }
 }
 
-impl Mode for SseRetry {
-    const SSE_RETRY: bool = true;
-    type Body<B> = ResponseBody<B>;
-
+impl sealed::Sealed for SseRetry {
     #[inline]
     fn wrap<B>(res: Response<B>) -> Response<ResponseBody<B>> {
         res.map(ResponseBody::new)
