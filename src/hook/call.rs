@@ -69,6 +69,9 @@ pub trait CallState: Send + Unpin + Sized + 'static {
     fn failed(self) {}
 }
 
+/// The hook of a response's body, for call hooks `C`.
+pub(super) type HookOf<C> = <<C as CallHook>::State as CallState>::Hook;
+
 /// What the concerns' `after` steps decide together for one body: whether it tracks event
 /// boundaries, and where its final-frame gate lives.
 #[derive(Debug, Default)]

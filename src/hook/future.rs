@@ -14,8 +14,7 @@ use pin_project_lite::pin_project;
 use tokio::time::Sleep;
 use tower_service::Service;
 
-use super::call::{AfterCx, Before, CallHook, CallState};
-use super::service::HookOf;
+use super::call::{AfterCx, Before, CallHook, CallState, HookOf};
 use super::HookBody;
 
 /// A request waiting for a hook (a per-key lease) before the inner call.

@@ -7,7 +7,7 @@ use std::task::{Context, Poll};
 use http::{Request, Response};
 use tower_service::Service;
 
-use super::call::{Before, CallHook, CallState};
+use super::call::{Before, CallHook, HookOf};
 use super::future::ResponseFuture;
 use super::HookBody;
 
@@ -67,9 +67,6 @@ impl<S: fmt::Debug, C> fmt::Debug for HookService<S, C> {
             .finish()
     }
 }
-
-/// The hook of a response's body, for hooks `C`.
-pub(super) type HookOf<C> = <<C as CallHook>::State as CallState>::Hook;
 
 impl<S, C, ReqB, B> Service<Request<ReqB>> for HookService<S, C>
 where

@@ -13,12 +13,13 @@ use http::{header, HeaderValue, Response, StatusCode};
 use http_body::Body;
 
 use super::guard::StreamGuard;
-use super::layer::KeyFn;
 use super::store::{ConnectionStore, Lease, StoreError, StoreFailure};
 use super::stream::TrackHook;
 use crate::controller::Shared;
 use crate::hook::{AfterCx, Before, CallHook, CallState};
 use crate::route::RoutePath;
+
+pub(crate) type KeyFn = Arc<dyn Fn(&Parts) -> Option<String> + Send + Sync>;
 
 /// The track layer's call hook.
 pub struct TrackCall<St> {

@@ -6,13 +6,11 @@ use http::request::Parts;
 use http::HeaderValue;
 use tower_layer::Layer;
 
-use super::call::TrackCall;
+use super::call::{KeyFn, TrackCall};
 use super::store::{ConnectionStore, MemoryStore, StoreFailure};
 use super::stream::TrackHook;
 use crate::hook::{HookBody, HookService};
 use crate::DrainWatch;
-
-pub(crate) type KeyFn = Arc<dyn Fn(&Parts) -> Option<String> + Send + Sync>;
 
 /// Tracks every request from `call` until its response body ends or is dropped, with an
 /// optional per-key limit. Builds [`Track`].
