@@ -21,3 +21,16 @@ macro_rules! inner_service_accessors {
 }
 
 pub(crate) use inner_service_accessors;
+
+/// A `Debug` that names the type and shows nothing of its (internal) state.
+macro_rules! opaque_debug {
+    ($($ty:ident $(<$($p:ident),*>)?),* $(,)?) => {$(
+        impl$(<$($p),*>)? std::fmt::Debug for $ty$(<$($p),*>)? {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.debug_struct(stringify!($ty)).finish_non_exhaustive()
+            }
+        }
+    )*};
+}
+
+pub(crate) use opaque_debug;

@@ -1,7 +1,6 @@
 //! [`FrameCall`]: the frame layer's steps around the inner call.
 
 use std::convert::Infallible;
-use std::fmt;
 use std::sync::Arc;
 use std::task::Context;
 
@@ -121,14 +120,4 @@ pub(crate) fn should_inject<B: Body>(res: &Response<B>, encoder: &dyn FinalFrame
         && !res.headers().contains_key(header::CONTENT_ENCODING)
 }
 
-impl fmt::Debug for FrameCall {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("FrameCall").finish_non_exhaustive()
-    }
-}
-
-impl fmt::Debug for FrameState {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("FrameState").finish_non_exhaustive()
-    }
-}
+crate::macros::opaque_debug!(FrameCall, FrameState);

@@ -16,7 +16,7 @@ use tokio_util::sync::WaitForCancellationFutureOwned;
 use super::config::FrameConfig;
 use super::encoder::FrameKind;
 use crate::controller::Phase;
-use crate::hook::{Next, Polled, StreamCx, StreamHook};
+use crate::hook::{take_once, Next, Polled, StreamCx, StreamHook};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Step {
@@ -98,13 +98,9 @@ impl Injecting {
 
 impl StreamHook for FrameHook {
     #[inline(always)]
-    fn poll_frame<N: Next>(
-        &mut self,
-        inner: &mut N,
-        cx: &mut StreamCx<'_, '_>,
-    ) -> Polled<N::Error> {
+    fn poll_frame<N: Next>(&mut self, next: &mut N, cx: &mut StreamCx<'_, '_>) -> Polled<N::Error> {
         let Some(state) = self.0.as_mut() else {
-            return inner.poll_next(cx);
+            return next.poll_next(cx);
         };
         // Fast path while serving (the rest is `poll_slow`, out of line): one atomic load
         // instead of polling the closing signal (a lock inside the cancellation token) per
@@ -113,7 +109,7 @@ impl StreamHook for FrameHook {
         // phase change on its next frame (the phase is set before the signal fires).
         if state.serving() {
             // The result is inspected in place and returned as it came.
-            let res = inner.poll_next(cx);
+            let res = next.poll_next(cx);
             match &res {
                 Poll::Ready(Some(_)) => return res,
                 Poll::Ready(None) => {
@@ -128,7 +124,7 @@ impl StreamHook for FrameHook {
                 }
             }
         }
-        poll_slow(inner, state.as_mut(), cx)
+        poll_slow(next, state.as_mut(), cx)
     }
 
     #[inline]
@@ -153,16 +149,14 @@ impl StreamHook for FrameHook {
 
     #[inline]
     fn take_aborted(&mut self) -> bool {
-        let Some(s) = self.0.as_mut() else {
-            return false;
-        };
-        let inj = s.as_mut().project().inj;
-        let aborted = inj.step == Step::Aborted;
-        if aborted {
-            // Reported once; the body has ended.
-            inj.step = Step::Done;
-        }
-        aborted
+        // Reported once; the body has ended.
+        self.0.as_mut().is_some_and(|s| {
+            take_once(
+                &mut s.as_mut().project().inj.step,
+                Step::Aborted,
+                Step::Done,
+            )
+        })
     }
 }
 

@@ -2,7 +2,6 @@
 //! timeout, and what a response's body needs from the guard.
 
 use std::convert::Infallible;
-use std::fmt;
 use std::sync::Arc;
 use std::task::Context;
 use std::time::Duration;
@@ -215,14 +214,4 @@ fn retry_after_secs(d: Duration) -> HeaderValue {
     HeaderValue::from(secs.max(1))
 }
 
-impl fmt::Debug for GuardCall {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("GuardCall").finish_non_exhaustive()
-    }
-}
-
-impl fmt::Debug for GuardState {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("GuardState").finish_non_exhaustive()
-    }
-}
+crate::macros::opaque_debug!(GuardCall, GuardState);

@@ -159,22 +159,16 @@ impl Limits {
         match *step {
             Step::Streaming => {
                 let m = &cfg.frame.shared.metrics;
-                if self.lifetime_at.is_some_and(|t| t <= now) {
-                    m.timeouts_lifetime.increment(1);
-                    tracing::debug!(
-                        guard.stream = who.id,
-                        path = who.uri.path(),
-                        "stream reached its maximum lifetime"
-                    );
-                    return self.due(step, FrameKind::Timeout, now);
-                }
-                if cfg.idle_timeout.is_some_and(|d| self.last_inner + d <= now) {
-                    m.timeouts_idle.increment(1);
-                    tracing::debug!(
-                        guard.stream = who.id,
-                        path = who.uri.path(),
-                        "stream idle for too long"
-                    );
+                let expired = if self.lifetime_at.is_some_and(|t| t <= now) {
+                    Some((&m.timeouts_lifetime, "stream reached its maximum lifetime"))
+                } else if cfg.idle_timeout.is_some_and(|d| self.last_inner + d <= now) {
+                    Some((&m.timeouts_idle, "stream idle for too long"))
+                } else {
+                    None
+                };
+                if let Some((counter, why)) = expired {
+                    counter.increment(1);
+                    tracing::debug!(guard.stream = who.id, path = who.uri.path(), "{why}");
                     return self.due(step, FrameKind::Timeout, now);
                 }
                 if let (Some(_), Some(d)) = (&self.heartbeat, cfg.heartbeat) {

@@ -12,7 +12,7 @@ use http_body::{Frame, SizeHint};
 use super::config::Config;
 use super::limits::{Limits, Named, Step};
 use crate::frame::{FrameKind, GateRef};
-use crate::hook::{Next, Polled, StreamCx, StreamHook};
+use crate::hook::{take_once, Next, Polled, StreamCx, StreamHook};
 use crate::route::RoutePath;
 
 /// The guard's state of one stream that gets a final frame.
@@ -166,13 +166,9 @@ impl Stream {
 
 impl StreamHook for GuardHook {
     #[inline(always)]
-    fn poll_frame<N: Next>(
-        &mut self,
-        inner: &mut N,
-        cx: &mut StreamCx<'_, '_>,
-    ) -> Polled<N::Error> {
+    fn poll_frame<N: Next>(&mut self, next: &mut N, cx: &mut StreamCx<'_, '_>) -> Polled<N::Error> {
         let Some(st) = self.st.as_deref_mut() else {
-            let res = inner.poll_next(cx);
+            let res = next.poll_next(cx);
             if let Poll::Ready(Some(Err(e))) = &res {
                 // A plain response's error counts for the breaker (once).
                 if let Some((cfg, uri)) = self.watched.take() {
@@ -184,12 +180,12 @@ impl StreamHook for GuardHook {
         // Fast path of a stream without limits (no timers, no heartbeat), small enough to
         // inline; everything else is `poll_stream`, out of line.
         if st.step == Step::Streaming && st.lim.is_none() {
-            let res = inner.poll_next(cx);
+            let res = next.poll_next(cx);
             match &res {
                 Poll::Ready(Some(Ok(frame))) => {
                     // No look at the shared gate here: without limits this hook adds a final
                     // frame only for an error, and that claims the gate first.
-                    st.forwarded(frame, inner.is_end_stream(), GateRef::default());
+                    st.forwarded(frame, next.is_end_stream(), GateRef::default());
                     return res;
                 }
                 Poll::Pending => return res,
@@ -197,7 +193,7 @@ impl StreamHook for GuardHook {
             }
             return st.inner_ended(ready!(res), cx);
         }
-        poll_stream(inner, st, cx)
+        poll_stream(next, st, cx)
     }
 
     #[inline]
@@ -229,14 +225,8 @@ impl StreamHook for GuardHook {
 
     #[inline]
     fn take_aborted(&mut self) -> bool {
-        let Some(s) = self.st.as_deref_mut() else {
-            return false;
-        };
-        let aborted = s.step == Step::Aborted;
-        if aborted {
-            s.step = Step::Done;
-        }
-        aborted
+        // Reported once; the body has ended.
+        (self.st.as_deref_mut()).is_some_and(|s| take_once(&mut s.step, Step::Aborted, Step::Done))
     }
 }
 

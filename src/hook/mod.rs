@@ -66,4 +66,4 @@ pub use self::body::HookBody;
 pub(crate) use self::call::{AfterCx, Before, CallHook, CallState};
 pub use self::future::ResponseFuture;
 pub use self::service::HookService;
-pub(crate) use self::stream::{Next, Polled, StreamCx, StreamHook};
+pub(crate) use self::stream::{take_once, Next, Polled, StreamCx, StreamHook};

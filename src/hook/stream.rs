@@ -56,6 +56,17 @@ pub trait Next {
     fn size_hint(&self) -> SizeHint;
 }
 
+/// Moves `step` from `from` to `to`; whether it was at `from` (a state reported once, such as
+/// a hook's "ended mid-record").
+#[inline]
+pub(crate) fn take_once<S: PartialEq>(step: &mut S, from: S, to: S) -> bool {
+    let hit = *step == from;
+    if hit {
+        *step = to;
+    }
+    hit
+}
+
 /// One concern's per-stream logic, run by a [`HookBody`](super::HookBody) around what it
 /// polls (`inner`: the body itself, or the hooks inside this one around it).
 ///

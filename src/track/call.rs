@@ -166,8 +166,4 @@ impl<St: ConnectionStore> fmt::Debug for TrackWait<St> {
     }
 }
 
-impl fmt::Debug for TrackState {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("TrackState").finish_non_exhaustive()
-    }
-}
+crate::macros::opaque_debug!(TrackState);

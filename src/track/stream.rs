@@ -15,13 +15,9 @@ pub struct TrackHook(pub(super) Option<StreamGuard>);
 
 impl StreamHook for TrackHook {
     #[inline(always)]
-    fn poll_frame<N: Next>(
-        &mut self,
-        inner: &mut N,
-        cx: &mut StreamCx<'_, '_>,
-    ) -> Polled<N::Error> {
+    fn poll_frame<N: Next>(&mut self, next: &mut N, cx: &mut StreamCx<'_, '_>) -> Polled<N::Error> {
         // Inspected in place and returned as it came: no copy of the frame.
-        let res = inner.poll_next(cx);
+        let res = next.poll_next(cx);
         if let Poll::Ready(r) = &res {
             let guard = &mut self.0;
             if let Some(g) = guard.as_mut() {
@@ -38,7 +34,7 @@ impl StreamHook for TrackHook {
             }
             // Release as soon as the stream is over: some consumers stop polling once
             // `is_end_stream` is true and keep the body around for a while.
-            if !matches!(r, Some(Ok(_))) || inner.is_end_stream() {
+            if !matches!(r, Some(Ok(_))) || next.is_end_stream() {
                 guard.take();
             }
         }
