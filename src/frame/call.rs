@@ -2,7 +2,6 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::task::Context;
 
 use http::request::Parts;
 use http::{header, Method, Response, StatusCode};
@@ -32,15 +31,6 @@ impl CallHook for FrameCall {
         Before::Call(FrameState(
             (parts.method != Method::HEAD).then(|| self.cfg.clone()),
         ))
-    }
-
-    fn poll_wait(
-        &self,
-        wait: Infallible,
-        _parts: &mut Parts,
-        _cx: &mut Context<'_>,
-    ) -> Before<FrameState, Infallible> {
-        match wait {}
     }
 }
 

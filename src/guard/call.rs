@@ -3,7 +3,6 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::task::Context;
 use std::time::Duration;
 
 use http::request::Parts;
@@ -92,15 +91,6 @@ impl CallHook for GuardCall {
             uri: RoutePath::new(&parts.uri),
             parts: cfg.revalidate.as_ref().map(|_| Box::new(copy(parts))),
         })
-    }
-
-    fn poll_wait(
-        &self,
-        wait: Infallible,
-        _parts: &mut Parts,
-        _cx: &mut Context<'_>,
-    ) -> Before<GuardState, Infallible> {
-        match wait {}
     }
 }
 

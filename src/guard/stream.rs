@@ -240,7 +240,6 @@ fn poll_stream<N: Next>(
     let gate = cx.gate();
     loop {
         match st.step {
-            Step::Done | Step::Aborted => return Poll::Ready(None),
             Step::Trailers => {
                 st.step = Step::Done;
                 if let Some(t) = st.trailers.take() {
@@ -248,6 +247,7 @@ fn poll_stream<N: Next>(
                 }
                 continue;
             }
+            Step::Done | Step::Aborted => return Poll::Ready(None),
             Step::Passthrough => {
                 let res = ready!(inner.poll_next(cx));
                 match &res {

@@ -34,13 +34,16 @@ pub trait CallHook: Send + Sync + 'static {
     fn before(&self, parts: &mut Parts) -> Before<Self::State, Self::Wait>;
 
     /// Polls what [`Before::Wait`] waits for. `Before::Wait` again only while it is
-    /// pending (this task's waker registered).
+    /// pending (this task's waker registered). Hooks that never wait have `Wait =
+    /// Infallible` and keep this default, which is never called.
     fn poll_wait(
         &self,
         wait: Self::Wait,
-        parts: &mut Parts,
-        cx: &mut Context<'_>,
-    ) -> Before<Self::State, Self::Wait>;
+        _parts: &mut Parts,
+        _cx: &mut Context<'_>,
+    ) -> Before<Self::State, Self::Wait> {
+        Before::Wait(wait)
+    }
 }
 
 /// One concern's state of one call, from its step before the inner call to the response.

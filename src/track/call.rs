@@ -105,40 +105,34 @@ impl<St: ConnectionStore> CallHook for TrackCall<St> {
             Poll::Pending => return Before::Wait(wait),
         };
         let TrackWait { key, route, .. } = wait;
-        let lease = match res {
-            Ok(Some(lease)) => Some(lease),
+        let (status, code, message) = match res {
+            Ok(lease @ Some(_)) => {
+                return Before::Call(self.register(parts, route, Some(key), lease))
+            }
             Ok(None) => {
                 self.shared.metrics.rejected_limit.increment(1);
                 tracing::debug!(key = %key, "per-key stream limit reached: 429");
-                let res = self.reject(
-                    parts,
+                (
                     StatusCode::TOO_MANY_REQUESTS,
                     crate::grpc::RESOURCE_EXHAUSTED,
                     "too many concurrent streams for this key",
-                );
-                return Before::Answer(None, res);
+                )
             }
             Err(e) => {
                 self.shared.metrics.store_errors.increment(1);
-                match self.on_store_error {
-                    StoreFailure::Closed => {
-                        tracing::warn!(error = %e, "connection store failed: 503 (fail closed)");
-                        let res = self.reject(
-                            parts,
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            crate::grpc::UNAVAILABLE,
-                            "stream limits unavailable: the connection store failed",
-                        );
-                        return Before::Answer(None, res);
-                    }
-                    StoreFailure::Open => {
-                        tracing::debug!(error = %e, "connection store failed: serving without limit");
-                        None
-                    }
+                if self.on_store_error == StoreFailure::Open {
+                    tracing::debug!(error = %e, "connection store failed: serving without limit");
+                    return Before::Call(self.register(parts, route, Some(key), None));
                 }
+                tracing::warn!(error = %e, "connection store failed: 503 (fail closed)");
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    crate::grpc::UNAVAILABLE,
+                    "stream limits unavailable: the connection store failed",
+                )
             }
         };
-        Before::Call(self.register(parts, route, Some(key), lease))
+        Before::Answer(None, self.reject(parts, status, code, message))
     }
 }
 
