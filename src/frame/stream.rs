@@ -7,6 +7,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
+use bytes::Bytes;
 use http::HeaderMap;
 use http_body::{Frame, SizeHint};
 use pin_project_lite::pin_project;
@@ -146,6 +147,15 @@ impl StreamHook for FrameHook {
             }
         }
     }
+
+    #[inline(always)]
+    fn passive(&self) -> bool {
+        self.0.as_ref().is_none_or(|s| s.serving())
+    }
+
+    /// The body's tracker has the data: nothing to do.
+    #[inline(always)]
+    fn on_data(&mut self, _data: &Bytes, _inner_end: impl Fn() -> bool) {}
 
     #[inline]
     fn take_aborted(&mut self) -> bool {

@@ -223,6 +223,25 @@ impl StreamHook for GuardHook {
         }
     }
 
+    /// A plain response, or a stream without limits that is still streaming: this hook adds
+    /// a frame only when the body fails.
+    #[inline(always)]
+    fn passive(&self) -> bool {
+        self.st
+            .as_deref()
+            .is_none_or(|s| s.step == Step::Streaming && s.lim.is_none())
+    }
+
+    #[inline(always)]
+    fn on_data(&mut self, _data: &Bytes, inner_end: impl Fn() -> bool) {
+        if let Some(st) = self.st.as_deref_mut() {
+            // The inner body is finishing on its own: add nothing more.
+            if inner_end() {
+                st.step = Step::Passthrough;
+            }
+        }
+    }
+
     #[inline]
     fn take_aborted(&mut self) -> bool {
         // Reported once; the body has ended.

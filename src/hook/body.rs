@@ -155,6 +155,37 @@ where
     }
 }
 
+/// The source, with its next result already taken: the hooks get that one first.
+struct Replay<'a, B: Body> {
+    first: Option<Polled<B::Error>>,
+    source: Source<'a, B>,
+}
+
+impl<B> Next for Replay<'_, B>
+where
+    B: Body<Data = Bytes>,
+    B::Error: fmt::Display,
+{
+    type Error = B::Error;
+
+    #[inline(always)]
+    fn poll_next(&mut self, cx: &mut StreamCx<'_, '_>) -> Polled<B::Error> {
+        match self.first.take() {
+            Some(res) => res,
+            None => self.source.poll_next(cx),
+        }
+    }
+
+    #[inline]
+    fn is_end_stream(&self) -> bool {
+        self.source.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.source.size_hint()
+    }
+}
+
 impl<B, H> Body for HookBody<B, H>
 where
     B: Body<Data = Bytes>,
@@ -177,7 +208,26 @@ where
         };
         let mut source = Source { inner: this.inner };
         let hook = this.hook;
-        let res = hook.poll_frame(&mut source, &mut scx);
+        if !hook.passive() {
+            let res = hook.poll_frame(&mut source, &mut scx);
+            return crate::boxed_result(res, || hook.take_aborted());
+        }
+        // Every hook only watches: a data frame needs their bookkeeping alone.
+        let res = source.poll_next(&mut scx);
+        if let Poll::Ready(Some(Ok(f))) = &res {
+            if let Some(d) = f.data_ref() {
+                hook.on_data(d, || source.is_end_stream());
+                return crate::boxed_result(res, || false);
+            }
+        }
+        // Anything else goes through the hooks, as if they had polled it. (A hook that stops
+        // watching in between, the frame hook once `Closing` begins, may not take it: it then
+        // ends the stream with its final frame, and polls the body no more.)
+        let mut replay = Replay {
+            first: Some(res),
+            source,
+        };
+        let res = hook.poll_frame(&mut replay, &mut scx);
         crate::boxed_result(res, || hook.take_aborted())
     }
 

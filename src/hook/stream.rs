@@ -87,6 +87,17 @@ pub trait StreamHook: Default + Send + Sync + 'static {
 
     /// Whether this hook ended the body in the middle of a record (reported once).
     fn take_aborted(&mut self) -> bool;
+
+    /// Whether, for now, this hook only watches the frames go by: no timer armed, no frame of
+    /// its own due, nothing to register for while the body waits. While every hook of a body
+    /// is passive, the body forwards data frames with [`on_data`](Self::on_data) alone, and
+    /// anything else (trailers, an error, the end, a pending body) through
+    /// [`poll_frame`](Self::poll_frame).
+    fn passive(&self) -> bool;
+
+    /// A data frame forwarded while the hook is [`passive`](Self::passive); `inner_end` tells
+    /// whether what this hook wraps has ended.
+    fn on_data(&mut self, data: &Bytes, inner_end: impl Fn() -> bool);
 }
 
 impl StreamHook for () {
@@ -109,6 +120,14 @@ impl StreamHook for () {
     fn take_aborted(&mut self) -> bool {
         false
     }
+
+    #[inline]
+    fn passive(&self) -> bool {
+        true
+    }
+
+    #[inline]
+    fn on_data(&mut self, _data: &Bytes, _inner_end: impl Fn() -> bool) {}
 }
 
 /// `inner` seen through `hook`: what the outer hook of a pair polls.
@@ -158,5 +177,17 @@ impl<A: StreamHook, Z: StreamHook> StreamHook for (A, Z) {
         // Both report (either may have ended the body mid-record).
         let outer = self.0.take_aborted();
         self.1.take_aborted() || outer
+    }
+
+    #[inline(always)]
+    fn passive(&self) -> bool {
+        self.0.passive() && self.1.passive()
+    }
+
+    #[inline(always)]
+    fn on_data(&mut self, data: &Bytes, inner_end: impl Fn() -> bool) {
+        let (outer, inner) = self;
+        inner.on_data(data, &inner_end);
+        outer.on_data(data, || inner.is_end_stream(&inner_end));
     }
 }

@@ -3,6 +3,7 @@
 use std::fmt;
 use std::task::Poll;
 
+use bytes::Bytes;
 use http_body::SizeHint;
 
 use super::guard::StreamGuard;
@@ -13,32 +14,59 @@ use crate::hook::{Next, Polled, StreamCx, StreamHook};
 #[derive(Default)]
 pub struct TrackHook(pub(super) Option<StreamGuard>);
 
+impl TrackHook {
+    /// Counts a data frame.
+    #[inline(always)]
+    fn count(&mut self, data: &Bytes) {
+        if let Some(g) = self.0.as_mut() {
+            g.frames += 1;
+            g.bytes += data.len() as u64;
+        }
+    }
+}
+
 impl StreamHook for TrackHook {
     #[inline(always)]
     fn poll_frame<N: Next>(&mut self, next: &mut N, cx: &mut StreamCx<'_, '_>) -> Polled<N::Error> {
         // Inspected in place and returned as it came: no copy of the frame.
         let res = next.poll_next(cx);
-        if let Poll::Ready(r) = &res {
-            let guard = &mut self.0;
-            if let Some(g) = guard.as_mut() {
-                match r {
-                    Some(Ok(f)) => {
-                        if let Some(d) = f.data_ref() {
-                            g.frames += 1;
-                            g.bytes += d.len() as u64;
-                        }
-                    }
-                    Some(Err(_)) => g.errored = true,
-                    None => {}
+        match &res {
+            Poll::Ready(Some(Ok(f))) => {
+                if let Some(d) = f.data_ref() {
+                    self.count(d);
+                }
+                if next.is_end_stream() {
+                    self.0.take();
                 }
             }
-            // Release as soon as the stream is over: some consumers stop polling once
-            // `is_end_stream` is true and keep the body around for a while.
-            if !matches!(r, Some(Ok(_))) || next.is_end_stream() {
-                guard.take();
+            Poll::Ready(Some(Err(_))) => {
+                if let Some(g) = self.0.as_mut() {
+                    g.errored = true;
+                }
+                // Released as soon as the stream is over.
+                self.0.take();
             }
+            Poll::Ready(None) => {
+                self.0.take();
+            }
+            Poll::Pending => {}
         }
         res
+    }
+
+    #[inline(always)]
+    fn passive(&self) -> bool {
+        true
+    }
+
+    #[inline(always)]
+    fn on_data(&mut self, data: &Bytes, inner_end: impl Fn() -> bool) {
+        self.count(data);
+        // Release as soon as the stream is over: some consumers stop polling once
+        // `is_end_stream` is true and keep the body around for a while.
+        if inner_end() {
+            self.0.take();
+        }
     }
 
     #[inline]
