@@ -112,6 +112,23 @@ impl<B, H: Default> Default for HookBody<B, H> {
     }
 }
 
+impl<B: Body> Inner<B> {
+    #[inline]
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Inner::Body { body } => body.is_end_stream(),
+            Inner::Empty => true,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Inner::Body { body } => body.size_hint(),
+            Inner::Empty => SizeHint::with_exact(0),
+        }
+    }
+}
+
 /// The inner body as the innermost hook sees it: its data feeds the body's one tracker.
 struct Source<'a, B> {
     inner: Pin<&'a mut Inner<B>>,
@@ -141,21 +158,15 @@ where
 
     #[inline]
     fn is_end_stream(&self) -> bool {
-        match &*self.inner {
-            Inner::Body { body } => body.is_end_stream(),
-            Inner::Empty => true,
-        }
+        self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        match &*self.inner {
-            Inner::Body { body } => body.size_hint(),
-            Inner::Empty => SizeHint::with_exact(0),
-        }
+        self.inner.size_hint()
     }
 }
 
-/// The source, with its next result already taken: the hooks get that one first.
+/// The source, maybe with its next result already taken: the hooks get that one first.
 struct Replay<'a, B: Body> {
     first: Option<Polled<B::Error>>,
     source: Source<'a, B>,
@@ -201,49 +212,50 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, crate::BoxError>>> {
         let this = self.project();
+        let hook = this.hook;
+        let mut inner = this.inner;
+        let mut first = None;
+        if hook.passive() {
+            // Every hook only watches: a data frame needs the tracker and their bookkeeping
+            // alone.
+            let res = match inner.as_mut().project() {
+                InnerProj::Body { body } => body.poll_frame(cx),
+                InnerProj::Empty => Poll::Ready(None),
+            };
+            if let Poll::Ready(Some(Ok(f))) = &res {
+                if let Some(d) = f.data_ref() {
+                    if let Some(t) = this.tracker.as_mut() {
+                        t.update(d);
+                    }
+                    hook.on_data(d, || inner.is_end_stream());
+                    return crate::boxed_result(res, || false);
+                }
+            }
+            // Anything else goes through the hooks, as if they had polled it. (A hook that
+            // stops watching in between, the frame hook once `Closing` begins, may not take
+            // it: it then ends the stream with its final frame, and polls the body no more.)
+            first = Some(res);
+        }
         let mut scx = StreamCx {
             tracker: this.tracker,
             gate: this.gate.get(),
             task: cx,
         };
-        let mut source = Source { inner: this.inner };
-        let hook = this.hook;
-        if !hook.passive() {
-            let res = hook.poll_frame(&mut source, &mut scx);
-            return crate::boxed_result(res, || hook.take_aborted());
-        }
-        // Every hook only watches: a data frame needs their bookkeeping alone.
-        let res = source.poll_next(&mut scx);
-        if let Poll::Ready(Some(Ok(f))) = &res {
-            if let Some(d) = f.data_ref() {
-                hook.on_data(d, || source.is_end_stream());
-                return crate::boxed_result(res, || false);
-            }
-        }
-        // Anything else goes through the hooks, as if they had polled it. (A hook that stops
-        // watching in between, the frame hook once `Closing` begins, may not take it: it then
-        // ends the stream with its final frame, and polls the body no more.)
-        let mut replay = Replay {
-            first: Some(res),
-            source,
+        let mut source = Replay {
+            first,
+            source: Source { inner },
         };
-        let res = hook.poll_frame(&mut replay, &mut scx);
+        let res = hook.poll_frame(&mut source, &mut scx);
         crate::boxed_result(res, || hook.take_aborted())
     }
 
     #[inline]
     fn is_end_stream(&self) -> bool {
-        self.hook.is_end_stream(|| match &self.inner {
-            Inner::Body { body } => body.is_end_stream(),
-            Inner::Empty => true,
-        })
+        self.hook.is_end_stream(|| self.inner.is_end_stream())
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.hook.size_hint(|| match &self.inner {
-            Inner::Body { body } => body.size_hint(),
-            Inner::Empty => SizeHint::with_exact(0),
-        })
+        self.hook.size_hint(|| self.inner.size_hint())
     }
 }
 
