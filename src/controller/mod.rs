@@ -62,7 +62,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-pub(crate) use self::config::at_most_max;
+pub(crate) use self::config::{at_most_max, setters};
 pub use self::config::{ConfigError, DrainBuilder, DrainConfig, MAX_DURATION};
 pub use self::future::{Closing, Draining, Stopped};
 pub use self::phase::{DrainReason, Phase};
