@@ -328,6 +328,14 @@ impl fmt::Display for DrainTimeout {
 impl std::error::Error for DrainTimeout {}
 
 #[cfg(test)]
+impl DrainController {
+    /// A controller with the settings `f` makes (for unit tests).
+    pub(crate) fn configured(f: impl FnOnce(DrainBuilder) -> DrainBuilder) -> Self {
+        f(Self::builder()).build().unwrap()
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use std::time::Duration;
 
@@ -338,10 +346,7 @@ mod tests {
     /// runtime parks, a millisecond or more on a busy one).
     #[tokio::test]
     async fn without_a_propagation_delay_closing_needs_no_timer() {
-        let drain = DrainController::builder()
-            .propagation_delay(Duration::ZERO)
-            .build()
-            .unwrap();
+        let drain = DrainController::configured(|b| b.propagation_delay(Duration::ZERO));
         drain.drain(DrainReason::Manual);
         // Keep the runtime busy (never parked, so no timer can fire) while the controller's
         // task gets its turns.

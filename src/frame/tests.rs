@@ -276,10 +276,7 @@ async fn ndjson_ends_with_one_line_and_grpc_with_trailers() {
 
 #[tokio::test(start_paused = true)]
 async fn an_opted_out_stream_gets_only_the_forced_frame_at_the_deadline() {
-    let drain = DrainController::builder()
-        .grace_period(Duration::from_secs(3))
-        .build()
-        .unwrap();
+    let drain = DrainController::configured(|b| b.grace_period(Duration::from_secs(3)));
     let (_tx, mut res) = channel_body("text/event-stream");
     res.extensions_mut().insert(RunToCompletion);
     let body = tracked(&drain, FrameLayer::new(drain.watch()), res)
