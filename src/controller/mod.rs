@@ -278,16 +278,6 @@ impl DrainBuilder {
     }
 }
 
-#[cfg(test)]
-impl DrainController {
-    /// Streams notified so far (the report has it only once stopped).
-    pub(crate) fn notified_so_far(&self) -> u64 {
-        self.shared
-            .notified
-            .load(std::sync::atomic::Ordering::Relaxed)
-    }
-}
-
 observe!(DrainController);
 
 impl fmt::Debug for DrainController {
