@@ -177,7 +177,7 @@ const ENV_NAMES: Names = Names {
 /// (with its example) and other attributes, its name and argument, and the assignments to
 /// `self` it makes; the setter takes and returns the builder by value:
 ///
-/// ```ignore
+/// ```text
 /// setters! {
 ///     /// How long … (default 5 s).
 ///     cooldown(d: Duration) => cooldown = d, breaker = true;
