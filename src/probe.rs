@@ -265,10 +265,8 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn probes_follow_the_drain() {
-        let drain = DrainController::builder()
-            .propagation_delay(std::time::Duration::from_secs(1))
-            .build()
-            .unwrap();
+        let drain =
+            DrainController::configured(|b| b.propagation_delay(std::time::Duration::from_secs(1)));
         let p = Probes::new(drain.clone());
         let get = |path: &str| Request::get(path).body(()).unwrap();
         assert_eq!(

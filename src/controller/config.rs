@@ -173,6 +173,36 @@ const ENV_NAMES: Names = Names {
     spread: "DRAIN_SPREAD_MS",
 };
 
+/// Builder setters that only record their argument. Each entry is a setter's doc comment
+/// (with its example) and other attributes, its name and argument, and the assignments to
+/// `self` it makes; the setter takes and returns the builder by value:
+///
+/// ```text
+/// setters! {
+///     /// How long … (default 5 s).
+///     cooldown(d: Duration) => cooldown = d, breaker = true;
+/// }
+/// ```
+///
+/// is `pub fn cooldown(mut self, d: Duration) -> Self { self.cooldown = d; self.breaker = true; self }`.
+/// Setters that check, convert with more than an expression, or are generic stay written out.
+macro_rules! setters {
+    ($(
+        $(#[$attr:meta])*
+        $name:ident($arg:ident: $ty:ty) => $($($field:ident).+ = $value:expr),+;
+    )*) => {
+        $(
+            $(#[$attr])*
+            pub fn $name(mut self, $arg: $ty) -> Self {
+                $(self.$($field).+ = $value;)+
+                self
+            }
+        )*
+    };
+}
+
+pub(crate) use setters;
+
 /// The longest duration any setting of this crate accepts: 365 days. Longer values are
 /// surely a unit mistake, and rejecting them keeps every deadline the crate computes
 /// (`now + duration`, sums of settings) far from overflow.
@@ -256,83 +286,136 @@ impl DrainBuilder {
         Ok(b)
     }
 
-    /// Time from `drain()` until remaining streams are force-closed (default 20 s; must not be 0).
-    pub fn grace_period(mut self, d: Duration) -> Self {
-        self.config.grace_period = d;
-        self
-    }
+    setters! {
+        /// Time from `drain()` until remaining streams are force-closed (default 20 s; must not
+        /// be 0).
+        ///
+        /// ```
+        /// use std::time::Duration;
+        /// let drain = tower_drain::DrainController::builder()
+        ///     .grace_period(Duration::from_secs(60))
+        ///     .build()
+        ///     .unwrap();
+        /// assert_eq!(drain.config().grace_period(), Duration::from_secs(60));
+        /// ```
+        grace_period(d: Duration) => config.grace_period = d;
 
-    /// Time between readiness turning `503` and new requests being rejected / streams notified
-    /// (default 0), so load balancers can take the instance out of rotation first.
-    pub fn propagation_delay(mut self, d: Duration) -> Self {
-        self.config.propagation_delay = d;
-        self
-    }
+        /// Time between readiness turning `503` and new requests being rejected / streams
+        /// notified (default 0), so load balancers can take the instance out of rotation first.
+        ///
+        /// ```
+        /// use std::time::Duration;
+        /// let drain = tower_drain::DrainController::builder()
+        ///     .propagation_delay(Duration::from_secs(5))
+        ///     .build()
+        ///     .unwrap();
+        /// assert_eq!(drain.config().propagation_delay(), Duration::from_secs(5));
+        /// ```
+        propagation_delay(d: Duration) => config.propagation_delay = d;
 
-    /// Reconnect delay suggested to clients (default 30 s; 0 is allowed).
-    pub fn reconnect_delay(mut self, d: Duration) -> Self {
-        self.config.reconnect_delay = d;
-        self
-    }
+        /// Reconnect delay suggested to clients (default 30 s; 0 is allowed).
+        ///
+        /// ```
+        /// use std::time::Duration;
+        /// let drain = tower_drain::DrainController::builder()
+        ///     .reconnect_delay(Duration::ZERO)
+        ///     .build()
+        ///     .unwrap();
+        /// assert!(drain.config().reconnect_delay().is_zero());
+        /// ```
+        reconnect_delay(d: Duration) => config.reconnect_delay = d;
 
-    /// Maximum fraction (0 ≤ j < 1, default 0.2) by which each stream's `retry:` hint deviates
-    /// from the reconnect delay, so clients do not reconnect in the same millisecond.
-    pub fn reconnect_jitter(mut self, fraction: f64) -> Self {
-        self.config.reconnect_jitter = fraction;
-        self
-    }
+        /// Maximum fraction (0 ≤ j < 1, default 0.2) by which each stream's `retry:` hint
+        /// deviates from the reconnect delay, so clients do not reconnect in the same
+        /// millisecond.
+        ///
+        /// ```
+        /// let b = || tower_drain::DrainController::builder();
+        /// assert_eq!(b().reconnect_jitter(0.5).build().unwrap().config().reconnect_jitter(), 0.5);
+        /// assert_eq!(b().reconnect_jitter(1.0).build().unwrap_err().setting(), "reconnect_jitter");
+        /// ```
+        reconnect_jitter(fraction: f64) => config.reconnect_jitter = fraction;
 
-    /// Spread the shutdown frames evenly over this window, starting when `Closing` begins
-    /// (default 0: all at once). Propagation delay plus spread must fit in the grace period.
-    pub fn drain_spread(mut self, d: Duration) -> Self {
-        self.config.drain_spread = d;
-        self
-    }
+        /// Spread the shutdown frames evenly over this window, starting when `Closing` begins
+        /// (default 0: all at once). Propagation delay plus spread must fit in the grace
+        /// period.
+        ///
+        /// ```
+        /// use std::time::Duration;
+        /// let drain = tower_drain::DrainController::builder()
+        ///     .drain_spread(Duration::from_secs(10))
+        ///     .build()
+        ///     .unwrap();
+        /// assert_eq!(drain.config().drain_spread(), Duration::from_secs(10));
+        /// ```
+        drain_spread(d: Duration) => config.drain_spread = d;
 
-    /// How often progress (streams left) is logged while waiting (default 5 s; must not be 0).
-    pub fn progress_interval(mut self, d: Duration) -> Self {
-        self.config.progress_interval = d;
-        self
-    }
+        /// How often progress (streams left) is logged while waiting (default 5 s; must not be
+        /// 0).
+        ///
+        /// ```
+        /// use std::time::Duration;
+        /// let b = || tower_drain::DrainController::builder();
+        /// assert!(b().progress_interval(Duration::from_secs(1)).build().is_ok());
+        /// let err = b().progress_interval(Duration::ZERO).build().unwrap_err();
+        /// assert_eq!(err.setting(), "progress_interval");
+        /// ```
+        progress_interval(d: Duration) => config.progress_interval = d;
 
-    /// Longest wait for the connection store's clean-up at the end of a drain (default 5 s).
-    pub fn cleanup_timeout(mut self, d: Duration) -> Self {
-        self.config.cleanup_timeout = d;
-        self
-    }
+        /// Longest wait for the connection store's clean-up at the end of a drain (default
+        /// 5 s).
+        ///
+        /// ```
+        /// use std::time::Duration;
+        /// let drain = tower_drain::DrainController::builder()
+        ///     .cleanup_timeout(Duration::from_secs(2))
+        ///     .build()
+        ///     .unwrap();
+        /// # drop(drain);
+        /// ```
+        cleanup_timeout(d: Duration) => config.cleanup_timeout = d;
 
-    /// After force-closing at the grace deadline, how long to wait at most for those streams
-    /// to hand over their forced frame and end before the store clean-up and `Stopped`
-    /// (default 1 s). Streams whose connection cannot take the frame (full send buffer) are
-    /// cut by the server when it stops.
-    pub fn force_linger(mut self, d: Duration) -> Self {
-        self.config.force_linger = d;
-        self
-    }
+        /// After force-closing at the grace deadline, how long to wait at most for those
+        /// streams to hand over their forced frame and end before the store clean-up and
+        /// `Stopped` (default 1 s). Streams whose connection cannot take the frame (full send
+        /// buffer) are cut by the server when it stops.
+        ///
+        /// ```
+        /// use std::time::Duration;
+        /// let drain = tower_drain::DrainController::builder()
+        ///     .force_linger(Duration::from_millis(500))
+        ///     .build()
+        ///     .unwrap();
+        /// assert_eq!(drain.config().force_linger(), Duration::from_millis(500));
+        /// ```
+        force_linger(d: Duration) => config.force_linger = d;
 
-    /// Whether a second SIGTERM / SIGINT during a drain started by a signal cuts it short
-    /// (default `true`; see
-    /// [`DrainController::listen_for_signals`](super::DrainController::listen_for_signals)
-    /// and [`DrainController::force_now`](super::DrainController::force_now)). With `false`
-    /// further signals are ignored and the
-    /// drain always runs its course.
-    ///
-    /// ```
-    /// let drain = tower_drain::DrainController::builder()
-    ///     .force_on_second_signal(false)
-    ///     .build()
-    ///     .unwrap();
-    /// assert!(!drain.config().force_on_second_signal());
-    /// ```
-    pub fn force_on_second_signal(mut self, yes: bool) -> Self {
-        self.config.force_on_second_signal = yes;
-        self
-    }
+        /// Whether a second SIGTERM / SIGINT during a drain started by a signal cuts it short
+        /// (default `true`; see
+        /// [`DrainController::listen_for_signals`](super::DrainController::listen_for_signals)
+        /// and [`DrainController::force_now`](super::DrainController::force_now)). With `false`
+        /// further signals are ignored and the
+        /// drain always runs its course.
+        ///
+        /// ```
+        /// let drain = tower_drain::DrainController::builder()
+        ///     .force_on_second_signal(false)
+        ///     .build()
+        ///     .unwrap();
+        /// assert!(!drain.config().force_on_second_signal());
+        /// ```
+        force_on_second_signal(yes: bool) => config.force_on_second_signal = yes;
 
-    /// The human-readable message of shutdown frames.
-    pub fn message(mut self, message: impl Into<Cow<'static, str>>) -> Self {
-        self.config.message = message.into();
-        self
+        /// The human-readable message of shutdown frames.
+        ///
+        /// ```
+        /// let drain = tower_drain::DrainController::builder()
+        ///     .message("Back in a minute")
+        ///     .build()
+        ///     .unwrap();
+        /// assert_eq!(drain.config().message(), "Back in a minute");
+        /// ```
+        message(message: impl Into<Cow<'static, str>>) => config.message = message.into();
     }
 
     // `build` itself is in the parent module, beside the controller it makes: this file

@@ -62,7 +62,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-pub(crate) use self::config::at_most_max;
+pub(crate) use self::config::{at_most_max, setters};
 pub use self::config::{ConfigError, DrainBuilder, DrainConfig, MAX_DURATION};
 pub use self::future::{Closing, Draining, Stopped};
 pub use self::phase::{DrainReason, Phase};
@@ -318,6 +318,14 @@ impl fmt::Display for DrainTimeout {
 impl std::error::Error for DrainTimeout {}
 
 #[cfg(test)]
+impl DrainController {
+    /// A controller with the settings `f` makes (for unit tests).
+    pub(crate) fn configured(f: impl FnOnce(DrainBuilder) -> DrainBuilder) -> Self {
+        f(Self::builder()).build().unwrap()
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use std::time::Duration;
 
@@ -328,10 +336,7 @@ mod tests {
     /// runtime parks, a millisecond or more on a busy one).
     #[tokio::test]
     async fn without_a_propagation_delay_closing_needs_no_timer() {
-        let drain = DrainController::builder()
-            .propagation_delay(Duration::ZERO)
-            .build()
-            .unwrap();
+        let drain = DrainController::configured(|b| b.propagation_delay(Duration::ZERO));
         drain.drain(DrainReason::Manual);
         // Keep the runtime busy (never parked, so no timer can fire) while the controller's
         // task gets its turns.

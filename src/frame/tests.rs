@@ -210,27 +210,28 @@ async fn only_streams_of_the_protocol_are_touched() {
     assert!(bytes.starts_with(b"event: shutdown\n"));
 }
 
+/// The body of `res` through a track layer and a frame layer with `encoder`.
+async fn tracked_body<B>(
+    drain: &DrainController,
+    encoder: impl crate::frame::FinalFrame,
+    res: Response<B>,
+) -> crate::track::TrackedBody<FrameBody<Boxed>>
+where
+    B: Body<Data = Bytes, Error = Infallible> + Send + Sync + 'static,
+{
+    let layer = FrameLayer::with_encoder(drain.watch(), encoder);
+    tracked(drain, layer, res).await.into_body()
+}
+
 #[tokio::test]
 async fn ndjson_ends_with_one_line_and_grpc_with_trailers() {
     let drain = DrainController::builder().message("bye").build().unwrap();
     let (tx, res) = channel_body("application/x-ndjson");
-    let ndjson = tracked(
-        &drain,
-        FrameLayer::with_encoder(drain.watch(), NdJson::new()),
-        res,
-    )
-    .await
-    .into_body();
+    let ndjson = tracked_body(&drain, NdJson::new(), res).await;
     let (gtx, mut gres) = channel_body("application/grpc");
     gres.headers_mut()
         .insert("grpc-encoding", HeaderValue::from_static("identity"));
-    let grpc = tracked(
-        &drain,
-        FrameLayer::with_encoder(drain.watch(), Grpc::new()),
-        gres,
-    )
-    .await
-    .into_body();
+    let grpc = tracked_body(&drain, Grpc::new(), gres).await;
 
     tx.send(Ok(BodyFrame::data(Bytes::from("{\"n\":1}\n{\"n\":"))))
         .await
@@ -276,10 +277,7 @@ async fn ndjson_ends_with_one_line_and_grpc_with_trailers() {
 
 #[tokio::test(start_paused = true)]
 async fn an_opted_out_stream_gets_only_the_forced_frame_at_the_deadline() {
-    let drain = DrainController::builder()
-        .grace_period(Duration::from_secs(3))
-        .build()
-        .unwrap();
+    let drain = DrainController::configured(|b| b.grace_period(Duration::from_secs(3)));
     let (_tx, mut res) = channel_body("text/event-stream");
     res.extensions_mut().insert(RunToCompletion);
     let body = tracked(&drain, FrameLayer::new(drain.watch()), res)

@@ -340,6 +340,22 @@ impl Drop for Probe {
 mod tests {
     use super::*;
 
+    /// The probe `b` admits next.
+    fn next_probe(b: &Breaker) -> Probe {
+        match b.admit() {
+            Admit::Probe(probe) => probe,
+            _ => panic!("expected the probe"),
+        }
+    }
+
+    /// A breaker of threshold 1, tripped and with its cool-down over.
+    async fn half_open() -> Breaker {
+        let b = breaker(1);
+        b.failure();
+        tokio::time::advance(Duration::from_secs(30)).await;
+        b
+    }
+
     fn breaker(threshold: u32) -> Breaker {
         Breaker::new(
             threshold,
@@ -379,9 +395,7 @@ mod tests {
         tokio::time::advance(Duration::from_secs(29)).await;
         assert!(matches!(b.admit(), Admit::Reject(_)));
         tokio::time::advance(Duration::from_secs(1)).await;
-        let Admit::Probe(probe) = b.admit() else {
-            panic!("expected the probe")
-        };
+        let probe = next_probe(&b);
         assert_eq!(b.state(), BreakerState::HalfOpen);
         assert!(matches!(b.admit(), Admit::Reject(_)));
         assert!(matches!(b.admit(), Admit::Reject(_)));
@@ -390,9 +404,7 @@ mod tests {
         assert!(matches!(b.admit(), Admit::Reject(_)));
 
         tokio::time::advance(Duration::from_secs(30)).await;
-        let Admit::Probe(probe) = b.admit() else {
-            panic!("expected the probe")
-        };
+        let probe = next_probe(&b);
         probe.verdict(true);
         assert_eq!(b.state(), BreakerState::Closed);
         assert_eq!(b.consecutive_failures(), 0);
@@ -401,12 +413,8 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn an_abandoned_probe_hands_over_to_the_next_request() {
-        let b = breaker(1);
-        b.failure();
-        tokio::time::advance(Duration::from_secs(30)).await;
-        let Admit::Probe(probe) = b.admit() else {
-            panic!("expected the probe")
-        };
+        let b = half_open().await;
+        let probe = next_probe(&b);
         drop(probe);
         assert_eq!(b.state(), BreakerState::Open);
         assert!(matches!(b.admit(), Admit::Probe(_)));
@@ -414,12 +422,8 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_probe_that_never_answers_counts_as_failed_after_the_probe_timeout() {
-        let b = breaker(1);
-        b.failure();
-        tokio::time::advance(Duration::from_secs(30)).await;
-        let Admit::Probe(hung) = b.admit() else {
-            panic!("expected the probe")
-        };
+        let b = half_open().await;
+        let hung = next_probe(&b);
         // Its handler hangs: within the probe timeout, everyone else is turned away...
         tokio::time::advance(Duration::from_secs(29)).await;
         assert!(matches!(b.admit(), Admit::Reject(d) if d == Duration::from_secs(1)));

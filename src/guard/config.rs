@@ -13,7 +13,7 @@ use http::StatusCode;
 
 use super::breaker::Breaker;
 use super::layer::GuardLayer;
-use crate::controller::{splitmix64, ConfigError};
+use crate::controller::{setters, splitmix64, ConfigError};
 use crate::frame::{FinalFrame, FrameConfig, Sse};
 use crate::{BoxError, DrainWatch};
 
@@ -156,117 +156,101 @@ impl GuardBuilder {
         }
     }
 
-    /// The inner service must produce response headers within `d`, else the inner future is
-    /// dropped and the client gets [`timeout_status`](Self::timeout_status) (default `504`),
-    /// counted as `timeouts_total{kind="response"}` and as a breaker failure. Off by default.
-    ///
-    /// A response that is ready at the same instant as the deadline wins (the inner future is
-    /// polled first, as in tower's `Timeout`). [`build`](Self::build) fails if `d` is zero or
-    /// longer than [`MAX_DURATION`](crate::controller::MAX_DURATION).
-    ///
-    /// ```
-    /// use std::time::Duration;
-    /// let drain = tower_drain::DrainController::new();
-    /// let err = tower_drain::guard::GuardLayer::builder(drain.watch())
-    ///     .response_timeout(Duration::ZERO)
-    ///     .build()
-    ///     .unwrap_err();
-    /// assert_eq!(err.setting(), "response_timeout");
-    /// ```
-    pub fn response_timeout(mut self, d: Duration) -> Self {
-        self.response_timeout = Some(d);
-        self
-    }
+    setters! {
+        /// The inner service must produce response headers within `d`, else the inner future is
+        /// dropped and the client gets [`timeout_status`](Self::timeout_status) (default `504`),
+        /// counted as `timeouts_total{kind="response"}` and as a breaker failure. Off by default.
+        ///
+        /// A response that is ready at the same instant as the deadline wins (the inner future is
+        /// polled first, as in tower's `Timeout`). [`build`](Self::build) fails if `d` is zero or
+        /// longer than [`MAX_DURATION`](crate::controller::MAX_DURATION).
+        ///
+        /// ```
+        /// use std::time::Duration;
+        /// let drain = tower_drain::DrainController::new();
+        /// let err = tower_drain::guard::GuardLayer::builder(drain.watch())
+        ///     .response_timeout(Duration::ZERO)
+        ///     .build()
+        ///     .unwrap_err();
+        /// assert_eq!(err.setting(), "response_timeout");
+        /// ```
+        response_timeout(d: Duration) => response_timeout = Some(d);
 
-    /// The status of the answer to a response timeout (default `504 Gateway Timeout`).
-    ///
-    /// ```
-    /// let drain = tower_drain::DrainController::new();
-    /// let layer = tower_drain::guard::GuardLayer::builder(drain.watch())
-    ///     .timeout_status(http::StatusCode::REQUEST_TIMEOUT)
-    ///     .build()
-    ///     .unwrap();
-    /// # drop(layer);
-    /// ```
-    pub fn timeout_status(mut self, status: StatusCode) -> Self {
-        self.timeout_status = status;
-        self
-    }
+        /// The status of the answer to a response timeout (default `504 Gateway Timeout`).
+        ///
+        /// ```
+        /// let drain = tower_drain::DrainController::new();
+        /// let layer = tower_drain::guard::GuardLayer::builder(drain.watch())
+        ///     .timeout_status(http::StatusCode::REQUEST_TIMEOUT)
+        ///     .build()
+        ///     .unwrap();
+        /// # drop(layer);
+        /// ```
+        timeout_status(status: StatusCode) => timeout_status = status;
 
-    /// A stream older than `d` (counted from the request) receives the final *timeout* frame
-    /// at its next event boundary and ends cleanly; `timeouts_total{kind="lifetime"}`. Off by
-    /// default. [`build`](Self::build) fails if `d` is zero or longer than
-    /// [`MAX_DURATION`](crate::controller::MAX_DURATION).
-    ///
-    /// ```
-    /// use std::time::Duration;
-    /// let drain = tower_drain::DrainController::new();
-    /// let layer = tower_drain::guard::GuardLayer::builder(drain.watch())
-    ///     .max_lifetime(Duration::from_secs(1800))
-    ///     .build()
-    ///     .unwrap();
-    /// # drop(layer);
-    /// ```
-    pub fn max_lifetime(mut self, d: Duration) -> Self {
-        self.max_lifetime = Some(d);
-        self
-    }
+        /// A stream older than `d` (counted from the request) receives the final *timeout* frame
+        /// at its next event boundary and ends cleanly; `timeouts_total{kind="lifetime"}`. Off by
+        /// default. [`build`](Self::build) fails if `d` is zero or longer than
+        /// [`MAX_DURATION`](crate::controller::MAX_DURATION).
+        ///
+        /// ```
+        /// use std::time::Duration;
+        /// let drain = tower_drain::DrainController::new();
+        /// let layer = tower_drain::guard::GuardLayer::builder(drain.watch())
+        ///     .max_lifetime(Duration::from_secs(1800))
+        ///     .build()
+        ///     .unwrap();
+        /// # drop(layer);
+        /// ```
+        max_lifetime(d: Duration) => max_lifetime = Some(d);
 
-    /// Shortens each stream's lifetime by a random fraction of up to `fraction`
-    /// (`0 ≤ fraction < 1`, default 0), so streams opened together do not all expire together.
-    /// A stream never lives longer than [`max_lifetime`](Self::max_lifetime).
-    /// [`build`](Self::build) fails if `fraction` is outside `0..1`.
-    ///
-    /// ```
-    /// let drain = tower_drain::DrainController::new();
-    /// let b = || tower_drain::guard::GuardLayer::builder(drain.watch());
-    /// assert!(b().lifetime_jitter(0.1).build().is_ok());
-    /// assert_eq!(b().lifetime_jitter(1.0).build().unwrap_err().setting(), "lifetime_jitter");
-    /// ```
-    pub fn lifetime_jitter(mut self, fraction: f64) -> Self {
-        self.lifetime_jitter = fraction;
-        self
-    }
+        /// Shortens each stream's lifetime by a random fraction of up to `fraction`
+        /// (`0 ≤ fraction < 1`, default 0), so streams opened together do not all expire together.
+        /// A stream never lives longer than [`max_lifetime`](Self::max_lifetime).
+        /// [`build`](Self::build) fails if `fraction` is outside `0..1`.
+        ///
+        /// ```
+        /// let drain = tower_drain::DrainController::new();
+        /// let b = || tower_drain::guard::GuardLayer::builder(drain.watch());
+        /// assert!(b().lifetime_jitter(0.1).build().is_ok());
+        /// assert_eq!(b().lifetime_jitter(1.0).build().unwrap_err().setting(), "lifetime_jitter");
+        /// ```
+        lifetime_jitter(fraction: f64) => lifetime_jitter = fraction;
 
-    /// A stream whose inner body produces no frame for `d` receives the final *timeout* frame
-    /// and ends cleanly; `timeouts_total{kind="idle"}`. Off by default. Heartbeats do not count
-    /// as activity here: combine both to keep proxies happy while still ending a stream whose
-    /// source went silent. [`build`](Self::build) fails if `d` is zero or longer than
-    /// [`MAX_DURATION`](crate::controller::MAX_DURATION).
-    ///
-    /// ```
-    /// use std::time::Duration;
-    /// let drain = tower_drain::DrainController::new();
-    /// let layer = tower_drain::guard::GuardLayer::builder(drain.watch())
-    ///     .idle_timeout(Duration::from_secs(300))
-    ///     .build()
-    ///     .unwrap();
-    /// # drop(layer);
-    /// ```
-    pub fn idle_timeout(mut self, d: Duration) -> Self {
-        self.idle_timeout = Some(d);
-        self
-    }
+        /// A stream whose inner body produces no frame for `d` receives the final *timeout* frame
+        /// and ends cleanly; `timeouts_total{kind="idle"}`. Off by default. Heartbeats do not count
+        /// as activity here: combine both to keep proxies happy while still ending a stream whose
+        /// source went silent. [`build`](Self::build) fails if `d` is zero or longer than
+        /// [`MAX_DURATION`](crate::controller::MAX_DURATION).
+        ///
+        /// ```
+        /// use std::time::Duration;
+        /// let drain = tower_drain::DrainController::new();
+        /// let layer = tower_drain::guard::GuardLayer::builder(drain.watch())
+        ///     .idle_timeout(Duration::from_secs(300))
+        ///     .build()
+        ///     .unwrap();
+        /// # drop(layer);
+        /// ```
+        idle_timeout(d: Duration) => idle_timeout = Some(d);
 
-    /// After `d` without anything sent, inject the encoder's keep-alive
-    /// ([`FinalFrame::heartbeat`](crate::frame::FinalFrame::heartbeat)) at an event boundary:
-    /// an SSE comment (`:\n\n`) or, for NDJSON, the record `{"type":"heartbeat"}\n`, so
-    /// proxies keep the connection open. Protocols without an in-band keep-alive (gRPC: use
-    /// HTTP/2 PING) get none. Off by default. [`build`](Self::build) fails if `d` is zero or
-    /// longer than [`MAX_DURATION`](crate::controller::MAX_DURATION).
-    ///
-    /// ```
-    /// use std::time::Duration;
-    /// let drain = tower_drain::DrainController::new();
-    /// let layer = tower_drain::guard::GuardLayer::builder(drain.watch())
-    ///     .heartbeat(Duration::from_secs(15))
-    ///     .build()
-    ///     .unwrap();
-    /// # drop(layer);
-    /// ```
-    pub fn heartbeat(mut self, d: Duration) -> Self {
-        self.heartbeat = Some(d);
-        self
+        /// After `d` without anything sent, inject the encoder's keep-alive
+        /// ([`FinalFrame::heartbeat`](crate::frame::FinalFrame::heartbeat)) at an event boundary:
+        /// an SSE comment (`:\n\n`) or, for NDJSON, the record `{"type":"heartbeat"}\n`, so
+        /// proxies keep the connection open. Protocols without an in-band keep-alive (gRPC: use
+        /// HTTP/2 PING) get none. Off by default. [`build`](Self::build) fails if `d` is zero or
+        /// longer than [`MAX_DURATION`](crate::controller::MAX_DURATION).
+        ///
+        /// ```
+        /// use std::time::Duration;
+        /// let drain = tower_drain::DrainController::new();
+        /// let layer = tower_drain::guard::GuardLayer::builder(drain.watch())
+        ///     .heartbeat(Duration::from_secs(15))
+        ///     .build()
+        ///     .unwrap();
+        /// # drop(layer);
+        /// ```
+        heartbeat(d: Duration) => heartbeat = Some(d);
     }
 
     /// Runs `check` with the request's parts about every `every` while a stream is open (for
@@ -304,94 +288,78 @@ impl GuardBuilder {
         self
     }
 
-    /// Turns the circuit breaker on or off (off by default; any of its settings turns it on).
-    /// Turning it off keeps its settings for when it is turned on again.
-    ///
-    /// ```
-    /// let drain = tower_drain::DrainController::new();
-    /// let layer = tower_drain::guard::GuardLayer::builder(drain.watch())
-    ///     .failure_threshold(3)
-    ///     .circuit_breaker(false)
-    ///     .build()
-    ///     .unwrap();
-    /// assert!(layer.breaker().is_none());
-    /// ```
-    pub fn circuit_breaker(mut self, on: bool) -> Self {
-        self.breaker = on;
-        self
-    }
+    setters! {
+        /// Turns the circuit breaker on or off (off by default; any of its settings turns it on).
+        /// Turning it off keeps its settings for when it is turned on again.
+        ///
+        /// ```
+        /// let drain = tower_drain::DrainController::new();
+        /// let layer = tower_drain::guard::GuardLayer::builder(drain.watch())
+        ///     .failure_threshold(3)
+        ///     .circuit_breaker(false)
+        ///     .build()
+        ///     .unwrap();
+        /// assert!(layer.breaker().is_none());
+        /// ```
+        circuit_breaker(on: bool) => breaker = on;
 
-    /// Consecutive failures that open the circuit (default 5). Turns the breaker on.
-    /// [`build`](Self::build) fails if `n` is zero.
-    ///
-    /// ```
-    /// let drain = tower_drain::DrainController::new();
-    /// let b = || tower_drain::guard::GuardLayer::builder(drain.watch());
-    /// assert_eq!(b().failure_threshold(3).build().unwrap().breaker().unwrap().threshold(), 3);
-    /// assert_eq!(b().failure_threshold(0).build().unwrap_err().setting(), "failure_threshold");
-    /// ```
-    pub fn failure_threshold(mut self, n: u32) -> Self {
-        self.failure_threshold = n;
-        self.breaker = true;
-        self
-    }
+        /// Consecutive failures that open the circuit (default 5). Turns the breaker on.
+        /// [`build`](Self::build) fails if `n` is zero.
+        ///
+        /// ```
+        /// let drain = tower_drain::DrainController::new();
+        /// let b = || tower_drain::guard::GuardLayer::builder(drain.watch());
+        /// assert_eq!(b().failure_threshold(3).build().unwrap().breaker().unwrap().threshold(), 3);
+        /// assert_eq!(b().failure_threshold(0).build().unwrap_err().setting(), "failure_threshold");
+        /// ```
+        failure_threshold(n: u32) => failure_threshold = n, breaker = true;
 
-    /// How long an open circuit answers `503` before letting one probe through (default 30 s).
-    /// Turns the breaker on. [`build`](Self::build) fails if `d` is zero or longer than
-    /// [`MAX_DURATION`](crate::controller::MAX_DURATION).
-    ///
-    /// ```
-    /// use std::time::Duration;
-    /// let drain = tower_drain::DrainController::new();
-    /// let layer = tower_drain::guard::GuardLayer::builder(drain.watch())
-    ///     .cooldown(Duration::from_secs(10))
-    ///     .build()
-    ///     .unwrap();
-    /// assert_eq!(layer.breaker().unwrap().cooldown(), Duration::from_secs(10));
-    /// ```
-    pub fn cooldown(mut self, d: Duration) -> Self {
-        self.cooldown = d;
-        self.breaker = true;
-        self
-    }
+        /// How long an open circuit answers `503` before letting one probe through (default 30 s).
+        /// Turns the breaker on. [`build`](Self::build) fails if `d` is zero or longer than
+        /// [`MAX_DURATION`](crate::controller::MAX_DURATION).
+        ///
+        /// ```
+        /// use std::time::Duration;
+        /// let drain = tower_drain::DrainController::new();
+        /// let layer = tower_drain::guard::GuardLayer::builder(drain.watch())
+        ///     .cooldown(Duration::from_secs(10))
+        ///     .build()
+        ///     .unwrap();
+        /// assert_eq!(layer.breaker().unwrap().cooldown(), Duration::from_secs(10));
+        /// ```
+        cooldown(d: Duration) => cooldown = d, breaker = true;
 
-    /// How long the half-open probe's outcome is waited for (default: the cool-down). A probe
-    /// whose response has not arrived by then (a hung handler, a long poll) counts as a
-    /// failure: the circuit opens for another cool-down and the next probe follows it, so no
-    /// single request can hold the circuit half-open. Turns the breaker on.
-    /// [`build`](Self::build) fails if `d` is zero or longer than
-    /// [`MAX_DURATION`](crate::controller::MAX_DURATION).
-    ///
-    /// ```
-    /// use std::time::Duration;
-    /// let drain = tower_drain::DrainController::new();
-    /// let layer = tower_drain::guard::GuardLayer::builder(drain.watch())
-    ///     .probe_timeout(Duration::from_secs(2))
-    ///     .build()
-    ///     .unwrap();
-    /// assert_eq!(layer.breaker().unwrap().probe_timeout(), Duration::from_secs(2));
-    /// ```
-    pub fn probe_timeout(mut self, d: Duration) -> Self {
-        self.probe_timeout = Some(d);
-        self.breaker = true;
-        self
-    }
+        /// How long the half-open probe's outcome is waited for (default: the cool-down). A probe
+        /// whose response has not arrived by then (a hung handler, a long poll) counts as a
+        /// failure: the circuit opens for another cool-down and the next probe follows it, so no
+        /// single request can hold the circuit half-open. Turns the breaker on.
+        /// [`build`](Self::build) fails if `d` is zero or longer than
+        /// [`MAX_DURATION`](crate::controller::MAX_DURATION).
+        ///
+        /// ```
+        /// use std::time::Duration;
+        /// let drain = tower_drain::DrainController::new();
+        /// let layer = tower_drain::guard::GuardLayer::builder(drain.watch())
+        ///     .probe_timeout(Duration::from_secs(2))
+        ///     .build()
+        ///     .unwrap();
+        /// assert_eq!(layer.breaker().unwrap().probe_timeout(), Duration::from_secs(2));
+        /// ```
+        probe_timeout(d: Duration) => probe_timeout = Some(d), breaker = true;
 
-    /// The status of the answer while the circuit is open (default `503 Service
-    /// Unavailable`); it carries `retry-after` with the rest of the cool-down.
-    ///
-    /// ```
-    /// let drain = tower_drain::DrainController::new();
-    /// let layer = tower_drain::guard::GuardLayer::builder(drain.watch())
-    ///     .circuit_breaker(true)
-    ///     .breaker_status(http::StatusCode::TOO_MANY_REQUESTS)
-    ///     .build()
-    ///     .unwrap();
-    /// # drop(layer);
-    /// ```
-    pub fn breaker_status(mut self, status: StatusCode) -> Self {
-        self.breaker_status = status;
-        self
+        /// The status of the answer while the circuit is open (default `503 Service
+        /// Unavailable`); it carries `retry-after` with the rest of the cool-down.
+        ///
+        /// ```
+        /// let drain = tower_drain::DrainController::new();
+        /// let layer = tower_drain::guard::GuardLayer::builder(drain.watch())
+        ///     .circuit_breaker(true)
+        ///     .breaker_status(http::StatusCode::TOO_MANY_REQUESTS)
+        ///     .build()
+        ///     .unwrap();
+        /// # drop(layer);
+        /// ```
+        breaker_status(status: StatusCode) => breaker_status = status;
     }
 
     /// Which response statuses count as breaker failures (default: `5xx`).
@@ -414,24 +382,23 @@ impl GuardBuilder {
         self
     }
 
-    /// When the inner body yields an error mid-stream: `false` (the default) sends the final
-    /// *error* frame at an event boundary and ends the body cleanly instead of resetting it
-    /// (mid-record no whole frame can go out, so the error is passed on and the response is
-    /// aborted); `true` always passes the error on. Either way the error is
-    /// logged with the stream's number and path, counted in `stream_errors_total` and as a
-    /// breaker failure.
-    ///
-    /// ```
-    /// let drain = tower_drain::DrainController::new();
-    /// let layer = tower_drain::guard::GuardLayer::builder(drain.watch())
-    ///     .pass_through_errors(true)
-    ///     .build()
-    ///     .unwrap();
-    /// # drop(layer);
-    /// ```
-    pub fn pass_through_errors(mut self, yes: bool) -> Self {
-        self.pass_errors = yes;
-        self
+    setters! {
+        /// When the inner body yields an error mid-stream: `false` (the default) sends the final
+        /// *error* frame at an event boundary and ends the body cleanly instead of resetting it
+        /// (mid-record no whole frame can go out, so the error is passed on and the response is
+        /// aborted); `true` always passes the error on. Either way the error is
+        /// logged with the stream's number and path, counted in `stream_errors_total` and as a
+        /// breaker failure.
+        ///
+        /// ```
+        /// let drain = tower_drain::DrainController::new();
+        /// let layer = tower_drain::guard::GuardLayer::builder(drain.watch())
+        ///     .pass_through_errors(true)
+        ///     .build()
+        ///     .unwrap();
+        /// # drop(layer);
+        /// ```
+        pass_through_errors(yes: bool) => pass_errors = yes;
     }
 
     /// Final frames and heartbeats for the protocol of `encoder` instead of SSE

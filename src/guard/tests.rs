@@ -16,8 +16,10 @@ mod body {
     use tower_layer::Layer;
 
     use crate::frame::{FrameLayer, Grpc, NdJson};
-    use crate::guard::{BreakerState, GuardLayer, GuardedBody, MID_EVENT_GRACE};
-    use crate::test_support::{poll, sse, streaming, text, through};
+    use tokio_test::task::Spawn;
+
+    use crate::guard::{BreakerState, GuardBuilder, GuardLayer, GuardedBody, MID_EVENT_GRACE};
+    use crate::test_support::{poll, sse, streaming, text, through, Feed, TestBody};
     use crate::{DrainController, DrainReason};
 
     const TIMEOUT_FRAME: &str =
@@ -39,17 +41,100 @@ mod body {
         assert_eq!(b.size_hint().exact(), Some(0));
     }
 
+    type Spawned<B = TestBody> = Spawn<GuardedBody<B>>;
+
+    /// A guard layer on `drain` with the settings `f` makes.
+    fn guard_on(
+        drain: &DrainController,
+        f: impl FnOnce(GuardBuilder) -> GuardBuilder,
+    ) -> GuardLayer {
+        f(GuardLayer::builder(drain.watch())).build().unwrap()
+    }
+
+    /// A guard layer (on a controller of its own) with the settings `f` makes.
+    fn guard(f: impl FnOnce(GuardBuilder) -> GuardBuilder) -> GuardLayer {
+        guard_on(&DrainController::new(), f)
+    }
+
+    /// A streaming response of `content_type` through `layer`: its feed and spawned body.
+    async fn open(layer: &GuardLayer, content_type: &'static str) -> (Feed, Spawned) {
+        let (feed, res) = streaming(content_type);
+        let body = spawn(through(layer, Request::new(()), res).await.into_body());
+        (feed, body)
+    }
+
+    /// An SSE response through `layer`.
+    async fn open_sse(layer: &GuardLayer) -> (Feed, Spawned) {
+        open(layer, "text/event-stream").await
+    }
+
+    /// An SSE response through a guard layer with the settings `f` makes.
+    async fn sse_with(f: impl FnOnce(GuardBuilder) -> GuardBuilder) -> (Feed, Spawned) {
+        open_sse(&guard(f)).await
+    }
+
+    /// The response of `svc` to one request, its body spawned.
+    async fn serve<S, B>(svc: S) -> Spawn<B>
+    where
+        S: tower::Service<Request<()>, Response = http::Response<B>>,
+        S::Error: std::fmt::Debug,
+    {
+        let res = tower::ServiceExt::oneshot(svc, Request::new(())).await;
+        spawn(res.unwrap().into_body())
+    }
+
+    /// Feeds `data`, which comes out as it is.
+    fn pass<B>(feed: &Feed, body: &mut Spawn<B>, data: &'static str)
+    where
+        B: Body<Data = Bytes>,
+        B::Error: std::fmt::Debug,
+    {
+        feed.data(data);
+        assert_eq!(text(poll(body)), data);
+    }
+
+    /// Sends one small gRPC message.
+    fn grpc_message(feed: &Feed) {
+        let message = Bytes::from_static(&[0, 0, 0, 0, 1, 7]);
+        feed.0.try_send(Ok(Frame::data(message))).unwrap();
+    }
+
+    /// The body ends.
+    fn assert_end<B: Body>(body: &mut Spawn<B>)
+    where
+        B::Data: std::fmt::Debug,
+        B::Error: std::fmt::Debug,
+    {
+        assert!(matches!(poll(body), Poll::Ready(None)));
+    }
+
+    /// The next frame is the timeout frame, then the body ends.
+    fn assert_timeout_then_end<B>(body: &mut Spawn<B>)
+    where
+        B: Body<Data = Bytes>,
+        B::Error: std::fmt::Debug,
+    {
+        let last = text(poll(body));
+        assert!(last.starts_with(TIMEOUT_FRAME), "{last}");
+        assert_end(body);
+    }
+
+    /// The next frame is trailers: their `grpc-status`.
+    fn grpc_status<B: Body>(body: &mut Spawn<B>) -> http::HeaderValue
+    where
+        B::Data: std::fmt::Debug,
+        B::Error: std::fmt::Debug,
+    {
+        match poll(body) {
+            Poll::Ready(Some(Ok(f))) => f.into_trailers().expect("trailers")["grpc-status"].clone(),
+            other => panic!("expected trailers, got {other:?}"),
+        }
+    }
+
     #[tokio::test(start_paused = true)]
     async fn lifetime_frame_arrives_at_the_limit_and_the_body_ends() {
-        let drain = DrainController::new();
-        let layer = GuardLayer::builder(drain.watch())
-            .max_lifetime(Duration::from_secs(10))
-            .build()
-            .unwrap();
-        let (feed, res) = sse();
-        let mut body = spawn(through(&layer, Request::new(()), res).await.into_body());
-        feed.data("data: 1\n\n");
-        assert_eq!(text(poll(&mut body)), "data: 1\n\n");
+        let (feed, mut body) = sse_with(|g| g.max_lifetime(Duration::from_secs(10))).await;
+        pass(&feed, &mut body, "data: 1\n\n");
         body.enter(|_, b| assert_open(&*b));
         assert_pending!(poll(&mut body));
 
@@ -59,19 +144,17 @@ mod body {
         assert!(body.is_woken());
         assert!(text(poll(&mut body)).starts_with(TIMEOUT_FRAME));
         body.enter(|_, b| assert_open(&*b));
-        assert!(matches!(poll(&mut body), Poll::Ready(None)));
+        assert_end(&mut body);
         body.enter(|_, b| assert_ended(&*b));
         drop(feed);
     }
 
     #[tokio::test(start_paused = true)]
     async fn lifetime_jitter_only_shortens_and_spreads() {
-        let drain = DrainController::new();
-        let layer = GuardLayer::builder(drain.watch())
-            .max_lifetime(Duration::from_secs(100))
-            .lifetime_jitter(0.5)
-            .build()
-            .unwrap();
+        let layer = guard(|g| {
+            g.max_lifetime(Duration::from_secs(100))
+                .lifetime_jitter(0.5)
+        });
         let start = Instant::now();
         let mut ends = Vec::new();
         for _ in 0..8 {
@@ -96,28 +179,18 @@ mod body {
 
     #[tokio::test(start_paused = true)]
     async fn a_limit_reached_mid_event_waits_for_the_boundary() {
-        let drain = DrainController::new();
-        let layer = GuardLayer::builder(drain.watch())
-            .max_lifetime(Duration::from_secs(10))
-            .build()
-            .unwrap();
-        let (feed, res) = sse();
-        let mut body = spawn(through(&layer, Request::new(()), res).await.into_body());
-        feed.data("event: tick\n");
-        assert_eq!(text(poll(&mut body)), "event: tick\n");
+        let layer = guard(|g| g.max_lifetime(Duration::from_secs(10)));
+        let (feed, mut body) = open_sse(&layer).await;
+        pass(&feed, &mut body, "event: tick\n");
         advance(Duration::from_secs(10)).await;
         assert_pending!(poll(&mut body)); // mid-event: no frame yet
-        feed.data("data: 1\n\n");
-        assert_eq!(text(poll(&mut body)), "data: 1\n\n");
-        assert!(text(poll(&mut body)).starts_with(TIMEOUT_FRAME));
-        assert!(matches!(poll(&mut body), Poll::Ready(None)));
+        pass(&feed, &mut body, "data: 1\n\n");
+        assert_timeout_then_end(&mut body);
 
         // An event that never completes: after the grace, the body fails (no whole frame
         // can go out), so the client sees an aborted response, not a clean end.
-        let (feed, res) = sse();
-        let mut body = spawn(through(&layer, Request::new(()), res).await.into_body());
-        feed.data("data: half");
-        assert_eq!(text(poll(&mut body)), "data: half");
+        let (feed, mut body) = open_sse(&layer).await;
+        pass(&feed, &mut body, "data: half");
         advance(Duration::from_secs(10)).await;
         assert_pending!(poll(&mut body));
         advance(MID_EVENT_GRACE).await;
@@ -125,42 +198,28 @@ mod body {
             Poll::Ready(Some(Err(e))) => assert!(e.is::<crate::Aborted>(), "{e}"),
             other => panic!("expected the abort, got {other:?}"),
         }
-        assert!(matches!(poll(&mut body), Poll::Ready(None)));
+        assert_end(&mut body);
         drop(feed);
     }
 
     #[tokio::test(start_paused = true)]
     async fn idle_timeout_counts_from_the_last_frame() {
-        let drain = DrainController::new();
-        let layer = GuardLayer::builder(drain.watch())
-            .idle_timeout(Duration::from_secs(5))
-            .build()
-            .unwrap();
-        let (feed, res) = sse();
-        let mut body = spawn(through(&layer, Request::new(()), res).await.into_body());
+        let (feed, mut body) = sse_with(|g| g.idle_timeout(Duration::from_secs(5))).await;
         for i in 0..4 {
             advance(Duration::from_secs(4)).await;
             assert_pending!(poll(&mut body), "frame {i}");
-            feed.data("data: x\n\n");
-            assert_eq!(text(poll(&mut body)), "data: x\n\n");
+            pass(&feed, &mut body, "data: x\n\n");
         }
         advance(Duration::from_millis(4_999)).await;
         assert_pending!(poll(&mut body));
         advance(Duration::from_millis(1)).await;
-        assert!(text(poll(&mut body)).starts_with(TIMEOUT_FRAME));
-        assert!(matches!(poll(&mut body), Poll::Ready(None)));
+        assert_timeout_then_end(&mut body);
         drop(feed);
     }
 
     #[tokio::test(start_paused = true)]
     async fn heartbeats_keep_an_idle_stream_open_and_never_split_an_event() {
-        let drain = DrainController::new();
-        let layer = GuardLayer::builder(drain.watch())
-            .heartbeat(Duration::from_secs(15))
-            .build()
-            .unwrap();
-        let (feed, res) = sse();
-        let mut body = spawn(through(&layer, Request::new(()), res).await.into_body());
+        let (feed, mut body) = sse_with(|g| g.heartbeat(Duration::from_secs(15))).await;
         advance(Duration::from_secs(15)).await;
         assert_eq!(text(poll(&mut body)), ":\n\n");
         assert_pending!(poll(&mut body));
@@ -168,12 +227,10 @@ mod body {
         assert_eq!(text(poll(&mut body)), ":\n\n");
 
         // Mid-event: no heartbeat, however long the pause.
-        feed.data("event: tick\n");
-        assert_eq!(text(poll(&mut body)), "event: tick\n");
+        pass(&feed, &mut body, "event: tick\n");
         advance(Duration::from_secs(60)).await;
         assert_pending!(poll(&mut body));
-        feed.data("data: 1\n\n");
-        assert_eq!(text(poll(&mut body)), "data: 1\n\n");
+        pass(&feed, &mut body, "data: 1\n\n");
         // The event is complete; the next heartbeat follows once 15 s have passed since then.
         advance(Duration::from_secs(14)).await;
         assert_pending!(poll(&mut body));
@@ -185,53 +242,32 @@ mod body {
 
     #[tokio::test(start_paused = true)]
     async fn ndjson_heartbeat_is_a_json_record_and_grpc_gets_deadline_exceeded_trailers() {
-        let drain = DrainController::new();
-        let layer = GuardLayer::builder(drain.watch())
-            .encoder(NdJson::new())
-            .heartbeat(Duration::from_secs(1))
-            .build()
-            .unwrap();
-        let (feed, res) = streaming("application/x-ndjson");
-        let mut body = spawn(through(&layer, Request::new(()), res).await.into_body());
+        let layer = guard(|g| g.encoder(NdJson::new()).heartbeat(Duration::from_secs(1)));
+        let (feed, mut body) = open(&layer, "application/x-ndjson").await;
         advance(Duration::from_secs(1)).await;
         // A whole JSON Lines record, never a blank line.
         assert_eq!(text(poll(&mut body)), "{\"type\":\"heartbeat\"}\n");
         drop(feed);
 
-        let layer = GuardLayer::builder(drain.watch())
-            .encoder(Grpc::new())
-            .max_lifetime(Duration::from_secs(3))
-            .heartbeat(Duration::from_secs(1))
-            .build()
-            .unwrap();
-        let (feed, res) = streaming("application/grpc");
-        let mut body = spawn(through(&layer, Request::new(()), res).await.into_body());
-        feed.0
-            .try_send(Ok(Frame::data(Bytes::from_static(&[0, 0, 0, 0, 1, 7]))))
-            .unwrap();
+        let layer = guard(|g| {
+            g.encoder(Grpc::new())
+                .max_lifetime(Duration::from_secs(3))
+                .heartbeat(Duration::from_secs(1))
+        });
+        let (feed, mut body) = open(&layer, "application/grpc").await;
+        grpc_message(&feed);
         assert!(matches!(poll(&mut body), Poll::Ready(Some(Ok(_)))));
         advance(Duration::from_secs(3)).await;
-        match poll(&mut body) {
-            Poll::Ready(Some(Ok(f))) => {
-                let t = f.into_trailers().expect("trailers");
-                assert_eq!(t["grpc-status"], "4");
-            }
-            other => panic!("expected trailers, got {other:?}"),
-        }
-        assert!(matches!(poll(&mut body), Poll::Ready(None)));
+        assert_eq!(grpc_status(&mut body), "4");
+        assert_end(&mut body);
         drop(feed);
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_body_error_becomes_an_error_frame_and_a_clean_end() {
-        let drain = DrainController::new();
-        let layer = GuardLayer::builder(drain.watch())
-            .circuit_breaker(true)
-            .build()
-            .unwrap();
+        let layer = guard(|g| g.circuit_breaker(true));
         let breaker = layer.breaker().unwrap();
-        let (feed, res) = sse();
-        let mut body = spawn(through(&layer, Request::new(()), res).await.into_body());
+        let (feed, mut body) = open_sse(&layer).await;
         feed.data("data: 1\n\n");
         feed.error();
         assert_eq!(text(poll(&mut body)), "data: 1\n\n");
@@ -242,17 +278,12 @@ mod body {
             ),
             "{last}"
         );
-        assert!(matches!(poll(&mut body), Poll::Ready(None)));
+        assert_end(&mut body);
         body.enter(|_, b| assert_ended(&*b));
         assert_eq!(breaker.consecutive_failures(), 1);
 
         // Passed through when configured so.
-        let layer = GuardLayer::builder(drain.watch())
-            .pass_through_errors(true)
-            .build()
-            .unwrap();
-        let (feed, res) = sse();
-        let mut body = spawn(through(&layer, Request::new(()), res).await.into_body());
+        let (feed, mut body) = sse_with(|g| g.pass_through_errors(true)).await;
         feed.error();
         assert!(matches!(poll(&mut body), Poll::Ready(Some(Err(_)))));
         drop(feed);
@@ -264,8 +295,7 @@ mod body {
         // Mid-event: no frame (it would corrupt the event); the error goes on, so the
         // response is aborted rather than ended cleanly after half an event.
         let layer = GuardLayer::new(drain.watch());
-        let (feed, res) = sse();
-        let mut body = spawn(through(&layer, Request::new(()), res).await.into_body());
+        let (feed, mut body) = open_sse(&layer).await;
         feed.data("data: par");
         feed.error();
         assert_eq!(text(poll(&mut body)), "data: par");
@@ -273,25 +303,13 @@ mod body {
         body.enter(|_, b| assert_ended(&*b));
 
         // gRPC (no limits set): the error travels as trailers only, then the end.
-        let layer = GuardLayer::builder(drain.watch())
-            .encoder(Grpc::new())
-            .build()
-            .unwrap();
-        let (feed, res) = streaming("application/grpc");
-        let mut body = spawn(through(&layer, Request::new(()), res).await.into_body());
-        feed.0
-            .try_send(Ok(Frame::data(Bytes::from_static(&[0, 0, 0, 0, 1, 7]))))
-            .unwrap();
+        let layer = guard_on(&drain, |g| g.encoder(Grpc::new()));
+        let (feed, mut body) = open(&layer, "application/grpc").await;
+        grpc_message(&feed);
         feed.error();
         assert!(matches!(poll(&mut body), Poll::Ready(Some(Ok(_)))));
-        match poll(&mut body) {
-            Poll::Ready(Some(Ok(f))) => {
-                let t = f.into_trailers().expect("trailers");
-                assert_ne!(t["grpc-status"], "0");
-            }
-            other => panic!("expected trailers, got {other:?}"),
-        }
-        assert!(matches!(poll(&mut body), Poll::Ready(None)));
+        assert_ne!(grpc_status(&mut body), "0");
+        assert_end(&mut body);
         body.enter(|_, b| assert_ended(&*b));
     }
 
@@ -386,15 +404,13 @@ mod body {
             .build()
             .unwrap();
         let breaker = layer.breaker().unwrap();
-        let (feed, res) = sse();
-        let mut body = spawn(through(&layer, Request::new(()), res).await.into_body());
+        let (feed, mut body) = open_sse(&layer).await;
         for _ in 0..2 {
             advance(Duration::from_secs(2)).await;
             assert_pending!(poll(&mut body)); // the stream goes on
         }
         assert_eq!(breaker.state(), BreakerState::Open);
-        feed.data("data: still here\n\n");
-        assert_eq!(text(poll(&mut body)), "data: still here\n\n");
+        pass(&feed, &mut body, "data: still here\n\n");
     }
 
     /// A stream that is both expiring and being drained, at the very same instant, gets exactly
@@ -402,19 +418,12 @@ mod body {
     #[tokio::test(start_paused = true)]
     async fn expiring_and_draining_at_the_same_instant_gives_one_final_frame() {
         let drain = DrainController::new();
-        let guard = GuardLayer::builder(drain.watch())
-            .max_lifetime(Duration::from_secs(10))
-            .build()
-            .unwrap();
+        let guard = guard_on(&drain, |g| g.max_lifetime(Duration::from_secs(10)));
         let frame = FrameLayer::new(drain.watch());
         let (feed, res) = sse();
         let svc = guard.layer(frame.layer(crate::test_support::once(res)));
-        let res = tower::ServiceExt::oneshot(svc, Request::new(()))
-            .await
-            .unwrap();
-        let mut body = spawn(res.into_body());
-        feed.data("data: 1\n\n");
-        assert_eq!(text(poll(&mut body)), "data: 1\n\n");
+        let mut body = serve(svc).await;
+        pass(&feed, &mut body, "data: 1\n\n");
         assert_pending!(poll(&mut body));
 
         advance(Duration::from_secs(10)).await; // the lifetime is over ...
@@ -423,9 +432,7 @@ mod body {
         assert_eq!(Instant::now() - Instant::now(), Duration::ZERO);
         assert!(body.is_woken());
 
-        let last = text(poll(&mut body));
-        assert!(last.starts_with(TIMEOUT_FRAME), "{last}");
-        assert!(matches!(poll(&mut body), Poll::Ready(None)));
+        assert_timeout_then_end(&mut body);
         body.enter(|_, b| assert_ended(&*b));
         drop(feed);
     }
@@ -451,10 +458,7 @@ mod body {
                 .build()
                 .unwrap()
                 .layer(frame.layer(crate::test_support::once(res)));
-            let res = tower::ServiceExt::oneshot(svc, Request::new(()))
-                .await
-                .unwrap();
-            let mut body = spawn(res.into_body());
+            let mut body = serve(svc).await;
             assert_pending!(poll(&mut body));
             advance(Duration::from_millis(9_999)).await;
             drain.drain(DrainReason::Manual);
@@ -485,11 +489,7 @@ mod body {
 
     #[tokio::test(start_paused = true)]
     async fn other_responses_pass_through_untouched() {
-        let drain = DrainController::new();
-        let layer = GuardLayer::builder(drain.watch())
-            .max_lifetime(Duration::from_secs(1))
-            .build()
-            .unwrap();
+        let layer = guard(|g| g.max_lifetime(Duration::from_secs(1)));
         let res = http::Response::new(http_body_util::Full::new(Bytes::from_static(b"hello")));
         let mut body = spawn(through(&layer, Request::new(()), res).await.into_body());
         body.enter(|_, b| assert_eq!(b.size_hint().exact(), Some(5)));
@@ -510,12 +510,8 @@ mod body {
             let res = slot.lock().unwrap().take().unwrap();
             async move { Ok::<_, std::convert::Infallible>(res) }
         }));
-        let res = tower::ServiceExt::oneshot(svc, Request::new(()))
-            .await
-            .unwrap();
-        let mut body = spawn(res.into_body());
-        feed.data("data: 1\n\n");
-        assert_eq!(text(poll(&mut body)), "data: 1\n\n");
+        let mut body = serve(svc).await;
+        pass(&feed, &mut body, "data: 1\n\n");
         assert_eq!(drain.active_streams(), 1);
         drop(body);
         assert_eq!(drain.active_streams(), 0);

@@ -320,13 +320,21 @@ mod tests {
         ))
     }
 
+    /// The answer of [`service`] to one request.
+    async fn respond(
+        drain: &DrainController,
+        fail_at: Option<(u32, bool)>,
+    ) -> Response<impl Body<Data = Bytes, Error = impl std::fmt::Debug> + Send + 'static> {
+        service(drain, fail_at)
+            .oneshot(Request::new(()))
+            .await
+            .unwrap()
+    }
+
     #[tokio::test]
     async fn a_panicking_body_releases_its_stream() {
         let drain = DrainController::new();
-        let res = service(&drain, Some((2, true)))
-            .oneshot(Request::new(()))
-            .await
-            .unwrap();
+        let res = respond(&drain, Some((2, true))).await;
         assert_eq!(drain.active_streams(), 1);
         let task = tokio::spawn(async move {
             let mut body = std::pin::pin!(res.into_body());
@@ -339,10 +347,7 @@ mod tests {
     #[tokio::test]
     async fn an_erroring_body_ends_with_an_error_frame_and_releases_its_stream() {
         let drain = DrainController::new();
-        let res = service(&drain, Some((2, false)))
-            .oneshot(Request::new(()))
-            .await
-            .unwrap();
+        let res = respond(&drain, Some((2, false))).await;
         let mut body = std::pin::pin!(res.into_body());
         assert_eq!(
             body.frame().await.unwrap().unwrap().into_data().unwrap(),
@@ -369,10 +374,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_spread_drain_spreads_the_frames_evenly() {
-        let drain = DrainController::builder()
-            .drain_spread(Duration::from_secs(1))
-            .build()
-            .unwrap();
+        let drain = DrainController::configured(|b| b.drain_spread(Duration::from_secs(1)));
         // Endless but quiet streams: one event, then pending.
         let svc =
             DrainStack::new(drain.watch()).layer(tower::service_fn(|_req: Request<()>| async {

@@ -9,6 +9,7 @@ use tower_layer::Layer;
 use super::call::{KeyFn, TrackCall};
 use super::store::{ConnectionStore, MemoryStore, StoreFailure};
 use super::stream::TrackHook;
+use crate::controller::setters;
 use crate::hook::{HookBody, HookService};
 use crate::DrainWatch;
 
@@ -92,11 +93,16 @@ impl<St> TrackLayer<St> {
         }
     }
 
-    /// At most `n` concurrent streams per key (requests without a key are not limited). Over
-    /// the limit: `429` + `retry-after`, and the inner service is not called.
-    pub fn max_per_key(mut self, n: u32) -> Self {
-        self.limit = Some(n);
-        self
+    setters! {
+        /// At most `n` concurrent streams per key (requests without a key are not limited).
+        /// Over the limit: `429` + `retry-after`, and the inner service is not called.
+        ///
+        /// ```
+        /// let drain = tower_drain::DrainController::new();
+        /// let layer = tower_drain::track::TrackLayer::new(drain.watch()).max_per_key(3);
+        /// assert!(format!("{layer:?}").contains("limit: Some(3)"));
+        /// ```
+        max_per_key(n: u32) => limit = Some(n);
     }
 
     /// How to find a request's key (for example a user id); `None` means "not limited".
@@ -138,16 +144,29 @@ impl<St> TrackLayer<St> {
         })
     }
 
-    /// The `retry-after` of `429` answers (default 1 s; rounded up to whole seconds, at least 1).
-    pub fn retry_after(mut self, d: Duration) -> Self {
-        self.retry_after = d;
-        self
-    }
+    setters! {
+        /// The `retry-after` of `429` answers (default 1 s; rounded up to whole seconds, at
+        /// least 1).
+        ///
+        /// ```
+        /// use std::time::Duration;
+        /// let drain = tower_drain::DrainController::new();
+        /// let layer = tower_drain::track::TrackLayer::new(drain.watch())
+        ///     .max_per_key(1)
+        ///     .retry_after(Duration::from_secs(5));
+        /// assert!(format!("{layer:?}").contains("retry_after: 5s"));
+        /// ```
+        retry_after(d: Duration) => retry_after = d;
 
-    /// What to do when the store fails (default [`StoreFailure::Open`]).
-    pub fn on_store_error(mut self, f: StoreFailure) -> Self {
-        self.on_store_error = f;
-        self
+        /// What to do when the store fails (default [`StoreFailure::Open`]).
+        ///
+        /// ```
+        /// use tower_drain::track::{StoreFailure, TrackLayer};
+        /// let drain = tower_drain::DrainController::new();
+        /// let layer = TrackLayer::new(drain.watch()).on_store_error(StoreFailure::Closed);
+        /// assert!(format!("{layer:?}").contains("on_store_error: Closed"));
+        /// ```
+        on_store_error(f: StoreFailure) => on_store_error = f;
     }
 }
 

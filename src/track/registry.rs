@@ -455,6 +455,19 @@ mod tests {
         }
     }
 
+    /// Deregisters `ids` from threads taking `chunk` each; every one must end as `expected`.
+    fn deregister_from_threads(r: &Registry, ids: &[u64], chunk: usize, expected: Ended) {
+        std::thread::scope(|s| {
+            for chunk in ids.chunks(chunk) {
+                s.spawn(move || {
+                    for id in chunk {
+                        assert_eq!(r.deregister(*id).0, expected);
+                    }
+                });
+            }
+        });
+    }
+
     #[test]
     fn streams_of_many_threads_are_counted_exactly() {
         // Each thread registers in its own shard and ends some of its streams on other
@@ -475,27 +488,9 @@ mod tests {
         // 200 end before closing, 300 after it (gracefully), 300 are left for the deadline.
         let (before, rest) = all.split_at(200);
         let (graceful, forced) = rest.split_at(300);
-        std::thread::scope(|s| {
-            for chunk in before.chunks(50) {
-                let r = &r;
-                s.spawn(move || {
-                    for id in chunk {
-                        assert_eq!(r.deregister(*id).0, Ended::BeforeDrain);
-                    }
-                });
-            }
-        });
+        deregister_from_threads(&r, before, 50, Ended::BeforeDrain);
         assert_eq!(r.close(), 600);
-        std::thread::scope(|s| {
-            for chunk in graceful.chunks(75) {
-                let r = &r;
-                s.spawn(move || {
-                    for id in chunk {
-                        assert_eq!(r.deregister(*id).0, Ended::Gracefully);
-                    }
-                });
-            }
-        });
+        deregister_from_threads(&r, graceful, 75, Ended::Gracefully);
         let late = std::thread::spawn({
             let r = r.clone();
             move || r.register(entry())

@@ -109,11 +109,10 @@ async fn a_socket_task_that_panics_releases_its_stream() {
 
 #[tokio::test(start_paused = true)]
 async fn notified_resolves_at_the_share_of_the_spread_and_stays_resolved() {
-    let drain = DrainController::builder()
-        .propagation_delay(Duration::ZERO)
-        .drain_spread(Duration::from_secs(2))
-        .build()
-        .unwrap();
+    let drain = DrainController::configured(|b| {
+        b.propagation_delay(Duration::ZERO)
+            .drain_spread(Duration::from_secs(2))
+    });
     let mut handles = Vec::new();
     for _ in 0..2 {
         handles.push(call(&drain, upgrade()).await.1.unwrap());
@@ -142,11 +141,10 @@ async fn notified_resolves_at_the_share_of_the_spread_and_stays_resolved() {
 
 #[tokio::test(start_paused = true)]
 async fn a_socket_still_open_at_the_deadline_hears_deadline_and_counts_as_forced() {
-    let drain = DrainController::builder()
-        .propagation_delay(Duration::from_secs(5))
-        .grace_period(Duration::from_secs(10))
-        .build()
-        .unwrap();
+    let drain = DrainController::configured(|b| {
+        b.propagation_delay(Duration::from_secs(5))
+            .grace_period(Duration::from_secs(10))
+    });
     let (_res, handle) = call(&drain, upgrade()).await;
     let mut handle = handle.unwrap();
     drain.drain(DrainReason::Manual);

@@ -15,7 +15,7 @@ use super::store::{Handle, RedisStore};
 use super::sweep::sweep_task;
 use super::table::{lock, Table};
 use super::tasks::{heartbeat_task, release_task};
-use crate::controller::{at_most_max, ConfigError};
+use crate::controller::{at_most_max, setters, ConfigError};
 use crate::track::store::StoreError;
 
 /// Builds a [`RedisStore`]; see [`RedisStore::builder`].
@@ -136,109 +136,176 @@ impl RedisStoreBuilder {
 }
 
 impl RedisStoreBuilder {
-    /// Prefix of every Redis key (default `tower-drain`); must not contain `{` or `}`.
-    pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
-        self.prefix = prefix.into();
-        self
-    }
+    setters! {
+        /// Prefix of every Redis key (default `tower-drain`); must not contain `{` or `}`.
+        ///
+        /// ```
+        /// let err = tower_drain::track::RedisStore::builder("redis://127.0.0.1/")
+        ///     .prefix("my-service:{streams}")
+        ///     .build()
+        ///     .unwrap_err();
+        /// assert_eq!(err.config().unwrap().setting(), "prefix");
+        /// ```
+        prefix(prefix: impl Into<String>) => prefix = prefix.into();
 
-    /// How long a lease lives without a heartbeat (default 30 s): a crashed process's slots
-    /// free themselves after this. At least 10 ms.
-    pub fn lease_ttl(mut self, ttl: Duration) -> Self {
-        self.ttl = ttl;
-        self
-    }
+        /// How long a lease lives without a heartbeat (default 30 s): a crashed process's slots
+        /// free themselves after this. At least 10 ms.
+        ///
+        /// ```
+        /// use std::time::Duration;
+        /// let err = tower_drain::track::RedisStore::builder("redis://127.0.0.1/")
+        ///     .lease_ttl(Duration::from_millis(5))
+        ///     .build()
+        ///     .unwrap_err();
+        /// assert_eq!(err.config().unwrap().setting(), "lease_ttl");
+        /// ```
+        lease_ttl(ttl: Duration) => ttl = ttl;
 
-    /// How often the heartbeat refreshes this process's leases (default `lease_ttl / 3`); must
-    /// be shorter than the TTL.
-    pub fn heartbeat_interval(mut self, every: Duration) -> Self {
-        self.heartbeat = Some(every);
-        self
-    }
+        /// How often the heartbeat refreshes this process's leases (default `lease_ttl / 3`); must
+        /// be shorter than the TTL.
+        ///
+        /// ```
+        /// use std::time::Duration;
+        /// let err = tower_drain::track::RedisStore::builder("redis://127.0.0.1/")
+        ///     .heartbeat_interval(Duration::from_secs(30))
+        ///     .build()
+        ///     .unwrap_err();
+        /// assert_eq!(err.config().unwrap().setting(), "heartbeat_interval");
+        /// ```
+        heartbeat_interval(every: Duration) => heartbeat = Some(every);
 
-    /// How long `acquire` may take before it fails with a [`StoreError`] (default 250 ms), so a
-    /// slow or unreachable Redis cannot stall request handling.
-    pub fn acquire_timeout(mut self, d: Duration) -> Self {
-        self.acquire_timeout = d;
-        self
-    }
+        /// How long `acquire` may take before it fails with a [`StoreError`] (default 250 ms), so a
+        /// slow or unreachable Redis cannot stall request handling.
+        ///
+        /// ```
+        /// use std::time::Duration;
+        /// let err = tower_drain::track::RedisStore::builder("redis://127.0.0.1/")
+        ///     .acquire_timeout(Duration::ZERO)
+        ///     .build()
+        ///     .unwrap_err();
+        /// assert_eq!(err.config().unwrap().setting(), "acquire_timeout");
+        /// ```
+        acquire_timeout(d: Duration) => acquire_timeout = d;
 
-    /// Timeout of each background command: release, heartbeat, sweep, clean-up batch, and of
-    /// each connection attempt (default 2 s).
-    pub fn command_timeout(mut self, d: Duration) -> Self {
-        self.command_timeout = d;
-        self
-    }
+        /// Timeout of each background command: release, heartbeat, sweep, clean-up batch, and of
+        /// each connection attempt (default 2 s).
+        ///
+        /// ```
+        /// use std::time::Duration;
+        /// let err = tower_drain::track::RedisStore::builder("redis://127.0.0.1/")
+        ///     .command_timeout(Duration::ZERO)
+        ///     .build()
+        ///     .unwrap_err();
+        /// assert_eq!(err.config().unwrap().setting(), "command_timeout");
+        /// ```
+        command_timeout(d: Duration) => command_timeout = d;
 
-    /// Capacity of the release channel between dropped leases and the release task (default
-    /// 10 000). When it is full, a release is counted as a store error and the lease expires
-    /// by its TTL.
-    pub fn release_queue(mut self, n: usize) -> Self {
-        self.release_queue = n;
-        self
-    }
+        /// Capacity of the release channel between dropped leases and the release task (default
+        /// 10 000). When it is full, a release is counted as a store error and the lease expires
+        /// by its TTL.
+        ///
+        /// ```
+        /// let err = tower_drain::track::RedisStore::builder("redis://127.0.0.1/")
+        ///     .release_queue(0)
+        ///     .build()
+        ///     .unwrap_err();
+        /// assert_eq!(err.config().unwrap().setting(), "release_queue");
+        /// ```
+        release_queue(n: usize) => release_queue = n;
 
-    /// At most this many releases per round trip of the release task (default 512).
-    pub fn release_batch(mut self, n: usize) -> Self {
-        self.release_batch = n;
-        self
-    }
+        /// At most this many releases per round trip of the release task (default 512).
+        ///
+        /// ```
+        /// let err = tower_drain::track::RedisStore::builder("redis://127.0.0.1/")
+        ///     .release_batch(0)
+        ///     .build()
+        ///     .unwrap_err();
+        /// assert_eq!(err.config().unwrap().setting(), "release_batch");
+        /// ```
+        release_batch(n: usize) => release_batch = n;
 
-    /// How often expired leases (of crashed processes) are swept (default `lease_ttl`);
-    /// [`Duration::ZERO`] disables the sweep (acquire still ignores expired leases).
-    pub fn sweep_interval(mut self, every: Duration) -> Self {
-        self.sweep_interval = Some(every);
-        self
-    }
+        /// How often expired leases (of crashed processes) are swept (default `lease_ttl`);
+        /// [`Duration::ZERO`] disables the sweep (acquire still ignores expired leases).
+        ///
+        /// ```
+        /// use std::time::Duration;
+        /// use tower_drain::controller::MAX_DURATION;
+        /// let err = tower_drain::track::RedisStore::builder("redis://127.0.0.1/")
+        ///     .sweep_interval(MAX_DURATION + Duration::from_secs(1))
+        ///     .build()
+        ///     .unwrap_err();
+        /// assert_eq!(err.config().unwrap().setting(), "sweep_interval");
+        /// ```
+        sweep_interval(every: Duration) => sweep_interval = Some(every);
 
-    /// Keys per `SCAN` page and per sweep pipeline (default 500).
-    pub fn sweep_batch(mut self, n: usize) -> Self {
-        self.sweep_batch = n;
-        self
-    }
+        /// Keys per `SCAN` page and per sweep pipeline (default 500).
+        ///
+        /// ```
+        /// let err = tower_drain::track::RedisStore::builder("redis://127.0.0.1/")
+        ///     .sweep_batch(0)
+        ///     .build()
+        ///     .unwrap_err();
+        /// assert_eq!(err.config().unwrap().setting(), "sweep_batch");
+        /// ```
+        sweep_batch(n: usize) => sweep_batch = n;
 
-    /// Leases released per round trip by the shutdown clean-up (default 1 000).
-    pub fn cleanup_batch(mut self, n: usize) -> Self {
-        self.cleanup_batch = n;
-        self
-    }
+        /// Leases released per round trip by the shutdown clean-up (default 1 000).
+        ///
+        /// ```
+        /// let err = tower_drain::track::RedisStore::builder("redis://127.0.0.1/")
+        ///     .cleanup_batch(0)
+        ///     .build()
+        ///     .unwrap_err();
+        /// assert_eq!(err.config().unwrap().setting(), "cleanup_batch");
+        /// ```
+        cleanup_batch(n: usize) => cleanup_batch = n;
 
-    /// Maximum number of round trips (iterations) of the shutdown clean-up (default 1 000);
-    /// the summary says whether it was reached.
-    pub fn cleanup_max_iterations(mut self, n: u32) -> Self {
-        self.cleanup_max_iterations = n;
-        self
-    }
+        /// Maximum number of round trips (iterations) of the shutdown clean-up (default 1 000);
+        /// the summary says whether it was reached.
+        ///
+        /// ```
+        /// let err = tower_drain::track::RedisStore::builder("redis://127.0.0.1/")
+        ///     .cleanup_max_iterations(0)
+        ///     .build()
+        ///     .unwrap_err();
+        /// assert_eq!(err.config().unwrap().setting(), "cleanup_max_iterations");
+        /// ```
+        cleanup_max_iterations(n: u32) => cleanup_max_iterations = n;
 
-    /// Time budget of the shutdown clean-up (default 4 s, under the controller's 5 s clean-up
-    /// timeout so the summary always reaches the report).
-    pub fn cleanup_timeout(mut self, d: Duration) -> Self {
-        self.cleanup_timeout = d;
-        self
-    }
+        /// Time budget of the shutdown clean-up (default 4 s, under the controller's 5 s clean-up
+        /// timeout so the summary always reaches the report).
+        ///
+        /// ```
+        /// use std::time::Duration;
+        /// use tower_drain::controller::MAX_DURATION;
+        /// let err = tower_drain::track::RedisStore::builder("redis://127.0.0.1/")
+        ///     .cleanup_timeout(MAX_DURATION + Duration::from_secs(1))
+        ///     .build()
+        ///     .unwrap_err();
+        /// assert_eq!(err.config().unwrap().setting(), "cleanup_timeout");
+        /// ```
+        cleanup_timeout(d: Duration) => cleanup_timeout = d;
 
-    /// Trusts the CA certificate `pem` (PEM) for `rediss://` connections instead of the system's
-    /// root certificates, for a Redis whose certificate a private CA signed. Features
-    /// `redis-tls-rustls` or `redis-tls-native`; on a cluster, `redis-tls-rustls` (with only
-    /// `redis-tls-native`, `build` fails naming this setting).
-    ///
-    /// ```no_run
-    /// # #[tokio::main] async fn main() {
-    /// let ca = std::fs::read("/etc/redis/ca.pem").unwrap();
-    /// let store = tower_drain::track::RedisStore::builder("rediss://redis.internal:6380/")
-    ///     .tls_root_certificate(ca)
-    ///     .build()
-    ///     .unwrap();
-    /// # drop(store); }
-    /// ```
-    #[cfg(any(feature = "redis-tls-rustls", feature = "redis-tls-native"))]
-    #[cfg_attr(
-        docsrs,
-        doc(cfg(any(feature = "redis-tls-rustls", feature = "redis-tls-native")))
-    )]
-    pub fn tls_root_certificate(mut self, pem: impl Into<Vec<u8>>) -> Self {
-        self.tls_root = Some(pem.into());
-        self
+        /// Trusts the CA certificate `pem` (PEM) for `rediss://` connections instead of the system's
+        /// root certificates, for a Redis whose certificate a private CA signed. Features
+        /// `redis-tls-rustls` or `redis-tls-native`; on a cluster, `redis-tls-rustls` (with only
+        /// `redis-tls-native`, `build` fails naming this setting).
+        ///
+        /// ```no_run
+        /// # #[tokio::main] async fn main() {
+        /// let ca = std::fs::read("/etc/redis/ca.pem").unwrap();
+        /// let store = tower_drain::track::RedisStore::builder("rediss://redis.internal:6380/")
+        ///     .tls_root_certificate(ca)
+        ///     .build()
+        ///     .unwrap();
+        /// # drop(store); }
+        /// ```
+        #[cfg(any(feature = "redis-tls-rustls", feature = "redis-tls-native"))]
+        #[cfg_attr(
+            docsrs,
+            doc(cfg(any(feature = "redis-tls-rustls", feature = "redis-tls-native")))
+        )]
+        tls_root_certificate(pem: impl Into<Vec<u8>>) => tls_root = Some(pem.into());
     }
 
     /// Validates the settings and starts the background tasks. Does not connect: the

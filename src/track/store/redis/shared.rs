@@ -2,6 +2,7 @@
 
 use std::collections::hash_map::RandomState;
 use std::fmt;
+use std::future::Future;
 use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -10,6 +11,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use metrics::Counter;
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC};
 use tokio::sync::mpsc;
+use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
 use super::conn::{slot_of, Conn, SlotMap};
@@ -166,6 +168,25 @@ pub(super) fn escape_key(out: &mut String, key: &str) {
 }
 
 impl Shared {
+    /// Runs `round` every `period`, the first time one `period` from now, until the store
+    /// shuts down (which also abandons a round under way).
+    pub(super) async fn every<F: Future>(&self, period: Duration, mut round: impl FnMut() -> F) {
+        let mut ticks = tokio::time::interval_at(Instant::now() + period, period);
+        ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                biased;
+                _ = self.cancel.cancelled() => break,
+                _ = ticks.tick() => {
+                    tokio::select! {
+                        _ = self.cancel.cancelled() => break,
+                        _ = round() => {}
+                    }
+                }
+            }
+        }
+    }
+
     pub(super) fn redis_key(&self, key: &str) -> String {
         let mut s = String::with_capacity(self.prefix.len() + key.len() + 3);
         s.push_str(&self.prefix);

@@ -4,26 +4,13 @@
 use std::sync::Arc;
 
 use ::redis::Value;
-use tokio::time::{timeout, Instant, MissedTickBehavior};
+use tokio::time::timeout;
 
 use super::conn::NodeLink;
 use super::shared::{Op, Shared};
 
 pub(super) async fn sweep_task(shared: Arc<Shared>) {
-    let mut sweep = tokio::time::interval_at(Instant::now() + shared.sweep, shared.sweep);
-    sweep.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            biased;
-            _ = shared.cancel.cancelled() => break,
-            _ = sweep.tick() => {
-                tokio::select! {
-                    _ = shared.cancel.cancelled() => break,
-                    _ = sweep_expired(&shared) => {}
-                }
-            }
-        }
-    }
+    shared.every(shared.sweep, || sweep_expired(&shared)).await;
 }
 
 pub(super) fn sweep_pattern(prefix: &str) -> String {

@@ -8,7 +8,6 @@ use std::sync::Arc;
 
 use ::redis::Value;
 use tokio::sync::mpsc;
-use tokio::time::{Instant, MissedTickBehavior};
 
 use super::lease::preload;
 use super::route::{send_all, Sent};
@@ -94,21 +93,7 @@ fn first_error(replies: &[Value]) -> Option<String> {
 
 pub(super) async fn heartbeat_task(shared: Arc<Shared>) {
     preload(&shared).await;
-    let start = Instant::now();
-    let mut beat = tokio::time::interval_at(start + shared.heartbeat, shared.heartbeat);
-    beat.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            biased;
-            _ = shared.cancel.cancelled() => break,
-            _ = beat.tick() => {
-                tokio::select! {
-                    _ = shared.cancel.cancelled() => break,
-                    _ = heartbeat(&shared) => {}
-                }
-            }
-        }
-    }
+    shared.every(shared.heartbeat, || heartbeat(&shared)).await;
 }
 
 /// One heartbeat: refreshes every live lease (one pipeline on a single node, one per primary

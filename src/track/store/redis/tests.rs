@@ -8,7 +8,7 @@ use super::conn::slot_of;
 use super::shared::{escape_key, new_instance_id};
 use super::sweep::sweep_pattern;
 use super::table::{lock, Table};
-use super::tasks::gt_unsupported;
+use super::tasks::{gt_unsupported, heartbeat_with, Step};
 use super::{RedisStore, RedisStoreBuilder};
 
 fn key_of(k: &str) -> String {
@@ -183,6 +183,24 @@ async fn let_release_task_run(store: &RedisStore) {
         .unwrap();
 }
 
+/// Runs one heartbeat that drops `lease` when it reaches `at` (and lets the release task run
+/// then); how many leases it re-added.
+async fn heartbeat_releasing_at(store: &RedisStore, at: Step, lease: crate::track::Lease) -> u64 {
+    let mut lease = Some(lease);
+    let shared = store.handle.shared.clone();
+    heartbeat_with(&shared, |step| {
+        let lease = if step == at { lease.take() } else { None };
+        let store = store.clone();
+        async move {
+            if let Some(lease) = lease {
+                drop(lease);
+                let_release_task_run(&store).await;
+            }
+        }
+    })
+    .await
+}
+
 /// Issue 15, item 12: a lease released between the heartbeat's snapshot and its pipeline is
 /// not "lost": no re-add, no false "Redis restarted" warning.
 #[tokio::test(flavor = "current_thread")]
@@ -191,23 +209,7 @@ async fn a_release_during_a_heartbeat_is_not_counted_as_lost() {
     let store = quiet_store(&server.url);
     let a = store.acquire_lease("k", 5).await;
     let b = store.acquire_lease("k", 5).await;
-    let mut b = Some(b);
-    let shared = store.handle.shared.clone();
-    let readded = super::tasks::heartbeat_with(&shared, |step| {
-        let b = if step == super::tasks::Step::Snapshot {
-            b.take()
-        } else {
-            None
-        };
-        let store = store.clone();
-        async move {
-            if let Some(b) = b {
-                drop(b);
-                let_release_task_run(&store).await;
-            }
-        }
-    })
-    .await;
+    let readded = heartbeat_releasing_at(&store, Step::Snapshot, b).await;
     assert_eq!(
         readded, 0,
         "the released lease was not lost, and the live one was not either"
@@ -232,25 +234,8 @@ async fn a_lease_released_during_a_re_add_is_not_re_added() {
         .query_async(&mut c)
         .await
         .unwrap();
-    let mut b = Some(b);
-    let shared = store.handle.shared.clone();
-    let hook_store = store.clone();
-    let heartbeat = super::tasks::heartbeat_with(&shared, |step| {
-        let b = if step == super::tasks::Step::ReaddSnapshot {
-            b.take()
-        } else {
-            None
-        };
-        let store = hook_store.clone();
-        async move {
-            if let Some(b) = b {
-                drop(b);
-                let_release_task_run(&store).await;
-            }
-        }
-    });
     assert_eq!(
-        heartbeat.await,
+        heartbeat_releasing_at(&store, Step::ReaddSnapshot, b).await,
         2,
         "both leases were read as live and re-added"
     );
