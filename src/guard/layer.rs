@@ -5,7 +5,7 @@ use tower_layer::Layer;
 
 use super::breaker::Breaker;
 use super::call::GuardCall;
-use super::config::{Config, GuardBuilder};
+use super::config::{Config, Settings};
 use super::stream::GuardHook;
 use crate::frame::FrameConfig;
 use crate::hook::{HookBody, HookService};
@@ -24,9 +24,7 @@ use crate::DrainWatch;
 #[derive(Clone)]
 #[must_use]
 pub struct GuardLayer {
-    cfg: Arc<Config>,
-    /// The settings `cfg` was built from (with its frame configuration), for `to_builder`.
-    settings: GuardBuilder,
+    pub(super) cfg: Arc<Config>,
 }
 
 impl GuardLayer {
@@ -39,52 +37,17 @@ impl GuardLayer {
     /// assert!(layer.breaker().is_none()); // the breaker is opt-in
     /// ```
     pub fn new(watch: DrainWatch) -> Self {
-        GuardBuilder::new(watch).finish()
+        Self::of(Config::new(Settings::new(watch)))
     }
 
-    /// A [`GuardBuilder`] with the defaults, reporting to `watch`'s controller.
-    ///
-    /// ```
-    /// use std::time::Duration;
-    /// let drain = tower_drain::DrainController::new();
-    /// let layer = tower_drain::guard::GuardLayer::builder(drain.watch())
-    ///     .response_timeout(Duration::from_secs(5))
-    ///     .failure_threshold(10)
-    ///     .build()
-    ///     .unwrap();
-    /// assert_eq!(layer.breaker().unwrap().threshold(), 10);
-    /// ```
-    pub fn builder(watch: DrainWatch) -> GuardBuilder {
-        GuardBuilder::new(watch)
-    }
-
-    /// The settings this layer was built from, to change some and [`build`](GuardBuilder::build)
-    /// a new layer. The new layer has its own circuit breaker (and its own stream numbering).
-    ///
-    /// ```
-    /// use std::time::Duration;
-    /// let drain = tower_drain::DrainController::new();
-    /// let layer = tower_drain::guard::GuardLayer::builder(drain.watch())
-    ///     .failure_threshold(3)
-    ///     .build()
-    ///     .unwrap();
-    /// let layer = layer.to_builder().cooldown(Duration::from_secs(10)).build().unwrap();
-    /// let breaker = layer.breaker().unwrap();
-    /// assert_eq!((breaker.threshold(), breaker.cooldown()), (3, Duration::from_secs(10)));
-    /// ```
-    pub fn to_builder(&self) -> GuardBuilder {
-        self.settings.clone()
-    }
-
-    /// A layer of `cfg`, built from `settings`.
-    pub(super) fn from_parts(cfg: Arc<Config>, settings: GuardBuilder) -> Self {
-        Self { cfg, settings }
+    /// The layer of `cfg`.
+    pub(super) fn of(cfg: Config) -> Self {
+        Self { cfg: Arc::new(cfg) }
     }
 
     /// Shares a frame layer's encoder (used by `DrainStack`).
     pub(crate) fn frame_config(mut self, frame: Arc<FrameConfig>) -> Self {
-        Arc::make_mut(&mut self.cfg).frame = frame.clone();
-        self.settings.frame = frame;
+        Arc::make_mut(&mut self.cfg).settings.frame = frame;
         self
     }
 

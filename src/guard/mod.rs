@@ -94,6 +94,7 @@
 //! ```
 
 mod breaker;
+mod builder;
 mod call;
 mod config;
 mod layer;
@@ -103,8 +104,8 @@ mod stream;
 mod tests;
 
 pub use self::breaker::{Breaker, BreakerState};
+pub use self::builder::GuardBuilder;
 pub(crate) use self::call::GuardCall;
-pub use self::config::GuardBuilder;
 pub use self::layer::{Guard, GuardLayer, GuardedBody};
 #[cfg(test)]
 pub(crate) use self::limits::MID_EVENT_GRACE;
