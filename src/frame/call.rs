@@ -9,20 +9,16 @@ use http_body::Body;
 
 use super::config::FrameConfig;
 use super::encoder::FinalFrame;
+use super::layer::FrameLayer;
 use super::stream::FrameHook;
 use crate::hook::{AfterCx, Before, CallHook, CallState};
-
-/// The frame layer's call hook: streams of its encoder's protocol get a [`FrameHook`].
-#[derive(Clone)]
-pub struct FrameCall {
-    pub(crate) cfg: Arc<FrameConfig>,
-}
 
 /// A call through the frame layer: its configuration, or none for a `HEAD` request (whose
 /// empty answer never gets a frame).
 pub struct FrameState(Option<Arc<FrameConfig>>);
 
-impl CallHook for FrameCall {
+/// The frame layer's call hook: streams of its encoder's protocol get a [`FrameHook`].
+impl CallHook for FrameLayer {
     type State = FrameState;
     type Wait = Infallible;
 
@@ -110,4 +106,4 @@ pub(crate) fn should_inject<B: Body>(res: &Response<B>, encoder: &dyn FinalFrame
         && !res.headers().contains_key(header::CONTENT_ENCODING)
 }
 
-crate::macros::opaque_debug!(FrameCall, FrameState);
+crate::macros::opaque_debug!(FrameState);

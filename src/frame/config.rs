@@ -28,3 +28,11 @@ impl FrameConfig {
         self.encoder.encode(&ctx)
     }
 }
+
+impl std::fmt::Debug for FrameConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FrameConfig")
+            .field("boundary", &self.encoder.boundary())
+            .finish_non_exhaustive()
+    }
+}

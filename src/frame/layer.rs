@@ -5,7 +5,6 @@ use std::sync::Arc;
 
 use tower_layer::Layer;
 
-use super::call::FrameCall;
 use super::config::FrameConfig;
 use super::encoder::{FinalFrame, Sse};
 use super::stream::FrameHook;
@@ -53,20 +52,11 @@ impl FrameLayer {
     }
 }
 
-impl FrameLayer {
-    /// The call hook of this layer.
-    pub(crate) fn call(&self) -> FrameCall {
-        FrameCall {
-            cfg: self.cfg.clone(),
-        }
-    }
-}
-
 impl<S> Layer<S> for FrameLayer {
     type Service = Frame<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        HookService::new(inner, Arc::new(self.call()))
+        HookService::new(inner, Arc::new(self.clone()))
     }
 }
 
@@ -78,8 +68,9 @@ impl fmt::Debug for FrameLayer {
     }
 }
 
-/// The service built by [`FrameLayer`]: the inner service with the frame layer's call hook.
-pub type Frame<S> = HookService<S, FrameCall>;
+/// The service built by [`FrameLayer`]: the inner service with the frame layer's call hook
+/// (the layer itself).
+pub type Frame<S> = HookService<S, FrameLayer>;
 
 /// The response body of [`Frame`]: the inner body, plus one final frame injected at an event
 /// boundary once the controller is `Closing` (after this stream's share of the drain

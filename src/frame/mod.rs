@@ -64,7 +64,7 @@ mod stream;
 
 pub use self::boundary::Boundary;
 pub(crate) use self::boundary::Tracker;
-pub(crate) use self::call::{should_inject, unfix_length, FrameCall};
+pub(crate) use self::call::{should_inject, unfix_length};
 pub use self::call::{Inject, RunToCompletion};
 pub(crate) use self::config::FrameConfig;
 pub(crate) use self::encoder::grpc_percent_encode;

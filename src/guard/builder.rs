@@ -1,6 +1,5 @@
 //! [`GuardBuilder`]: a guard's settings, checked once by [`build`](GuardBuilder::build).
 
-use std::fmt;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -8,7 +7,7 @@ use std::time::Duration;
 use http::request::Parts;
 use http::StatusCode;
 
-use super::config::{CheckFn, CheckFuture, Config, Settings};
+use super::config::{CheckFn, CheckFuture, Config, FailureFn, Settings};
 use super::layer::GuardLayer;
 use crate::controller::{setters, ConfigError};
 use crate::frame::{FinalFrame, FrameConfig};
@@ -54,7 +53,7 @@ use crate::{BoxError, DrainWatch};
 /// let err = GuardLayer::builder(drain.watch()).heartbeat(Duration::ZERO).build().unwrap_err();
 /// assert_eq!(err.setting(), "heartbeat");
 /// ```
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 #[must_use]
 pub struct GuardBuilder {
     settings: Settings,
@@ -185,10 +184,10 @@ impl GuardBuilder {
         Fut: Future<Output = Result<bool, E>> + Send + 'static,
         E: Into<BoxError>,
     {
-        let check: CheckFn = Arc::new(move |parts: &Parts| {
+        let check = CheckFn(Arc::new(move |parts: &Parts| {
             let fut = check(parts);
             Box::pin(async move { fut.await.map_err(Into::into) }) as CheckFuture
-        });
+        }));
         self.settings.revalidate = Some((every, check));
         self
     }
@@ -283,7 +282,7 @@ impl GuardBuilder {
     where
         F: Fn(StatusCode) -> bool + Send + Sync + 'static,
     {
-        self.settings.is_failure = Arc::new(f);
+        self.settings.is_failure = FailureFn(Arc::new(f));
         self
     }
 
@@ -392,11 +391,5 @@ impl GuardLayer {
         GuardBuilder {
             settings: self.cfg.settings.clone(),
         }
-    }
-}
-
-impl fmt::Debug for GuardBuilder {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_tuple("GuardBuilder").field(&self.settings).finish()
     }
 }

@@ -12,17 +12,12 @@ use tokio::time::Instant;
 
 use super::breaker::{Admit, Probe};
 use super::config::Config;
+use super::layer::GuardLayer;
 use super::limits::Limits;
 use super::stream::GuardHook;
 use crate::frame::{should_inject, unfix_length};
 use crate::hook::{AfterCx, Before, CallHook, CallState};
 use crate::route::RoutePath;
-
-/// The guard's call hook.
-#[derive(Clone)]
-pub struct GuardCall {
-    pub(super) cfg: Arc<Config>,
-}
 
 /// What a call carries from the guard's step before it to the response.
 pub struct GuardState {
@@ -42,7 +37,8 @@ pub struct GuardState {
     parts: Option<Box<Parts>>,
 }
 
-impl CallHook for GuardCall {
+/// The guard's call hook.
+impl CallHook for GuardLayer {
     type State = GuardState;
     type Wait = Infallible;
 
@@ -156,7 +152,7 @@ impl CallState for GuardState {
     /// the answer to a `HEAD`) gets the guard's stream hook.
     #[inline]
     fn after<B: Body>(mut self, res: &mut Response<B>, acx: &mut AfterCx) -> GuardHook {
-        let ok = !(self.cfg.is_failure)(res.status());
+        let ok = !(self.cfg.is_failure.0)(res.status());
         self.outcome(ok);
         if !self.head && should_inject(res, &*self.cfg.frame.encoder) {
             unfix_length(res);
@@ -204,4 +200,4 @@ fn retry_after_secs(d: Duration) -> HeaderValue {
     HeaderValue::from(secs.max(1))
 }
 
-crate::macros::opaque_debug!(GuardCall, GuardState);
+crate::macros::opaque_debug!(GuardState);

@@ -1,7 +1,6 @@
 //! [`GuardBuilder`]: the guard's settings, their validation, and the configuration its
 //! services, futures and bodies share.
 
-use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -17,8 +16,15 @@ use crate::frame::{FrameConfig, Sse};
 use crate::{BoxError, DrainWatch};
 
 pub(crate) type CheckFuture = Pin<Box<dyn Future<Output = Result<bool, BoxError>> + Send>>;
-pub(crate) type CheckFn = Arc<dyn Fn(&Parts) -> CheckFuture + Send + Sync>;
-type FailureFn = Arc<dyn Fn(StatusCode) -> bool + Send + Sync>;
+/// A revalidation check.
+#[derive(Clone)]
+pub(crate) struct CheckFn(pub(crate) Arc<dyn Fn(&Parts) -> CheckFuture + Send + Sync>);
+
+/// Which statuses count as breaker failures.
+#[derive(Clone)]
+pub(crate) struct FailureFn(pub(crate) Arc<dyn Fn(StatusCode) -> bool + Send + Sync>);
+
+crate::macros::opaque_debug!(CheckFn, FailureFn);
 
 /// Default consecutive failures that open the circuit.
 const DEFAULT_THRESHOLD: u32 = 5;
@@ -77,7 +83,7 @@ impl Config {
 }
 
 /// A guard's settings, as set on a [`GuardBuilder`](super::GuardBuilder).
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub(crate) struct Settings {
     pub(crate) frame: Arc<FrameConfig>,
     pub(crate) response_timeout: Option<Duration>,
@@ -126,7 +132,7 @@ impl Settings {
             cooldown: DEFAULT_COOLDOWN,
             probe_timeout: None,
             breaker_status: StatusCode::SERVICE_UNAVAILABLE,
-            is_failure: Arc::new(|s: StatusCode| s.is_server_error()),
+            is_failure: FailureFn(Arc::new(|s: StatusCode| s.is_server_error())),
             pass_errors: false,
         }
     }
@@ -155,25 +161,3 @@ impl Settings {
         Ok(())
     }
 }
-
-impl fmt::Debug for Settings {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("GuardSettings")
-            .field("response_timeout", &self.response_timeout)
-            .field("timeout_status", &self.timeout_status)
-            .field("max_lifetime", &self.max_lifetime)
-            .field("lifetime_jitter", &self.lifetime_jitter)
-            .field("idle_timeout", &self.idle_timeout)
-            .field("heartbeat", &self.heartbeat)
-            .field("revalidate", &self.revalidate.as_ref().map(|r| r.0))
-            .field("circuit_breaker", &self.breaker)
-            .field("failure_threshold", &self.failure_threshold)
-            .field("cooldown", &self.cooldown)
-            .field("probe_timeout", &self.probe_timeout)
-            .field("breaker_status", &self.breaker_status)
-            .field("pass_through_errors", &self.pass_errors)
-            .field("boundary", &self.frame.encoder.boundary())
-            .finish_non_exhaustive()
-    }
-}
-

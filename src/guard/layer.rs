@@ -4,7 +4,6 @@ use std::sync::Arc;
 use tower_layer::Layer;
 
 use super::breaker::Breaker;
-use super::call::GuardCall;
 use super::config::{Config, Settings};
 use super::stream::GuardHook;
 use crate::frame::FrameConfig;
@@ -72,25 +71,17 @@ impl GuardLayer {
     }
 }
 
-impl GuardLayer {
-    /// The call hook of this layer.
-    pub(crate) fn call(&self) -> GuardCall {
-        GuardCall {
-            cfg: self.cfg.clone(),
-        }
-    }
-}
-
 impl<S> Layer<S> for GuardLayer {
     type Service = Guard<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        HookService::new(inner, Arc::new(self.call()))
+        HookService::new(inner, Arc::new(self.clone()))
     }
 }
 
-/// The service built by [`GuardLayer`]: the inner service with the guard's call hook.
-pub type Guard<S> = HookService<S, GuardCall>;
+/// The service built by [`GuardLayer`]: the inner service with the guard's call hook (the
+/// layer itself).
+pub type Guard<S> = HookService<S, GuardLayer>;
 
 /// The response body of [`Guard`]: for streaming responses of the configured protocol it
 /// enforces the maximum lifetime and the idle limit, injects heartbeats, runs revalidation

@@ -179,7 +179,7 @@ impl Limits {
                 if let Some(r) = self.reval.as_mut() {
                     if r.next_at.is_some_and(|t| t <= now) {
                         r.next_at = None;
-                        let fut = (r.check)(&r.parts);
+                        let fut = (r.check.0)(&r.parts);
                         *r.running.get_mut().unwrap_or_else(|e| e.into_inner()) = Some(fut);
                     }
                 }

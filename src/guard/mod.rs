@@ -105,7 +105,6 @@ mod tests;
 
 pub use self::breaker::{Breaker, BreakerState};
 pub use self::builder::GuardBuilder;
-pub(crate) use self::call::GuardCall;
 pub use self::layer::{Guard, GuardLayer, GuardedBody};
 #[cfg(test)]
 pub(crate) use self::limits::MID_EVENT_GRACE;

@@ -129,8 +129,11 @@ impl<B: Body> Inner<B> {
     }
 }
 
-/// The inner body as the innermost hook sees it: its data feeds the body's one tracker.
-struct Source<'a, B> {
+/// The inner body as the innermost hook sees it: its data feeds the body's one tracker. Its
+/// next result may have been taken already (`first`, on the passive path): the hooks get that
+/// one first.
+struct Source<'a, B: Body> {
+    first: Option<Polled<B::Error>>,
     inner: Pin<&'a mut Inner<B>>,
 }
 
@@ -143,6 +146,9 @@ where
 
     #[inline(always)]
     fn poll_next(&mut self, cx: &mut StreamCx<'_, '_>) -> Polled<B::Error> {
+        if let Some(res) = self.first.take() {
+            return res;
+        }
         let body = match self.inner.as_mut().project() {
             InnerProj::Body { body } => body,
             InnerProj::Empty => return Poll::Ready(None),
@@ -163,37 +169,6 @@ where
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
-    }
-}
-
-/// The source, maybe with its next result already taken: the hooks get that one first.
-struct Replay<'a, B: Body> {
-    first: Option<Polled<B::Error>>,
-    source: Source<'a, B>,
-}
-
-impl<B> Next for Replay<'_, B>
-where
-    B: Body<Data = Bytes>,
-    B::Error: fmt::Display,
-{
-    type Error = B::Error;
-
-    #[inline(always)]
-    fn poll_next(&mut self, cx: &mut StreamCx<'_, '_>) -> Polled<B::Error> {
-        match self.first.take() {
-            Some(res) => res,
-            None => self.source.poll_next(cx),
-        }
-    }
-
-    #[inline]
-    fn is_end_stream(&self) -> bool {
-        self.source.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.source.size_hint()
     }
 }
 
@@ -241,10 +216,7 @@ where
             gate: this.gate.get(),
             task: cx,
         };
-        let mut source = Replay {
-            first,
-            source: Source { inner },
-        };
+        let mut source = Source { first, inner };
         let res = hook.poll_frame(&mut source, &mut scx);
         crate::boxed_result(res, || hook.take_aborted())
     }

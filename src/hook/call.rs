@@ -23,6 +23,9 @@ pub enum Before<S, W> {
     Wait(W),
 }
 
+/// What a call hook decided.
+pub(crate) type Decided<H> = Before<<H as CallHook>::State, <H as CallHook>::Wait>;
+
 /// One concern's steps before the inner call. Its configuration, shared by every call.
 pub trait CallHook: Send + Sync + 'static {
     /// What a call carries from [`before`](Self::before) to the response.
@@ -36,12 +39,7 @@ pub trait CallHook: Send + Sync + 'static {
     /// Polls what [`Before::Wait`] waits for. `Before::Wait` again only while it is
     /// pending (this task's waker registered). Hooks that never wait have `Wait =
     /// Infallible` and keep this default, which is never called.
-    fn poll_wait(
-        &self,
-        wait: Self::Wait,
-        _parts: &mut Parts,
-        _cx: &mut Context<'_>,
-    ) -> Before<Self::State, Self::Wait> {
+    fn poll_wait(&self, wait: Self::Wait, _: &mut Parts, _: &mut Context<'_>) -> Decided<Self> {
         Before::Wait(wait)
     }
 }
@@ -171,7 +169,7 @@ impl<A: CallHook, Z: CallHook> CallHook for (A, Z) {
         wait: Self::Wait,
         parts: &mut Parts,
         cx: &mut Context<'_>,
-    ) -> Before<Self::State, Self::Wait> {
+    ) -> Decided<Self> {
         match wait {
             PairWait::Outer(w) => match self.0.poll_wait(w, parts, cx) {
                 Before::Call(a) => match self.1.before(parts) {

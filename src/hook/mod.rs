@@ -63,7 +63,7 @@ mod service;
 mod stream;
 
 pub use self::body::HookBody;
-pub(crate) use self::call::{AfterCx, Before, CallHook, CallState};
+pub(crate) use self::call::{AfterCx, Before, CallHook, CallState, Decided};
 pub use self::future::ResponseFuture;
 pub use self::service::HookService;
 pub(crate) use self::stream::{take_once, Next, Polled, StreamCx, StreamHook};

@@ -73,14 +73,14 @@
 
 use std::sync::Arc;
 
-use crate::frame::{FrameCall, FrameHook};
-use crate::guard::{GuardCall, GuardHook};
+use crate::frame::FrameHook;
+use crate::guard::GuardHook;
 use crate::hook::{HookBody, HookService};
 use crate::reject::Reject;
 use crate::track::{TrackCall, TrackHook};
 
 /// The call hooks of [`DrainStack`]'s service, in order: track, guard, frame.
-type StackCalls<St> = (TrackCall<St>, (GuardCall, FrameCall));
+type StackCalls<St> = (TrackCall<St>, (GuardLayer, FrameLayer));
 
 /// The service built by [`DrainStack`]: the reject layer's service around one
 /// [`HookService`] with the track layer's, the guard's and the frame layer's call hooks.
@@ -254,7 +254,7 @@ impl<S, St: Clone, M> Layer<S> for DrainStack<St, M> {
 
     fn layer(&self, inner: S) -> Self::Service {
         debug_assert!(self.guard.shares_frame_config(&self.frame.cfg));
-        let calls = (self.track.call(), (self.guard.call(), self.frame.call()));
+        let calls = (self.track.call(), (self.guard.clone(), self.frame.clone()));
         self.reject.layer(HookService::new(inner, Arc::new(calls)))
     }
 }

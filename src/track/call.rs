@@ -16,7 +16,7 @@ use super::guard::StreamGuard;
 use super::store::{ConnectionStore, Lease, StoreError, StoreFailure};
 use super::stream::TrackHook;
 use crate::controller::Shared;
-use crate::hook::{AfterCx, Before, CallHook, CallState};
+use crate::hook::{AfterCx, Before, CallHook, CallState, Decided};
 use crate::route::RoutePath;
 
 pub(crate) type KeyFn = Arc<dyn Fn(&Parts) -> Option<String> + Send + Sync>;
@@ -99,7 +99,7 @@ impl<St: ConnectionStore> CallHook for TrackCall<St> {
         mut wait: TrackWait<St>,
         parts: &mut Parts,
         cx: &mut Context<'_>,
-    ) -> Before<TrackState, TrackWait<St>> {
+    ) -> Decided<Self> {
         let res: Result<Option<Lease>, StoreError> = match wait.acquire.as_mut().poll(cx) {
             Poll::Ready(res) => res,
             Poll::Pending => return Before::Wait(wait),
