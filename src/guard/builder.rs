@@ -24,6 +24,7 @@ use crate::{BoxError, DrainWatch};
 /// | [`max_lifetime`](Self::max_lifetime) | off |
 /// | [`lifetime_jitter`](Self::lifetime_jitter) | 0 |
 /// | [`idle_timeout`](Self::idle_timeout) | off |
+/// | [`first_frame_timeout`](Self::first_frame_timeout) | off |
 /// | [`heartbeat`](Self::heartbeat) | off |
 /// | [`revalidate`](Self::revalidate) | off |
 /// | [`circuit_breaker`](Self::circuit_breaker) | off |
@@ -137,6 +138,24 @@ impl GuardBuilder {
         /// # drop(layer);
         /// ```
         idle_timeout(d: Duration) => settings.idle_timeout = Some(d);
+
+        /// A stream whose inner body produces no frame at all within `d` of the request (a
+        /// subscription that never gets going) receives the final *timeout* frame and ends
+        /// cleanly; `timeouts_total{kind="idle"}`. Once the first frame is out, only
+        /// [`idle_timeout`](Self::idle_timeout) watches the silences. Off by default.
+        /// [`build`](Self::build) fails if `d` is zero or longer than
+        /// [`MAX_DURATION`](crate::controller::MAX_DURATION).
+        ///
+        /// ```
+        /// use std::time::Duration;
+        /// let drain = tower_drain::DrainController::new();
+        /// let layer = tower_drain::guard::GuardLayer::builder(drain.watch())
+        ///     .first_frame_timeout(Duration::from_secs(10))
+        ///     .build()
+        ///     .unwrap();
+        /// # drop(layer);
+        /// ```
+        first_frame_timeout(d: Duration) => settings.first_frame_timeout = Some(d);
 
         /// After `d` without anything sent, inject the encoder's keep-alive
         /// ([`FinalFrame::heartbeat`](crate::frame::FinalFrame::heartbeat)) at an event boundary:
@@ -334,7 +353,7 @@ impl GuardBuilder {
     ///
     /// A [`ConfigError`] naming the first invalid setting: a duration that is zero or longer
     /// than [`MAX_DURATION`](crate::controller::MAX_DURATION) (`response_timeout`,
-    /// `max_lifetime`, `idle_timeout`, `heartbeat`, `revalidate`, `cooldown`,
+    /// `max_lifetime`, `idle_timeout`, `first_frame_timeout`, `heartbeat`, `revalidate`, `cooldown`,
     /// `probe_timeout`), a `lifetime_jitter` outside `0..1`, or a `failure_threshold` of zero.
     ///
     /// ```

@@ -75,6 +75,7 @@ impl CallHook for GuardLayer {
         // The clock is read only when a setting needs the call's start.
         let started = (cfg.response_timeout.is_some()
             || cfg.max_lifetime.is_some()
+            || cfg.first_frame_timeout.is_some()
             || cfg.revalidate.is_some())
         .then(Instant::now);
         Before::Call(GuardState {

@@ -91,6 +91,7 @@ pub(crate) struct Settings {
     pub(crate) max_lifetime: Option<Duration>,
     pub(crate) lifetime_jitter: f64,
     pub(crate) idle_timeout: Option<Duration>,
+    pub(crate) first_frame_timeout: Option<Duration>,
     pub(crate) heartbeat: Option<Duration>,
     pub(crate) revalidate: Option<(Duration, CheckFn)>,
     pub(crate) breaker: bool,
@@ -125,6 +126,7 @@ impl Settings {
             max_lifetime: None,
             lifetime_jitter: 0.0,
             idle_timeout: None,
+            first_frame_timeout: None,
             heartbeat: None,
             revalidate: None,
             breaker: false,
@@ -148,6 +150,7 @@ impl Settings {
             ));
         }
         non_zero("idle_timeout", self.idle_timeout)?;
+        non_zero("first_frame_timeout", self.first_frame_timeout)?;
         non_zero("heartbeat", self.heartbeat)?;
         non_zero("revalidate", self.revalidate.as_ref().map(|r| r.0))?;
         if self.failure_threshold == 0 {

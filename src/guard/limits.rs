@@ -53,6 +53,8 @@ pub(super) struct Limits {
     /// Created on first use: a `Sleep` is large and shared by all the stream's deadlines.
     timer: Option<Pin<Box<Sleep>>>,
     lifetime_at: Option<Instant>,
+    /// Until the inner body's first frame: when it is due.
+    first_frame_at: Option<Instant>,
     last_inner: Instant,
     last_output: Instant,
     pub(super) heartbeat: Option<&'static [u8]>,
@@ -82,6 +84,7 @@ impl Limits {
     ) -> Option<Box<Self>> {
         if cfg.max_lifetime.is_none()
             && cfg.idle_timeout.is_none()
+            && cfg.first_frame_timeout.is_none()
             && cfg.heartbeat.is_none()
             && cfg.revalidate.is_none()
         {
@@ -110,6 +113,7 @@ impl Limits {
         let mut lim = Box::new(Limits {
             timer: None,
             lifetime_at,
+            first_frame_at: cfg.first_frame_timeout.map(|d| started + d),
             last_inner: now,
             last_output: now,
             heartbeat,
@@ -137,7 +141,7 @@ impl Limits {
                     _ => None,
                 };
                 let reval = self.reval.as_ref().and_then(|r| r.next_at);
-                [self.lifetime_at, idle, hb, reval]
+                [self.lifetime_at, self.first_frame_at, idle, hb, reval]
                     .into_iter()
                     .flatten()
                     .min()
@@ -161,6 +165,8 @@ impl Limits {
                 let m = &cfg.frame.shared.metrics;
                 let expired = if self.lifetime_at.is_some_and(|t| t <= now) {
                     Some((&m.timeouts_lifetime, "stream reached its maximum lifetime"))
+                } else if self.first_frame_at.is_some_and(|t| t <= now) {
+                    Some((&m.timeouts_idle, "no first frame in time"))
                 } else if cfg.idle_timeout.is_some_and(|d| self.last_inner + d <= now) {
                     Some((&m.timeouts_idle, "stream idle for too long"))
                 } else {
@@ -282,6 +288,7 @@ impl Limits {
     /// A frame of the inner body went out.
     #[inline]
     pub(super) fn forwarded(&mut self, cfg: &Config) {
+        self.first_frame_at = None;
         if cfg.idle_timeout.is_some() || self.heartbeat.is_some() {
             let now = Instant::now();
             self.last_inner = now;

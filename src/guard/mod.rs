@@ -9,7 +9,8 @@
 //!   client gets `504` (configurable); `S::Error` is unchanged. A response ready at the same
 //!   instant as the deadline wins (the inner future is polled first, as in tower's `Timeout`).
 //! - **Stream time** is the body's ([`GuardedBody`]): past [`max_lifetime`](GuardBuilder::max_lifetime)
-//!   (optionally jittered) or after [`idle_timeout`](GuardBuilder::idle_timeout) without a frame,
+//!   (optionally jittered), after [`idle_timeout`](GuardBuilder::idle_timeout) without a frame
+//!   or [`first_frame_timeout`](GuardBuilder::first_frame_timeout) without a first one,
 //!   the stream receives the final *timeout* frame at its next event boundary — SSE
 //!   `event: error` / `data: {"error":"Connection timeout","code":"TIMEOUT"}` / `retry:`,
 //!   an NDJSON line, or gRPC trailers with `grpc-status: 4` — and ends. With

@@ -218,6 +218,25 @@ mod body {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn first_frame_timeout_ends_a_stream_that_never_starts_and_only_that_one() {
+        let layer = guard(|g| g.first_frame_timeout(Duration::from_secs(5)));
+        let (silent_feed, mut silent) = open_sse(&layer).await;
+        let (feed, mut started) = open_sse(&layer).await;
+        assert_pending!(poll(&mut silent));
+        advance(Duration::from_secs(1)).await;
+        pass(&feed, &mut started, "data: first\n\n");
+
+        advance(Duration::from_millis(3_999)).await;
+        assert_pending!(poll(&mut silent));
+        advance(Duration::from_millis(1)).await;
+        assert_timeout_then_end(&mut silent);
+        // The stream that got going is left alone, however long it is quiet afterwards.
+        advance(Duration::from_secs(3600)).await;
+        assert_pending!(poll(&mut started));
+        drop((silent_feed, feed));
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn heartbeats_keep_an_idle_stream_open_and_never_split_an_event() {
         let (feed, mut body) = sse_with(|g| g.heartbeat(Duration::from_secs(15))).await;
         advance(Duration::from_secs(15)).await;
@@ -787,6 +806,7 @@ mod service {
         assert_eq!(err(l().response_timeout(z)), "response_timeout");
         assert_eq!(err(l().max_lifetime(z)), "max_lifetime");
         assert_eq!(err(l().idle_timeout(z)), "idle_timeout");
+        assert_eq!(err(l().first_frame_timeout(z)), "first_frame_timeout");
         assert_eq!(err(l().heartbeat(z)), "heartbeat");
         assert_eq!(err(l().cooldown(z)), "cooldown");
         assert_eq!(err(l().probe_timeout(z)), "probe_timeout");
