@@ -36,7 +36,7 @@ use crate::{BoxError, DrainWatch};
 /// | [`pass_through_errors`](Self::pass_through_errors) | `false` (an error frame and a clean end) |
 /// | [`encoder`](Self::encoder) | [`Sse`](crate::frame::Sse) |
 ///
-/// One breaker covers every route under the built layer; see [`Breaker`] for its scope and how
+/// One breaker covers every route under the built layer; see [`Breaker`](super::Breaker) for its scope and how
 /// to have one per route.
 ///
 /// ```

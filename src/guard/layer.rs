@@ -16,7 +16,7 @@ use crate::DrainWatch;
 /// [`new`](Self::new) gives the defaults: no response timeout, no lifetime, idle or heartbeat
 /// limit, no revalidation, the circuit breaker off, body errors ending the stream with an
 /// error frame, final frames and heartbeats in SSE. Anything else is configured with a
-/// [`GuardBuilder`] ([`builder`](Self::builder)), whose [`build`](GuardBuilder::build) checks
+/// [`GuardBuilder`](super::GuardBuilder) ([`builder`](Self::builder)), whose [`build`](super::GuardBuilder::build) checks
 /// the settings; [`to_builder`](Self::to_builder) gives a layer's settings back to change them.
 ///
 /// See the [module docs](super) for an example.
@@ -56,7 +56,7 @@ impl GuardLayer {
     }
 
     /// The circuit breaker shared by every service this layer builds, or `None` when it is off.
-    /// Each [`build`](GuardBuilder::build) makes a new breaker: take the handle from the layer
+    /// Each [`build`](super::GuardBuilder::build) makes a new breaker: take the handle from the layer
     /// you serve with.
     ///
     /// ```

@@ -22,7 +22,7 @@ pub(super) fn probe_paths(parts: &Parts) -> bool {
     ) || path.starts_with("/grpc.health.v1.Health/")
 }
 
-/// Rejects new requests while draining. Builds [`Reject`].
+/// Rejects new requests while draining. Builds [`Reject`](super::Reject).
 ///
 /// See the [module docs](super) for an example.
 #[must_use]
@@ -35,7 +35,7 @@ pub struct RejectLayer<R = Default503, M = Plain> {
 }
 
 impl RejectLayer<Default503> {
-    /// Rejects from `Closing` on with [`Default503`]; probe paths are exempt.
+    /// Rejects from `Closing` on with [`Default503`](super::Default503); probe paths are exempt.
     ///
     /// ```
     /// let drain = tower_drain::DrainController::new();
@@ -92,8 +92,8 @@ impl<R, M> RejectLayer<R, M> {
     /// body of only the SSE shutdown frame (its `retry:` line is the controller's jittered
     /// reconnect delay), instead of the rejection response. Off by default.
     ///
-    /// The mode is part of the type ([`SseRetry`] instead of [`Plain`]): only this mode wraps
-    /// response bodies (in [`ResponseBody`], to carry the frame), so the default one costs
+    /// The mode is part of the type ([`SseRetry`](super::SseRetry) instead of [`Plain`](super::Plain)): only this mode wraps
+    /// response bodies (in [`ResponseBody`](super::ResponseBody), to carry the frame), so the default one costs
     /// nothing per response.
     ///
     /// The SSE spec makes any non-`200` answer fatal for an `EventSource`: a browser whose
@@ -152,7 +152,7 @@ impl<R, M> RejectLayer<R, M> {
         }
     }
 
-    /// Answers rejected requests with `response` instead of [`Default503`].
+    /// Answers rejected requests with `response` instead of [`Default503`](super::Default503).
     pub fn with_response<R2>(self, response: R2) -> RejectLayer<R2, M> {
         RejectLayer {
             shared: self.shared,

@@ -41,13 +41,13 @@ pub(super) mod sealed {
     }
 }
 
-/// How a [`Reject`] answers: [`Plain`] (the default) or [`SseRetry`], chosen with
-/// [`RejectLayer::sse_retry`].
+/// How a [`Reject`](super::Reject) answers: [`Plain`] (the default) or [`SseRetry`], chosen with
+/// [`RejectLayer::sse_retry`](super::RejectLayer::sse_retry).
 ///
 /// The mode is a type, not a flag, so that the default mode costs nothing: a [`Plain`]
 /// `Reject` passes the inner service's response through as it is (same body type, no
 /// wrapping), and only [`SseRetry`], which needs a body of its own for the shutdown frame,
-/// wraps bodies in [`ResponseBody`]. Sealed: no other implementations.
+/// wraps bodies in [`ResponseBody`](super::ResponseBody). Sealed: no other implementations.
 ///
 /// ```
 /// use tower_drain::reject::{Mode, Plain, SseRetry};
@@ -59,7 +59,7 @@ pub trait Mode: sealed::Sealed + Send + Sync + 'static {
     /// Whether event-stream requests get the shutdown frame instead of the rejection.
     const SSE_RETRY: bool;
 
-    /// The response body of a [`Reject`] whose inner service answers with `B`.
+    /// The response body of a [`Reject`](super::Reject) whose inner service answers with `B`.
     type Body<B>;
 }
 
@@ -75,7 +75,7 @@ pub trait Mode: sealed::Sealed + Send + Sync + 'static {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Plain;
 
-/// The [`Mode`] of [`RejectLayer::sse_retry`]: event-stream requests get `200` and only the
+/// The [`Mode`] of [`RejectLayer::sse_retry`](super::RejectLayer::sse_retry): event-stream requests get `200` and only the
 /// shutdown frame.
 ///
 /// ```

@@ -45,7 +45,7 @@ where
 /// A gRPC request (`content-type: application/grpc…`) gets a "Trailers-Only" response, the
 /// shape every gRPC client understands: HTTP `200`, `content-type: application/grpc`,
 /// `grpc-status: 14` (UNAVAILABLE), a percent-encoded `grpc-message` (the controller's drain
-/// message when built by [`RejectLayer::new`]) and `grpc-retry-pushback-ms` (the retry delay,
+/// message when built by [`RejectLayer::new`](super::RejectLayer::new)) and `grpc-retry-pushback-ms` (the retry delay,
 /// honoured by clients with a retry policy), and an empty body, so the status travels in the
 /// one HEADERS frame that ends the stream. A plain `503` would reach a gRPC client only as an
 /// HTTP status it has to guess a code from.
@@ -156,7 +156,7 @@ impl<B: Default> RejectResponse<B> for Default503 {
     }
 }
 
-/// `200` with only the SSE shutdown frame; see [`RejectLayer::sse_retry`].
+/// `200` with only the SSE shutdown frame; see [`RejectLayer::sse_retry`](super::RejectLayer::sse_retry).
 pub(super) fn sse_rejection(shared: &Shared, parts: &Parts) -> Response<Bytes> {
     let ctx = FrameContext {
         kind: FrameKind::Shutdown,

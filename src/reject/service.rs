@@ -27,9 +27,9 @@ pub(super) struct Config<R> {
     pub(super) from: Phase,
 }
 
-/// Rejects new requests while draining; see [`RejectLayer`].
+/// Rejects new requests while draining; see [`RejectLayer`](super::RejectLayer).
 ///
-/// In the default [`Plain`] mode its response is the inner service's, unchanged.
+/// In the default [`Plain`](super::Plain) mode its response is the inner service's, unchanged.
 pub struct Reject<S, R = Default503, M = Plain> {
     pub(super) inner: S,
     pub(super) cfg: Arc<Config<R>>,

@@ -6,20 +6,16 @@
 //!  closing)      per key)       breaker)      at a boundary)
 //! ```
 //!
-//! The layers are the same as when stacked by hand, with one difference in what comes out:
-//! [`DrainService`] answers with one [`DrainBody`] instead of the four layers' nested bodies.
-//! It holds the inner body once, with each layer's per-stream state beside it, runs the
-//! layers' own logic in the same order, and forwards an ordinary frame of a stream (serving,
-//! no guard limits) in one pass instead of one per layer, which is what a body polled for
-//! every event of a long stream needs.
-//!
-//! Its call is fused the same way: while the controller serves, and unless the request
-//! waits for a per-key lease or the guard revalidates streams, the layers' steps before the
-//! inner call run in `call`, the inner service's future is held once in
-//! [`ResponseFuture`] (not moved into four futures nested around it), and the layers'
-//! steps after it run when it is ready, deciding once for the frame layer and the guard
-//! whether the response is a stream. Other requests go through the nested layers as they
-//! are; the answers are the same either way.
+//! The layers are the same as when stacked by hand, and each concern has one implementation:
+//! [`DrainService`] is the reject layer's service around one
+//! [`HookService`] that runs the track layer's, the guard's and the
+//! frame layer's call hooks in order, and answers with one [`DrainBody`] (a
+//! [`HookBody`] with their three stream hooks) instead of three nested
+//! bodies. The compiler fuses the hooks into one service and one body; a stream that nothing
+//! is about to happen to (serving, no guard limits) forwards each frame with one boundary
+//! update and each hook's bookkeeping, which is what a body polled for every event of a long
+//! stream needs. The answers are the same as the hand-stacked layers' (`tests/equivalence.rs`
+//! checks bytes, counts and reports side by side).
 //!
 //! Each layer is configured with its own settings, through a closure: [`DrainStack::track`]
 //! gets the [`TrackLayer`] (per-key limits, the store), [`DrainStack::reject`] the
@@ -89,7 +85,7 @@ pub type DrainService<S, St = MemoryStore, M = Plain> =
 
 /// The response body of [`DrainService`]: the inner body with the track layer's, the
 /// guard's and the frame layer's hooks around it, in one body (wrapped in the reject layer's
-/// body with [`sse_retry`](DrainStack::sse_retry)).
+/// body with [`RejectLayer::sse_retry`](crate::reject::RejectLayer::sse_retry)).
 pub type DrainBody<B> = HookBody<B, (TrackHook, (GuardHook, FrameHook))>;
 
 use tower_layer::Layer;

@@ -188,7 +188,7 @@ pub trait FinalFrame: Send + Sync + 'static {
     /// The final frame.
     fn encode(&self, ctx: &FrameContext<'_>) -> Final;
 
-    /// The keep-alive the guard's [`heartbeat`](crate::guard::GuardLayer::heartbeat) sends
+    /// The keep-alive the guard's [`heartbeat`](crate::guard::GuardBuilder::heartbeat) sends
     /// after a silence, at an event boundary: a whole record of the protocol that clients
     /// ignore, or `None` (the default) for protocols without one.
     ///
