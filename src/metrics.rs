@@ -30,84 +30,83 @@
 
 use metrics::{Counter, Gauge, Histogram, Unit};
 
-/// Gauge: streams (tracked requests) currently open.
-pub const ACTIVE_STREAMS: &str = "tower_drain_active_streams";
-/// Counter: streams opened since start.
-pub const STREAMS_TOTAL: &str = "tower_drain_streams_total";
-/// Histogram: how long each stream lived, in seconds.
-pub const STREAM_DURATION_SECONDS: &str = "tower_drain_stream_duration_seconds";
-/// Counter: requests answered without calling the service, by `reason`.
-pub const REJECTED_TOTAL: &str = "tower_drain_rejected_total";
-/// Counter: streams handed a shutdown frame.
-pub const NOTIFIED_TOTAL: &str = "tower_drain_notified_total";
-/// Counter: streams still open at the grace deadline.
-pub const FORCE_CLOSED_TOTAL: &str = "tower_drain_force_closed_total";
-/// Counter: timeouts, by `kind`.
-pub const TIMEOUTS_TOTAL: &str = "tower_drain_timeouts_total";
-/// Gauge: 1 while the error circuit breaker is open, else 0.
-pub const BREAKER_OPEN: &str = "tower_drain_breaker_open";
-/// Counter: times the error circuit breaker opened.
-pub const BREAKER_TRIPS_TOTAL: &str = "tower_drain_breaker_trips_total";
-/// Counter: response bodies that ended in an error (seen by the guard layer).
-pub const STREAM_ERRORS_TOTAL: &str = "tower_drain_stream_errors_total";
-/// Histogram: time from the start of a drain to `Stopped`, in seconds.
-pub const SHUTDOWN_DURATION_SECONDS: &str = "tower_drain_shutdown_duration_seconds";
-/// Counter: connection-store operations that failed, labelled `op` = `acquire` (counted by
-/// `TrackLayer`), `release`, `heartbeat`, `sweep` or `cleanup` (counted by the store).
-pub const STORE_ERRORS_TOTAL: &str = "tower_drain_store_errors_total";
-/// Counter: leases removed by clean-up sweeps (expired ones and those released at shutdown).
-pub const STALE_LEASES_CLEANED_TOTAL: &str = "tower_drain_stale_leases_cleaned_total";
+/// Defines the name constants, [`describe`] and the registration at zero of every metric
+/// from one table: `kind NAME = "name" [by "label" in ["value", …]], "description";`.
+macro_rules! metric_table {
+    ($(
+        $(#[$doc:meta])*
+        $kind:ident $name:ident = $value:literal $(by $key:literal in [$($label:literal),+])?,
+            $desc:literal;
+    )+) => {
+        $( $(#[$doc])* pub const $name: &str = $value; )+
 
-/// Registers a description for every metric of this crate with the current recorder.
-///
-/// Building a [`DrainController`](crate::DrainController) calls it, and also registers every
-/// counter and gauge at zero so that exporters show them before their first use.
-///
-/// # Example
-///
-/// ```
-/// tower_drain::metrics::describe();
-/// ```
-pub fn describe() {
-    metrics::describe_gauge!(ACTIVE_STREAMS, "Streams currently open");
-    metrics::describe_counter!(STREAMS_TOTAL, "Streams opened");
-    metrics::describe_histogram!(
-        STREAM_DURATION_SECONDS,
-        Unit::Seconds,
-        "How long each stream lived"
-    );
-    metrics::describe_counter!(
-        REJECTED_TOTAL,
-        "Requests answered without calling the service"
-    );
-    metrics::describe_counter!(NOTIFIED_TOTAL, "Streams handed a shutdown frame");
-    metrics::describe_counter!(
-        FORCE_CLOSED_TOTAL,
-        "Streams still open at the grace deadline"
-    );
-    metrics::describe_counter!(TIMEOUTS_TOTAL, "Timeouts by kind");
-    metrics::describe_gauge!(BREAKER_OPEN, "1 while the error circuit breaker is open");
-    metrics::describe_counter!(
-        BREAKER_TRIPS_TOTAL,
-        "Times the error circuit breaker opened"
-    );
-    metrics::describe_counter!(
-        STREAM_ERRORS_TOTAL,
-        "Response bodies that ended in an error"
-    );
-    metrics::describe_histogram!(
-        SHUTDOWN_DURATION_SECONDS,
-        Unit::Seconds,
-        "Time from the start of a drain to Stopped"
-    );
-    metrics::describe_counter!(
-        STORE_ERRORS_TOTAL,
-        "Connection store operations that failed"
-    );
-    metrics::describe_counter!(
-        STALE_LEASES_CLEANED_TOTAL,
-        "Leases removed by clean-up sweeps"
-    );
+        /// Registers a description for every metric of this crate with the current recorder.
+        ///
+        /// Building a [`DrainController`](crate::DrainController) calls it, and also registers
+        /// every counter and gauge at zero so that exporters show them before their first use.
+        ///
+        /// # Example
+        ///
+        /// ```
+        /// tower_drain::metrics::describe();
+        /// ```
+        pub fn describe() {
+            $( metric_table!(@describe $kind $name $desc); )+
+        }
+
+        /// Registers every counter (each label value) and gauge at zero, so exporters list
+        /// them before their first use.
+        fn register_at_zero() {
+            $( metric_table!(@zero $kind $name $($key [$($label)+])?); )+
+        }
+    };
+    (@describe gauge $name:ident $desc:literal) => { metrics::describe_gauge!($name, $desc) };
+    (@describe counter $name:ident $desc:literal) => { metrics::describe_counter!($name, $desc) };
+    (@describe histogram $name:ident $desc:literal) => {
+        metrics::describe_histogram!($name, Unit::Seconds, $desc)
+    };
+    (@zero gauge $name:ident) => { metrics::gauge!($name).set(0.0) };
+    (@zero counter $name:ident) => { metrics::counter!($name).increment(0) };
+    (@zero counter $name:ident $key:literal [$($label:literal)+]) => {
+        $( metrics::counter!($name, $key => $label).increment(0); )+
+    };
+    (@zero histogram $name:ident) => {};
+}
+
+metric_table! {
+    /// Gauge: streams (tracked requests) currently open.
+    gauge ACTIVE_STREAMS = "tower_drain_active_streams", "Streams currently open";
+    /// Counter: streams opened since start.
+    counter STREAMS_TOTAL = "tower_drain_streams_total", "Streams opened";
+    /// Histogram: how long each stream lived, in seconds.
+    histogram STREAM_DURATION_SECONDS = "tower_drain_stream_duration_seconds", "How long each stream lived";
+    /// Counter: requests answered without calling the service, by `reason`.
+    counter REJECTED_TOTAL = "tower_drain_rejected_total"
+        by "reason" in ["draining", "limit", "breaker"],
+        "Requests answered without calling the service";
+    /// Counter: streams handed a shutdown frame.
+    counter NOTIFIED_TOTAL = "tower_drain_notified_total", "Streams handed a shutdown frame";
+    /// Counter: streams still open at the grace deadline.
+    counter FORCE_CLOSED_TOTAL = "tower_drain_force_closed_total", "Streams still open at the grace deadline";
+    /// Counter: timeouts, by `kind`.
+    counter TIMEOUTS_TOTAL = "tower_drain_timeouts_total"
+        by "kind" in ["response", "lifetime", "idle"],
+        "Timeouts by kind";
+    /// Gauge: 1 while the error circuit breaker is open, else 0.
+    gauge BREAKER_OPEN = "tower_drain_breaker_open", "1 while the error circuit breaker is open";
+    /// Counter: times the error circuit breaker opened.
+    counter BREAKER_TRIPS_TOTAL = "tower_drain_breaker_trips_total", "Times the error circuit breaker opened";
+    /// Counter: response bodies that ended in an error (seen by the guard layer).
+    counter STREAM_ERRORS_TOTAL = "tower_drain_stream_errors_total", "Response bodies that ended in an error";
+    /// Histogram: time from the start of a drain to `Stopped`, in seconds.
+    histogram SHUTDOWN_DURATION_SECONDS = "tower_drain_shutdown_duration_seconds", "Time from the start of a drain to Stopped";
+    /// Counter: connection-store operations that failed, labelled `op` = `acquire` (counted by
+    /// `TrackLayer`), `release`, `heartbeat`, `sweep` or `cleanup` (counted by the store).
+    counter STORE_ERRORS_TOTAL = "tower_drain_store_errors_total"
+        by "op" in ["acquire", "release", "heartbeat", "sweep", "cleanup"],
+        "Connection store operations that failed";
+    /// Counter: leases removed by clean-up sweeps (expired ones and those released at shutdown).
+    counter STALE_LEASES_CLEANED_TOTAL = "tower_drain_stale_leases_cleaned_total", "Leases removed by clean-up sweeps";
 }
 
 /// Handles to every metric, created once per controller.
@@ -129,7 +128,6 @@ pub(crate) struct Metrics {
     pub(crate) stream_errors: Counter,
     pub(crate) shutdown_duration: Histogram,
     pub(crate) store_errors: Counter,
-    pub(crate) stale_leases_cleaned: Counter,
 }
 
 impl Metrics {
@@ -152,32 +150,8 @@ impl Metrics {
             stream_errors: metrics::counter!(STREAM_ERRORS_TOTAL),
             shutdown_duration: metrics::histogram!(SHUTDOWN_DURATION_SECONDS),
             store_errors: metrics::counter!(STORE_ERRORS_TOTAL, "op" => "acquire"),
-            stale_leases_cleaned: metrics::counter!(STALE_LEASES_CLEANED_TOTAL),
         };
-        // Register every counter and gauge at zero so exporters list them before first use.
-        for c in [
-            &m.streams_total,
-            &m.rejected_draining,
-            &m.rejected_limit,
-            &m.rejected_breaker,
-            &m.notified,
-            &m.force_closed,
-            &m.timeouts_response,
-            &m.timeouts_lifetime,
-            &m.timeouts_idle,
-            &m.breaker_trips,
-            &m.stream_errors,
-            &m.store_errors,
-            &m.stale_leases_cleaned,
-        ] {
-            c.increment(0);
-        }
-        // The store's own operations, so every label is listed from the start too.
-        for op in ["release", "heartbeat", "sweep", "cleanup"] {
-            metrics::counter!(STORE_ERRORS_TOTAL, "op" => op).increment(0);
-        }
-        m.active_streams.set(0.0);
-        m.breaker_open.set(0.0);
+        register_at_zero();
         m
     }
 }

@@ -165,7 +165,7 @@ impl DrainController {
             "tower-drain drain started"
         );
         self.shared.set_phase(Phase::Draining);
-        self.shared.draining.cancel();
+        self.shared.signals.draining.cancel();
         let run = self.shared.clone().run(started);
         match tokio::runtime::Handle::try_current()
             .ok()

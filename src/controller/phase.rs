@@ -56,17 +56,24 @@ impl Phase {
     }
 }
 
-impl fmt::Display for Phase {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
+/// `Display` and `Serialize` as the label of `as_str`, for each of the given types.
+macro_rules! labelled {
+    ($($t:ty),+) => {$(
+        impl fmt::Display for $t {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl Serialize for $t {
+            fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_str(self.as_str())
+            }
+        }
+    )+};
 }
 
-impl Serialize for Phase {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(self.as_str())
-    }
-}
+labelled!(Phase, DrainReason);
 
 /// Why a drain started. The first reason given to
 /// [`DrainController::drain`](super::DrainController::drain) wins.
@@ -115,17 +122,5 @@ impl DrainReason {
             DrainReason::Programmatic(s) => s,
             DrainReason::Custom(s) => s,
         }
-    }
-}
-
-impl fmt::Display for DrainReason {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl Serialize for DrainReason {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(self.as_str())
     }
 }

@@ -51,7 +51,7 @@ impl Shared {
         let at_drain = self.registry.close();
         self.at_drain.store(at_drain, Ordering::Release);
         self.set_phase(Phase::Closing);
-        self.closing.cancel();
+        self.signals.closing.cancel();
         tracing::info!(streams = at_drain, "tower-drain notifying open streams");
 
         let deadline = started + cfg.grace_period;
@@ -92,15 +92,15 @@ impl Shared {
 
         // Final counts: nothing registered or ended from here on changes them, and a
         // notification after the freeze is not counted either.
-        self.frozen.store(true, Ordering::SeqCst);
+        self.counts.frozen.store(true, Ordering::SeqCst);
         let counts = self.registry.stop();
         let report = ShutdownReport {
             reason: self.reason.get().cloned().unwrap_or(DrainReason::Manual),
             streams_at_drain: at_drain,
-            notified: self.notified.load(Ordering::SeqCst),
+            notified: self.counts.notified.load(Ordering::SeqCst),
             closed_gracefully: counts.graceful,
             force_closed: counts.forced,
-            rejected: self.rejected.load(Ordering::Relaxed),
+            rejected: self.counts.rejected.load(Ordering::Relaxed),
             opened_while_closing: counts.late,
             draining: closing_at - started,
             closing: cleanup_at - closing_at,
@@ -124,8 +124,8 @@ impl Shared {
         let _ = self.report.set(report);
         self.set_phase(Phase::Stopped);
         // Bodies the registry does not know of (a FrameLayer without a TrackLayer) end now too.
-        self.forced.cancel();
-        self.stopped.cancel();
+        self.signals.forced.cancel();
+        self.signals.stopped.cancel();
     }
 
     /// The grace deadline passed: mark the rest as forced, log each one, wake their bodies.
@@ -144,7 +144,7 @@ impl Shared {
         tracing::warn!(force_closed = n, "tower-drain grace period over");
         self.metrics.force_closed.increment(n);
         self.set_phase_if_below(Phase::Closing);
-        self.forced.cancel();
+        self.signals.forced.cancel();
         n
     }
 }

@@ -29,31 +29,43 @@ pub(super) struct Cleanups {
     anonymous: usize,
 }
 
+/// The tokens cancelled as the drain moves on: each once, in this order.
+pub(super) struct Signals {
+    pub(super) draining: CancellationToken,
+    pub(super) closing: CancellationToken,
+    /// The grace deadline passed (or was cut short).
+    pub(super) forced: CancellationToken,
+    pub(super) stopped: CancellationToken,
+}
+
+/// The report's counts kept as the drain goes.
+pub(super) struct Counts {
+    pub(super) notified: AtomicU64,
+    pub(super) rejected: AtomicU64,
+    /// The counts are final.
+    pub(super) frozen: AtomicBool,
+}
+
 /// State shared by the controller, its watches and every layer built from them.
 pub(crate) struct Shared {
     pub(crate) config: DrainConfig,
     pub(super) phase: AtomicU8,
-    pub(super) draining: CancellationToken,
-    pub(super) closing: CancellationToken,
-    pub(super) forced: CancellationToken,
-    pub(super) stopped: CancellationToken,
+    pub(super) signals: Signals,
     /// Cancelled by [`DrainController::force_now`](super::DrainController::force_now) (a
     /// second signal): skip what is left of the propagation delay and of the grace period.
     pub(super) hurry: CancellationToken,
     /// When the drain started.
     pub(super) started: OnceLock<Instant>,
     pub(super) reason: OnceLock<DrainReason>,
+    pub(super) report: OnceLock<ShutdownReport>,
+    pub(super) cleanups: Mutex<Cleanups>,
     pub(crate) registry: Registry,
     pub(crate) metrics: Metrics,
+    /// Streams open when `Closing` began, and drain slots handed out since.
     pub(super) at_drain: AtomicU64,
     pub(super) slots: AtomicU64,
-    pub(super) notified: AtomicU64,
-    /// The report's counts are final.
-    pub(super) frozen: AtomicBool,
-    pub(super) rejected: AtomicU64,
+    pub(super) counts: Counts,
     pub(super) seed: u64,
-    pub(super) cleanups: Mutex<Cleanups>,
-    pub(super) report: OnceLock<ShutdownReport>,
     /// The runtime the controller was built on, if any: `drain()` called from a thread
     /// without one spawns its task there.
     pub(super) runtime: Option<tokio::runtime::Handle>,
@@ -65,23 +77,27 @@ impl Shared {
         Self {
             config,
             phase: AtomicU8::new(Phase::Serving as u8),
-            draining: CancellationToken::new(),
-            closing: CancellationToken::new(),
-            forced: CancellationToken::new(),
-            stopped: CancellationToken::new(),
+            signals: Signals {
+                draining: CancellationToken::new(),
+                closing: CancellationToken::new(),
+                forced: CancellationToken::new(),
+                stopped: CancellationToken::new(),
+            },
             hurry: CancellationToken::new(),
             started: OnceLock::new(),
             reason: OnceLock::new(),
+            report: OnceLock::new(),
+            cleanups: Mutex::new(Cleanups::default()),
             registry: Registry::new(),
             metrics: Metrics::new(),
             at_drain: AtomicU64::new(0),
             slots: AtomicU64::new(0),
-            notified: AtomicU64::new(0),
-            frozen: AtomicBool::new(false),
-            rejected: AtomicU64::new(0),
+            counts: Counts {
+                notified: AtomicU64::new(0),
+                rejected: AtomicU64::new(0),
+                frozen: AtomicBool::new(false),
+            },
             seed: random_seed(),
-            cleanups: Mutex::new(Cleanups::default()),
-            report: OnceLock::new(),
             runtime: tokio::runtime::Handle::try_current().ok(),
         }
     }
@@ -101,11 +117,11 @@ impl Shared {
     }
 
     pub(crate) fn closing_token(&self) -> &CancellationToken {
-        &self.closing
+        &self.signals.closing
     }
 
     pub(crate) fn forced_token(&self) -> &CancellationToken {
-        &self.forced
+        &self.signals.forced
     }
 
     /// Resolves at the hard deadline: the grace deadline (or the moment
@@ -114,7 +130,7 @@ impl Shared {
     /// drain.
     #[cfg(feature = "hyper")]
     pub(crate) async fn hard_deadline(&self) {
-        self.draining.cancelled().await;
+        self.signals.draining.cancelled().await;
         let started = *self
             .started
             .get()
@@ -130,15 +146,15 @@ impl Shared {
     }
 
     pub(crate) fn count_rejected(&self) {
-        self.rejected.fetch_add(1, Ordering::Relaxed);
+        self.counts.rejected.fetch_add(1, Ordering::Relaxed);
         self.metrics.rejected_draining.increment(1);
     }
 
     pub(crate) fn count_notified(&self) {
         // After the report's counts are frozen, a stream registered since then may still be
         // handed a frame; it is not part of the report.
-        if !self.frozen.load(Ordering::SeqCst) {
-            self.notified.fetch_add(1, Ordering::SeqCst);
+        if !self.counts.frozen.load(Ordering::SeqCst) {
+            self.counts.notified.fetch_add(1, Ordering::SeqCst);
         }
         self.metrics.notified.increment(1);
     }

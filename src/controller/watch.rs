@@ -65,17 +65,17 @@ macro_rules! observe {
 
             /// Resolves when a drain starts. See [`Draining`].
             pub fn draining(&self) -> Draining {
-                Draining::new(self.shared.draining.clone().cancelled_owned())
+                Draining::new(self.shared.signals.draining.clone().cancelled_owned())
             }
 
             /// Resolves when `Closing` begins. See [`Closing`].
             pub fn closing(&self) -> Closing {
-                Closing::new(self.shared.closing.clone().cancelled_owned())
+                Closing::new(self.shared.signals.closing.clone().cancelled_owned())
             }
 
             /// Resolves at `Stopped`; use it as the server's shutdown signal. See [`Stopped`].
             pub fn stopped(&self) -> Stopped {
-                Stopped::new(self.shared.stopped.clone().cancelled_owned())
+                Stopped::new(self.shared.signals.stopped.clone().cancelled_owned())
             }
         }
     };

@@ -27,6 +27,10 @@ const ESCAPED: &AsciiSet = &NON_ALPHANUMERIC
     .remove(b':');
 
 pub(super) struct Shared {
+    /// Cancelled at shutdown: stops the background tasks (see `tasks`).
+    pub(super) cancel: CancellationToken,
+    pub(super) shut: AtomicBool,
+    pub(super) tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     pub(super) instance: String,
     pub(super) prefix: String,
     pub(super) ttl_ms: i64,
@@ -54,12 +58,9 @@ pub(super) struct Shared {
     /// Held while releases are sent and while lost leases are re-added, so a re-add never
     /// lands after the release of a lease it read as live.
     pub(super) order: tokio::sync::Mutex<()>,
-    pub(super) shut: AtomicBool,
-    pub(super) cancel: CancellationToken,
     pub(super) last_warn_ms: AtomicI64,
     pub(super) errors: OpErrors,
     pub(super) stale_cleaned: Counter,
-    pub(super) tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 /// A release queued for the release task.
@@ -260,6 +261,17 @@ impl Shared {
                 Err(actual) => cur = actual,
             }
         }
+    }
+
+    /// Adds the settings a `Debug` of the store shows to `d`.
+    pub(super) fn debug_settings<'a, 'b, 'c>(
+        &self,
+        d: &'a mut fmt::DebugStruct<'b, 'c>,
+    ) -> &'a mut fmt::DebugStruct<'b, 'c> {
+        d.field("instance", &self.instance)
+            .field("prefix", &self.prefix)
+            .field("lease_ttl_ms", &self.ttl_ms)
+            .field("heartbeat", &self.heartbeat)
     }
 
     pub(super) fn conn(&self) -> Conn {

@@ -235,12 +235,9 @@ impl ConnectionStore for RedisStore {
 
 impl fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let s = &self.handle.shared;
-        f.debug_struct("RedisStore")
-            .field("instance", &s.instance)
-            .field("prefix", &s.prefix)
-            .field("lease_ttl_ms", &s.ttl_ms)
-            .field("heartbeat", &s.heartbeat)
+        self.handle
+            .shared
+            .debug_settings(&mut f.debug_struct("RedisStore"))
             .finish_non_exhaustive()
     }
 }

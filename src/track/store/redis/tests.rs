@@ -201,14 +201,25 @@ async fn heartbeat_releasing_at(store: &RedisStore, at: Step, lease: crate::trac
     .await
 }
 
-/// Issue 15, item 12: a lease released between the heartbeat's snapshot and its pipeline is
-/// not "lost": no re-add, no false "Redis restarted" warning.
-#[tokio::test(flavor = "current_thread")]
-async fn a_release_during_a_heartbeat_is_not_counted_as_lost() {
+/// A fresh server, a quiet store on it and two leases on key `k` (limit 5).
+async fn two_leases_on_k() -> (
+    TestServer,
+    RedisStore,
+    crate::track::Lease,
+    crate::track::Lease,
+) {
     let server = TestServer::start();
     let store = quiet_store(&server.url);
     let a = store.acquire_lease("k", 5).await;
     let b = store.acquire_lease("k", 5).await;
+    (server, store, a, b)
+}
+
+/// Issue 15, item 12: a lease released between the heartbeat's snapshot and its pipeline is
+/// not "lost": no re-add, no false "Redis restarted" warning.
+#[tokio::test(flavor = "current_thread")]
+async fn a_release_during_a_heartbeat_is_not_counted_as_lost() {
+    let (server, store, a, b) = two_leases_on_k().await;
     let readded = heartbeat_releasing_at(&store, Step::Snapshot, b).await;
     assert_eq!(
         readded, 0,
@@ -223,10 +234,7 @@ async fn a_release_during_a_heartbeat_is_not_counted_as_lost() {
 /// (it would hold a slot until its TTL: a false 429).
 #[tokio::test(flavor = "current_thread")]
 async fn a_lease_released_during_a_re_add_is_not_re_added() {
-    let server = TestServer::start();
-    let store = quiet_store(&server.url);
-    let a = store.acquire_lease("k", 5).await;
-    let b = store.acquire_lease("k", 5).await;
+    let (server, store, a, b) = two_leases_on_k().await;
     let key = store.redis_key("k");
     let mut c = inspect(&server.url).await;
     let _: () = ::redis::cmd("DEL")
