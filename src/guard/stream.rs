@@ -32,6 +32,10 @@ pub(super) struct Stream {
 pub struct GuardHook {
     watched: Option<(Arc<Config>, RoutePath)>,
     st: Option<Box<Stream>>,
+    /// A stream without limits, still streaming (kept here, next to the box, so that the
+    /// passive path does not look into it for every frame): this hook forwards, and adds a
+    /// frame only if the body fails.
+    quiet: bool,
 }
 
 impl GuardHook {
@@ -45,6 +49,7 @@ impl GuardHook {
         let lim = lim(&cfg, jitter);
         Self {
             watched: None,
+            quiet: lim.is_none(),
             st: Some(Box::new(Stream {
                 id,
                 uri,
@@ -62,6 +67,7 @@ impl GuardHook {
         Self {
             watched: Some((cfg, uri)),
             st: None,
+            quiet: false,
         }
     }
 }
@@ -164,9 +170,9 @@ impl Stream {
     }
 }
 
-impl StreamHook for GuardHook {
+impl GuardHook {
     #[inline(always)]
-    fn poll_frame<N: Next>(&mut self, next: &mut N, cx: &mut StreamCx<'_, '_>) -> Polled<N::Error> {
+    fn poll_hook<N: Next>(&mut self, next: &mut N, cx: &mut StreamCx<'_, '_>) -> Polled<N::Error> {
         let Some(st) = self.st.as_deref_mut() else {
             let res = next.poll_next(cx);
             if let Poll::Ready(Some(Err(e))) = &res {
@@ -195,9 +201,22 @@ impl StreamHook for GuardHook {
         }
         poll_stream(next, st, cx)
     }
+}
+
+impl StreamHook for GuardHook {
+    #[inline(always)]
+    fn poll_frame<N: Next>(&mut self, next: &mut N, cx: &mut StreamCx<'_, '_>) -> Polled<N::Error> {
+        let res = self.poll_hook(next, cx);
+        self.quiet =
+            (self.st.as_deref()).is_some_and(|s| s.step == Step::Streaming && s.lim.is_none());
+        res
+    }
 
     #[inline]
     fn is_end_stream(&self, inner: impl FnOnce() -> bool) -> bool {
+        if self.quiet {
+            return false;
+        }
         match self.st.as_deref() {
             None => inner(),
             Some(s) => match s.step {
@@ -227,18 +246,17 @@ impl StreamHook for GuardHook {
     /// a frame only when the body fails.
     #[inline(always)]
     fn passive(&self) -> bool {
-        self.st
-            .as_deref()
-            .is_none_or(|s| s.step == Step::Streaming && s.lim.is_none())
+        self.quiet || self.st.is_none()
     }
 
     #[inline(always)]
     fn on_data(&mut self, _data: &Bytes, inner_end: impl Fn() -> bool) {
-        if let Some(st) = self.st.as_deref_mut() {
-            // The inner body is finishing on its own: add nothing more.
-            if inner_end() {
+        // The inner body is finishing on its own: add nothing more.
+        if self.quiet && inner_end() {
+            if let Some(st) = self.st.as_deref_mut() {
                 st.step = Step::Passthrough;
             }
+            self.quiet = false;
         }
     }
 
