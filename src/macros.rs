@@ -34,3 +34,33 @@ macro_rules! opaque_debug {
 }
 
 pub(crate) use opaque_debug;
+
+/// Builder setters that only record their argument. Each entry is a setter's doc comment
+/// (with its example) and other attributes, its name and argument, and the assignments to
+/// `self` it makes; the setter takes and returns the builder by value:
+///
+/// ```text
+/// setters! {
+///     /// How long … (default 5 s).
+///     cooldown(d: Duration) => cooldown = d, breaker = true;
+/// }
+/// ```
+///
+/// is `pub fn cooldown(mut self, d: Duration) -> Self { self.cooldown = d; self.breaker = true; self }`.
+/// Setters that check, convert with more than an expression, or are generic stay written out.
+macro_rules! setters {
+    ($(
+        $(#[$attr:meta])*
+        $name:ident($arg:ident: $ty:ty) => $($($field:ident).+ = $value:expr),+;
+    )*) => {
+        $(
+            $(#[$attr])*
+            pub fn $name(mut self, $arg: $ty) -> Self {
+                $(self.$($field).+ = $value;)+
+                self
+            }
+        )*
+    };
+}
+
+pub(crate) use setters;

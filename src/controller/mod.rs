@@ -48,6 +48,7 @@
 // and this file use the rest. `config` depends on none of them (`DrainBuilder::build` is
 // here, beside the controller it makes).
 mod config;
+mod error;
 mod future;
 mod phase;
 mod report;
@@ -62,13 +63,15 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-pub(crate) use self::config::{at_most_max, setters};
-pub use self::config::{ConfigError, DrainBuilder, DrainConfig, MAX_DURATION};
+pub use self::config::{DrainBuilder, DrainConfig};
+pub(crate) use self::error::at_most_max;
+pub use self::error::{ConfigError, MAX_DURATION};
 pub use self::future::{Closing, Draining, Stopped};
 pub use self::phase::{DrainReason, Phase};
 pub use self::report::{CleanupSummary, ShutdownReport};
 pub(crate) use self::shared::{random_seed, splitmix64, Shared};
 pub use self::watch::DrainWatch;
+pub(crate) use crate::macros::setters;
 
 use self::watch::observe;
 
