@@ -62,7 +62,7 @@ impl CallHook for GuardLayer {
                     path = parts.uri.path(),
                     "circuit open: request rejected"
                 );
-                return Before::Answer(None, rejection(cfg, retry, grpc));
+                return Before::Answer(None, Box::new(rejection(cfg, retry, grpc)));
             }
         };
         // A gRPC call's own deadline applies when it is shorter than the guard's.

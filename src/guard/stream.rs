@@ -30,7 +30,8 @@ pub(super) struct Stream {
 /// small), or for a plain response the breaker's watch on its errors.
 #[derive(Default)]
 pub struct GuardHook {
-    watched: Option<(Arc<Config>, RoutePath)>,
+    // Boxed: only with a breaker on, and every response carries the field.
+    watched: Option<Box<(Arc<Config>, RoutePath)>>,
     st: Option<Box<Stream>>,
     /// A stream without limits, still streaming (kept here, next to the box, so that the
     /// passive path does not look into it for every frame): this hook forwards, and adds a
@@ -65,7 +66,7 @@ impl GuardHook {
     /// The hook of a plain response whose errors count for the breaker.
     pub(super) fn watched(cfg: Arc<Config>, uri: RoutePath) -> Self {
         Self {
-            watched: Some((cfg, uri)),
+            watched: Some(Box::new((cfg, uri))),
             st: None,
             quiet: false,
         }
@@ -177,8 +178,9 @@ impl GuardHook {
             let res = next.poll_next(cx);
             if let Poll::Ready(Some(Err(e))) = &res {
                 // A plain response's error counts for the breaker (once).
-                if let Some((cfg, uri)) = self.watched.take() {
-                    record_error(&cfg, None, &uri, e);
+                if let Some(w) = self.watched.take() {
+                    let (cfg, uri) = &*w;
+                    record_error(cfg, None, uri, e);
                 }
             }
             return res;

@@ -18,7 +18,9 @@ pub enum Before<S, W> {
     Call(S),
     /// Answer at once, without calling the inner service. `Some`: the states of the hooks
     /// outside the one that answered (a pair's), which see the answer as a response.
-    Answer(Option<S>, Response<()>),
+    ///
+    /// Boxed: answers are rare, and every call moves this value.
+    Answer(Option<S>, Box<Response<()>>),
     /// Wait for `W` first (a per-key lease), then decide.
     Wait(W),
 }

@@ -73,7 +73,8 @@ pin_project! {
         // Boxed: the request and a service clone are large, and only keyed requests under a
         // limit wait.
         Waiting { waiting: Option<Box<Waiting<S, ReqB, C>>> },
-        Answer { state: Option<C::State>, res: Option<Response<()>> },
+        // Boxed, as in `Before`: rare, and the future is moved on every request.
+        Answer { state: Option<C::State>, res: Option<Box<Response<()>>> },
         Done,
     }
 }
@@ -94,7 +95,7 @@ where
         }
     }
 
-    pub(super) fn answer(state: Option<C::State>, res: Response<()>) -> Self {
+    pub(super) fn answer(state: Option<C::State>, res: Box<Response<()>>) -> Self {
         Self {
             kind: Kind::Answer {
                 state,
@@ -182,7 +183,7 @@ where
                     let res = res.take().expect("polled after completion");
                     let state = state.take();
                     kind.set(Kind::Done);
-                    return Poll::Ready(Ok(answer(state, res)));
+                    return Poll::Ready(Ok(answer(state, *res)));
                 }
                 KindProj::Done => panic!("ResponseFuture polled after completion"),
             }

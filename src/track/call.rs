@@ -132,7 +132,7 @@ impl<St: ConnectionStore> CallHook for TrackCall<St> {
                 )
             }
         };
-        Before::Answer(None, self.reject(parts, status, code, message))
+        Before::Answer(None, Box::new(self.reject(parts, status, code, message)))
     }
 }
 
