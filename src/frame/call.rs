@@ -36,9 +36,7 @@ impl CallState for FrameState {
     #[inline]
     fn after<B: Body>(self, res: &mut Response<B>, acx: &mut AfterCx) -> FrameHook {
         match self.0 {
-            Some(cfg) if should_inject(res, &*cfg.encoder) => {
-                unfix_length(res);
-                acx.track(cfg.encoder.boundary());
+            Some(cfg) if acx.stream(&cfg, res) => {
                 // Shared with a guard outside: one final frame per stream.
                 acx.offer_gate();
                 let rtc = run_to_completion(res);

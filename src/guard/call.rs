@@ -15,7 +15,6 @@ use super::config::Config;
 use super::layer::GuardLayer;
 use super::limits::Limits;
 use super::stream::GuardHook;
-use crate::frame::{should_inject, unfix_length};
 use crate::hook::{AfterCx, Before, CallHook, CallState};
 use crate::route::RoutePath;
 
@@ -155,9 +154,7 @@ impl CallState for GuardState {
     fn after<B: Body>(mut self, res: &mut Response<B>, acx: &mut AfterCx) -> GuardHook {
         let ok = !(self.cfg.is_failure.0)(res.status());
         self.outcome(ok);
-        if !self.head && should_inject(res, &*self.cfg.frame.encoder) {
-            unfix_length(res);
-            acx.track(self.cfg.frame.encoder.boundary());
+        if !self.head && acx.stream(&self.cfg.frame, res) {
             // A final-frame sender inside (the frame layer's hook) shares its gate.
             acx.join_gate(res.extensions_mut());
             let (started, parts) = (self.started, self.parts.take());

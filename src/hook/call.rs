@@ -2,6 +2,7 @@
 //! how they compose.
 
 use std::fmt;
+use std::sync::Arc;
 use std::task::Context;
 
 use http::request::Parts;
@@ -10,7 +11,7 @@ use http_body::Body;
 use tokio::time::Instant;
 
 use super::stream::StreamHook;
-use crate::frame::{Boundary, FinalGate};
+use crate::frame::{should_inject, unfix_length, Boundary, FinalGate, FrameConfig};
 
 /// What a concern does with a request before the inner service sees it.
 pub enum Before<S, W> {
@@ -81,6 +82,10 @@ pub(super) type HookOf<C> = <<C as CallHook>::State as CallState>::Hook;
 pub struct AfterCx {
     boundary: Option<Boundary>,
     gate: Gate,
+    /// The stream decision already taken for this response, with the (address of the) frame
+    /// configuration it was taken for: the frame layer's hook and the guard's share one in a
+    /// `DrainStack`, so the second asks nothing of the response again.
+    decided: Option<(usize, bool)>,
 }
 
 #[derive(Debug, Default)]
@@ -96,10 +101,28 @@ enum Gate {
 }
 
 impl AfterCx {
-    /// The body carries a stream with boundaries of `kind`.
+    /// Whether `res` is a stream that gets frames of `cfg`'s encoder (see
+    /// [`should_inject`]); if so, its length is unfixed and the body tracks its boundaries.
+    /// Decided once per response and configuration.
     #[inline]
-    pub(crate) fn track(&mut self, kind: Boundary) {
-        self.boundary = Some(kind);
+    pub(crate) fn stream<B: Body>(
+        &mut self,
+        cfg: &Arc<FrameConfig>,
+        res: &mut Response<B>,
+    ) -> bool {
+        let key = Arc::as_ptr(cfg) as usize;
+        if let Some((k, stream)) = self.decided {
+            if k == key {
+                return stream;
+            }
+        }
+        let stream = should_inject(res, &*cfg.encoder);
+        if stream {
+            unfix_length(res);
+            self.boundary = Some(cfg.encoder.boundary());
+        }
+        self.decided = Some((key, stream));
+        stream
     }
 
     /// A hook that sends a stream's final frame offers to share that right with hooks
