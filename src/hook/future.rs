@@ -104,8 +104,13 @@ where
         }
     }
 
-    pub(super) fn waiting(wait: C::Wait, inner: S, req: Request<ReqB>, hooks: Arc<C>) -> Self {
-        let (parts, body) = req.into_parts();
+    pub(super) fn waiting(
+        wait: C::Wait,
+        inner: S,
+        parts: Parts,
+        body: ReqB,
+        hooks: Arc<C>,
+    ) -> Self {
         Self {
             kind: Kind::Waiting {
                 waiting: Some(Box::new(Waiting {

@@ -98,12 +98,7 @@ where
                 // place.
                 let clone = self.inner.clone();
                 let ready = std::mem::replace(&mut self.inner, clone);
-                ResponseFuture::waiting(
-                    wait,
-                    ready,
-                    Request::from_parts(parts, body),
-                    self.hooks.clone(),
-                )
+                ResponseFuture::waiting(wait, ready, parts, body, self.hooks.clone())
             }
         }
     }
